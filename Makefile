@@ -1,0 +1,44 @@
+# calcjax: `make demo` runs the main job on the embedded default, `make test` runs the checks.
+# Both set themselves up on a fresh machine (a .venv with the package and the extras the tests need).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint format demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,codecs]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -m 'not slow' $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m data_prep.phantom --out $(DEMO_OUT)/phantom --scans 4 --protocol mixed --seed 0 \
+		--preview $(DEMO_OUT)/phantom/preview.png
+
+bench: $(STAMP)
+	$(BIN)/python bench/phantom.py
+	$(BIN)/python bench/agatston.py
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

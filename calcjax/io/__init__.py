@@ -1,0 +1,1 @@
+"""calcjax.io: reading and describing CT data (no jax imports here)."""

@@ -1,0 +1,229 @@
+"""One phantom scan end to end: acquisition, anatomy, calcium, noise, ground truth, files.
+
+The scan ``index`` of a run with ``seed`` draws everything from ``SeedSequence([seed, index])``, so the same
+(seed, index, protocol, size) gives byte-identical DICOM pixel data and files. Each scan aims at a risk
+category (``target_category``); lesion sizes are rescaled (up to ``MAX_TRIES`` renderings) until the
+reference Agatston of the written image falls in it, so a seeded set covers every category.
+
+Noise is Gaussian, correlated in-plane (CT kernels; sigma 0.7 px) and scaled to the protocol's SD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from scipy import ndimage
+
+from calcjax import agatston
+from calcjax.io.geometry import Grid
+from data_prep.phantom import annotations, calcium, dicom_series
+from data_prep.phantom.acquisition import (
+    HU_MAX,
+    HU_MIN,
+    PIXEL_PADDING_VALUE,
+    RESCALE_INTERCEPT,
+    Acquisition,
+    sample_acquisition,
+)
+from data_prep.phantom.anatomy import ARTERY_LABELS, aorta_centerline, coronary_centerlines, sample_patient
+from data_prep.phantom.tissue import AxialGrid, render_tissue
+
+MAX_TRIES = 8
+NOISE_CORRELATION_PX = 0.7
+AIR_HU = -1000.0
+
+
+@dataclasses.dataclass
+class PhantomScan:
+    """A generated scan held in memory.
+
+    Attributes:
+      name: folder name of the scan.
+      acquisition: the acquisition it simulates.
+      grid: its voxel grid (LPS geometry).
+      hu: ``(z, y, x)`` int16 HU as written (air inside the FOV, -1024 outside it).
+      stored: ``(z, y, x)`` int16 stored DICOM values (PixelPaddingValue outside the FOV).
+      label: ``(z, y, x)`` uint8 coronary calcium labels.
+      truth: the ``truth.json`` dict.
+    """
+
+    name: str
+    acquisition: Acquisition
+    grid: Grid
+    hu: np.ndarray
+    stored: np.ndarray
+    label: np.ndarray
+    truth: dict
+
+
+def scan_name(seed: int, index: int, protocol: str) -> str:
+    return f"phantom-s{seed}-{index:04d}-{protocol}"
+
+
+def _noise(shape, sd: float, rng: np.random.Generator) -> np.ndarray:
+    n = rng.standard_normal(shape, dtype=np.float32)
+    ndimage.gaussian_filter(n, sigma=(0, NOISE_CORRELATION_PX, NOISE_CORRELATION_PX), output=n)
+    delta = np.zeros((9, 9), dtype=np.float64)
+    delta[4, 4] = 1.0
+    gain = np.sqrt((ndimage.gaussian_filter(delta, NOISE_CORRELATION_PX) ** 2).sum())
+    n *= np.float32(sd / gain)
+    return n
+
+
+def generate_scan(
+    seed: int, index: int, protocol: str, *, size: int = 512, target_category: int | None = None
+) -> PhantomScan:
+    """Generates scan ``index`` of the run ``seed`` in memory (see module docstring)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    acq = sample_acquisition(protocol, rng, size)
+    patient = sample_patient(rng)
+    if target_category is None:
+        target_category = index % 5
+    coronaries = coronary_centerlines(patient)
+    zs = acq.slice_z()
+    aorta = aorta_centerline(patient, float(zs[0]))
+    base = render_tissue(acq, patient, list(coronaries.values()), aorta, rng)
+    noise = _noise(base.shape, acq.noise_sd_hu, rng)
+    axial = AxialGrid.from_acquisition(acq)
+    off = (np.arange(size) - (size - 1) / 2.0) * acq.pixel_mm
+    in_fov = (off[None, :] ** 2 + off[:, None] ** 2) <= (acq.fov_mm / 2.0) ** 2
+
+    confounders = calcium.plan_confounders(patient, coronaries, aorta, acq, rng)
+    lesions = calcium.plan_lesions(target_category, coronaries, acq, rng)
+    conf_hu = np.full(base.shape, -np.inf, dtype=np.float32)
+    conf_id = np.zeros(base.shape, dtype=np.int32)
+    calcium.render_blobs(confounders, base, axial, acq, conf_hu, conf_id, first_id=1)
+    # owner id -> label: confounders 0, lesions their artery.
+    first_lesion = len(confounders) + 1
+    lut = np.zeros(first_lesion + len(lesions), dtype=np.uint8)
+    for j, lesion in enumerate(lesions):
+        lut[first_lesion + j] = lesion.label
+
+    grid = Grid(
+        shape=base.shape,
+        spacing=(acq.increment_mm, acq.pixel_mm, acq.pixel_mm),
+        origin=(float(axial.xs[0]), float(axial.ys[0]), float(zs[0])),
+    )
+    spacing = grid.spacing
+    scale, lo, hi = 1.0, 0.0, np.inf
+    for _ in range(MAX_TRIES):
+        owner_hu, owner_id = conf_hu.copy(), conf_id.copy()
+        calcium.render_blobs(
+            lesions, base, axial, acq, owner_hu, owner_id, first_id=first_lesion, scale=scale
+        )
+        noise_free = np.maximum(base, owner_hu)
+        hu = np.clip(np.rint(noise_free + noise), HU_MIN, HU_MAX).astype(np.int16)
+        hu[:, ~in_fov] = np.int16(HU_MIN)
+        label = np.where((owner_hu >= calcium.SUPPORT_HU) & (hu >= 130), lut[owner_id], 0).astype(np.uint8)
+        ref = agatston.score(hu, label, spacing, kvp=acq.kvp)
+        got = ref["risk_category"]
+        if got == target_category or not lesions:
+            break
+        # Bisection on the size factor (geometric), bracketing the target category.
+        if got < target_category:
+            lo = scale
+            scale = scale * 1.5 if hi == np.inf else np.sqrt(scale * hi)
+        else:
+            hi = scale
+            scale = scale / 1.5 if lo == 0.0 else np.sqrt(scale * lo)
+
+    stored = (hu.astype(np.int32) - int(RESCALE_INTERCEPT)).astype(np.int16)
+    stored[:, ~in_fov] = PIXEL_PADDING_VALUE
+    name = scan_name(seed, index, protocol)
+    truth = _truth(
+        name, acq, grid, hu, label, owner_id, lesions, confounders, first_lesion, ref, target_category, scale
+    )
+    return PhantomScan(name, acq, grid, hu, stored, label, truth)
+
+
+def _truth(
+    name, acq, grid, hu, label, owner_id, lesions, confounders, first_lesion, ref, target_category, scale
+) -> dict:
+    lesion_rows = []
+    for j, blob in enumerate(lesions):
+        mine = (owner_id == first_lesion + j) & (label > 0)
+        centre_idx = grid.lps_to_index(blob.centre)
+        lesion_rows.append(
+            {
+                "artery": blob.artery,
+                "label": int(ARTERY_LABELS[blob.artery]),
+                "centre_mm": [round(float(c), 3) for c in blob.centre],
+                "centre_index_zyx": [round(float(c), 2) for c in centre_idx],
+                "size_mm": [round(float(2 * s), 3) for s in blob.semi_mm * (scale if blob.scalable else 1.0)],
+                "density_hu": round(blob.density_hu, 1),
+                "target_peak_hu": round(blob.target_peak_hu, 1),
+                "peak_noise_free_hu": round(blob.peak_noise_free_hu, 1),
+                "peak_hu": int(hu[mine].max()) if mine.any() else None,
+                "num_voxels": int(mine.sum()),
+                "motion_mm": [round(float(m), 3) for m in blob.motion],
+            }
+        )
+    conf_rows = [
+        {
+            "kind": blob.kind,
+            "centre_mm": [round(float(c), 3) for c in blob.centre],
+            "peak_noise_free_hu": round(blob.peak_noise_free_hu, 1),
+        }
+        for blob in confounders
+    ]
+    return {
+        "scan": name,
+        "protocol": acq.protocol,
+        "acquisition": acq.to_json(),
+        "geometry": {
+            "shape_zyx": list(grid.shape),
+            "spacing_zyx_mm": list(grid.spacing),
+            "origin_lps_mm": list(grid.origin),
+            "affine_ras": grid.affine_ras().tolist(),
+        },
+        "target_risk_category": int(target_category),
+        "lesions": lesion_rows,
+        "confounders": conf_rows,
+        "scoring": {"threshold_hu": ref["threshold_hu"], "min_area_mm2": 1.0, "kvp": acq.kvp},
+        "reference": {
+            "agatston": ref["agatston"],
+            "agatston_per_artery": ref["agatston_per_artery"],
+            "volume_mm3": ref["volume_mm3"],
+            "volume_per_artery": ref["volume_per_artery"],
+            "risk_category": ref["risk_category"],
+            "risk_category_name": ref["risk_category_name"],
+            "num_lesions": ref["num_lesions"],
+            "num_label_voxels": int((label > 0).sum()),
+        },
+    }
+
+
+def write_scan(scan: PhantomScan, out_dir: str, *, seed: int, index: int) -> str:
+    """Writes a scan to ``out_dir/<name>/`` atomically (a temporary folder renamed at the end)."""
+    final = os.path.join(out_dir, scan.name)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{scan.name}.", dir=out_dir)
+    try:
+        dicom_dir = os.path.join(tmp, "dicom")
+        os.makedirs(dicom_dir)
+        dicom_series.write_series(
+            dicom_dir,
+            scan.stored,
+            scan.acquisition,
+            seed=seed,
+            index=index,
+            patient_name=f"Phantom^Patient{index:04d}^S{seed}",
+            patient_id=f"CJX-PID-{seed:03d}-{index:05d}",
+        )
+        annotations.write_label_nifti(os.path.join(tmp, "label.nii.gz"), scan.label, scan.grid)
+        annotations.write_coca_xml(os.path.join(tmp, "calcium.xml"), scan.label, scan.hu, scan.grid)
+        with open(os.path.join(tmp, "truth.json"), "w") as f:
+            json.dump(scan.truth, f, indent=1)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

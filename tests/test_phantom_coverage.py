@@ -1,0 +1,37 @@
+"""A seeded set of 20 full-size phantom scans covers both protocols, every risk category and weight band."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calcjax.agatston import density_weight
+from data_prep.phantom.__main__ import protocol_of
+from data_prep.phantom.generator import generate_scan
+
+
+@pytest.mark.slow
+def test_twenty_seeded_scans_cover_protocols_categories_and_weight_bands():
+    protocols, categories, weights = set(), set(), set()
+    for i in range(20):
+        scan = generate_scan(0, i, protocol_of(i, "mixed"), size=512)
+        ref = scan.truth["reference"]
+        protocols.add(scan.acquisition.protocol)
+        categories.add(ref["risk_category"])
+        weights.update(int(density_weight(les["peak_hu"])) for les in scan.truth["lesions"] if les["peak_hu"])
+        # Realism bounds from the protocol table (shared/FACTS.md).
+        acq = scan.acquisition
+        if acq.protocol == "cardiac":
+            assert 0.39 <= acq.pixel_mm <= 0.49 and acq.thickness_mm == acq.increment_mm == 3.0
+            assert 120 <= acq.increment_mm * (acq.num_slices - 1) <= 150
+        else:
+            assert 0.66 <= acq.pixel_mm <= 0.79 and acq.increment_mm <= acq.thickness_mm
+            assert 280 <= acq.increment_mm * (acq.num_slices - 1) <= 320
+        body = scan.hu[:, scan.hu.shape[1] // 2, :]
+        assert np.percentile(body, 1) <= -950  # air / lung present
+        sizes = [max(les["size_mm"]) for les in scan.truth["lesions"]]
+        if sizes:
+            assert max(sizes) <= 12.0
+    assert protocols == {"cardiac", "chest"}
+    assert categories == {0, 1, 2, 3, 4}
+    assert weights == {1, 2, 3, 4}
