@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from calcjax.agatston import density_weight
@@ -27,11 +26,11 @@ def test_twenty_seeded_scans_cover_protocols_categories_and_weight_bands():
         else:
             assert 0.66 <= acq.pixel_mm <= 0.79 and acq.increment_mm <= acq.thickness_mm
             assert 280 <= acq.increment_mm * (acq.num_slices - 1) <= 320
-        body = scan.hu[:, scan.hu.shape[1] // 2, :]
-        assert np.percentile(body, 1) <= -950  # air / lung present
+        assert (scan.hu < -700).mean() > 0.1  # lungs and air
+        assert (scan.hu > 700).any()  # cortical bone
         sizes = [max(les["size_mm"]) for les in scan.truth["lesions"]]
         if sizes:
-            assert max(sizes) <= 12.0
+            assert max(sizes) <= 11.0 + 1e-6
     assert protocols == {"cardiac", "chest"}
     assert categories == {0, 1, 2, 3, 4}
     assert weights == {1, 2, 3, 4}

@@ -34,6 +34,7 @@ from data_prep.phantom.anatomy import ARTERY_LABELS, aorta_centerline, coronary_
 from data_prep.phantom.tissue import AxialGrid, render_tissue
 
 MAX_TRIES = 8
+MAX_LESION_MM = 11.0  # largest lesion extent the size search may reach ("sizes ... to ~10 mm")
 NOISE_CORRELATION_PX = 0.7
 AIR_HU = -1000.0
 
@@ -111,6 +112,8 @@ def generate_scan(
     )
     spacing = grid.spacing
     scale, lo, hi = 1.0, 0.0, np.inf
+    longest = max((2 * b.semi_mm.max() for b in lesions if b.scalable), default=1.0)
+    max_scale = MAX_LESION_MM / longest
     for _ in range(MAX_TRIES):
         owner_hu, owner_id = conf_hu.copy(), conf_id.copy()
         calcium.render_blobs(
@@ -127,7 +130,7 @@ def generate_scan(
         # Bisection on the size factor (geometric), bracketing the target category.
         if got < target_category:
             lo = scale
-            scale = scale * 1.5 if hi == np.inf else np.sqrt(scale * hi)
+            scale = min(scale * 1.5 if hi == np.inf else np.sqrt(scale * hi), max_scale)
         else:
             hi = scale
             scale = scale / 1.5 if lo == 0.0 else np.sqrt(scale * lo)

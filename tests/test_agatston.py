@@ -1,0 +1,180 @@
+"""Known-answer tests of calcjax.agatston (hand-computed values)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from calcjax import agatston
+
+
+def volume(nz=3, n=20, fill=-50.0):
+    return np.full((nz, n, n), fill, np.float32), np.zeros((nz, n, n), np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("peak", "weight"),
+    [(130, 1), (199, 1), (200, 2), (299, 2), (300, 3), (399, 3), (400, 4), (1500, 4)],
+)
+def test_single_lesion_in_each_weight_band(peak, weight):
+    hu, lab = volume()
+    hu[1, 5:8, 5:9] = 130.0  # 12 pixels at the threshold
+    hu[1, 6, 6] = peak
+    lab[1, 5:8, 5:9] = 2
+    r = agatston.score(hu, lab, (3.0, 0.5, 0.5))
+    area = 12 * 0.25
+    assert r["agatston"] == pytest.approx(area * weight)
+    assert r["agatston_per_artery"]["LAD"] == pytest.approx(area * weight)
+    assert r["volume_mm3"] == pytest.approx(12 * 0.75)
+    assert (
+        r["num_lesions"] == 1 and r["lesions"][0]["weight"] == weight and r["lesions"][0]["peak_hu"] == peak
+    )
+
+
+def test_voxels_below_threshold_or_unlabelled_do_not_count():
+    hu, lab = volume()
+    hu[1, 5:8, 5:9] = 129.0
+    lab[1, 5:8, 5:9] = 1
+    hu[1, 12:16, 12:16] = 500.0  # bright but unlabelled (bone, aorta)
+    r = agatston.score(hu, lab, (3.0, 0.5, 0.5))
+    assert r["agatston"] == 0 and r["risk_category"] == 0 and r["lesions"] == []
+
+
+def test_lesion_just_under_one_square_millimetre_does_not_count():
+    hu, lab = volume()
+    hu[1, 5, 5:8] = 450.0  # 3 pixels x 0.25 mm^2 = 0.75 mm^2
+    lab[1, 5, 5:8] = 3
+    hu[1, 10, 5:9] = 450.0  # 4 pixels = 1.00 mm^2: counts (>=)
+    lab[1, 10, 5:9] = 3
+    r = agatston.score(hu, lab, (3.0, 0.5, 0.5))
+    assert r["agatston"] == pytest.approx(1.0 * 4)
+    assert [les["counted"] for les in sorted(r["lesions"], key=lambda x: x["area_mm2"])] == [False, True]
+    assert r["volume_mm3"] == pytest.approx(4 * 0.75)
+
+
+def test_two_lesions_on_one_slice_of_different_arteries():
+    hu, lab = volume(nz=1)
+    hu[0, 2:4, 2:6] = 250.0  # 8 px LAD, weight 2
+    lab[0, 2:4, 2:6] = 2
+    hu[0, 10:13, 10:13] = 350.0  # 9 px RCA, weight 3
+    lab[0, 10:13, 10:13] = 4
+    r = agatston.score(hu, lab, (3.0, 1.0, 1.0))
+    assert r["agatston_per_artery"] == {"LM": 0.0, "LAD": 16.0, "LCX": 0.0, "RCA": 27.0}
+    assert r["agatston"] == 43.0 and r["num_lesions"] == 2 and r["risk_category"] == 2
+
+
+def test_eight_connectivity_and_majority_artery():
+    hu, lab = volume(nz=1)
+    # Diagonal neighbours join one lesion (8-connected); 3 LAD voxels and 2 LCX voxels -> LAD.
+    for i, label in enumerate([2, 2, 3, 2, 3]):
+        hu[0, 3 + i, 3 + i] = 220.0
+        lab[0, 3 + i, 3 + i] = label
+    r = agatston.score(hu, lab, (3.0, 1.0, 1.0))
+    assert r["num_lesions"] == 1 and r["lesions"][0]["artery"] == "LAD"
+    assert r["agatston_per_artery"]["LAD"] == 10.0 and r["agatston_per_artery"]["LCX"] == 0.0
+    # A tie goes to the lower label.
+    lab[0, 7, 7] = 0
+    hu[0, 7, 7] = -50
+    lab[0, 3, 3] = 3
+    r = agatston.score(hu, lab, (3.0, 1.0, 1.0))
+    assert r["lesions"][0]["artery"] == "LAD"  # 2 LAD (labels 2) vs 2 LCX -> LAD
+
+
+@pytest.mark.parametrize(
+    ("increment", "slices", "expected"), [(1.5, 4, 10 * 2 * 4 * 0.5), (5.0, 1, 10 * 2 * 5 / 3)]
+)
+def test_slice_increment_normalisation(increment, slices, expected):
+    hu, lab = volume(nz=6)
+    hu[1 : 1 + slices, 4:6, 4:9] = 250.0  # 10 px x 1 mm^2, weight 2, on `slices` slices
+    lab[1 : 1 + slices, 4:6, 4:9] = 2
+    r = agatston.score(hu, lab, (increment, 1.0, 1.0))
+    assert r["agatston"] == pytest.approx(expected)
+    assert r["volume_mm3"] == pytest.approx(10 * slices * increment)
+
+
+def qrm_insert(dxy=0.05, dz=0.1):
+    """QRM-like insert: cylinders (axis z) of diameter = length 5, 3, 1 mm at 200, 400, 800 HU."""
+    cylinders = [(5.0, 200.0, 1), (3.0, 400.0, 2), (1.0, 800.0, 3)]
+    n, nz = int(24 / dxy), int(6 / dz)
+    hu = np.full((nz, n, n), 0.0, np.float32)
+    lab = np.zeros((nz, n, n), np.uint8)
+    yy, xx = (np.mgrid[:n, :n] + 0.5) * dxy
+    zc = (np.arange(nz) + 0.5) * dz
+    for i, (d, density, label) in enumerate(cylinders):
+        disc = (yy - 12.0) ** 2 + (xx - (4.0 + 8.0 * i)) ** 2 <= (d / 2) ** 2
+        in_z = np.abs(zc - 3.0) <= d / 2
+        hu[in_z[:, None, None] & disc[None]] = density
+        lab[in_z[:, None, None] & disc[None]] = label
+    return hu, lab, (dz, dxy, dxy)
+
+
+def test_qrm_like_insert_volumes_areas_and_mass_are_analytic():
+    hu, lab, spacing = qrm_insert()
+    r = agatston.score(hu, lab, spacing, mass_calibration=1e-3)  # HU = mg HA/cm^3 -> mg/mm^3
+    vol5, vol3 = np.pi * 2.5**2 * 5, np.pi * 1.5**2 * 3  # 98.2 and 21.2 mm^3
+    assert r["volume_per_artery"]["LM"] == pytest.approx(vol5, rel=0.01)
+    assert r["volume_per_artery"]["LAD"] == pytest.approx(vol3, rel=0.01)
+    assert r["volume_per_artery"]["LCX"] == 0.0  # 1 mm cylinder: 0.785 mm^2 < 1 mm^2
+    areas = {les["artery"]: les["area_mm2"] for les in r["lesions"]}
+    assert areas["LM"] == pytest.approx(19.635, rel=0.01) and areas["LAD"] == pytest.approx(7.069, rel=0.01)
+    assert areas["LCX"] == pytest.approx(0.785, rel=0.02)
+    # Agatston = weight x volume / 3 mm for cylinders along z.
+    assert r["agatston_per_artery"]["LM"] == pytest.approx(2 * vol5 / 3, rel=0.01)
+    assert r["agatston_per_artery"]["LAD"] == pytest.approx(4 * vol3 / 3, rel=0.01)
+    assert r["mass_per_artery"]["LM"] == pytest.approx(0.2 * vol5, rel=0.01)  # 200 mg/cm^3 x volume
+    assert r["mass_per_artery"]["LAD"] == pytest.approx(0.4 * vol3, rel=0.01)
+    assert r["mass_mg"] == pytest.approx(0.2 * vol5 + 0.4 * vol3, rel=0.01)
+
+
+def test_mass_is_reported_only_with_a_calibration_factor():
+    hu, lab, spacing = qrm_insert(dxy=0.1, dz=0.2)
+    assert agatston.score(hu, lab, spacing)["mass_mg"] is None
+
+
+@pytest.mark.parametrize(
+    ("total", "category"), [(0, 0), (0.1, 1), (10, 1), (10.01, 2), (100, 2), (100.5, 3), (400, 3), (400.1, 4)]
+)
+def test_risk_category_bounds(total, category):
+    assert agatston.risk_category(total) == category
+
+
+def test_kvp_specific_threshold():
+    hu, lab = volume()
+    hu[1, 5:9, 5:9] = 140.0
+    lab[1, 5:9, 5:9] = 1
+    assert agatston.score(hu, lab, (3, 0.5, 0.5), kvp=100)["agatston"] == 4.0  # fixed 130 HU threshold
+    assert agatston.score(hu, lab, (3, 0.5, 0.5), kvp=100, kvp_specific_threshold=True)["agatston"] == 0.0
+    with pytest.raises(ValueError, match="no kVp-specific"):
+        agatston.score(hu, lab, (3, 0.5, 0.5), kvp=90, kvp_specific_threshold=True)
+
+
+def test_empty_volumes_and_bad_input():
+    hu, lab = volume()
+    r = agatston.score(hu, lab, (3, 0.5, 0.5))
+    assert r["agatston"] == 0 and r["risk_category_name"].startswith("0")
+    r = agatston.score(np.zeros((0, 4, 4)), np.zeros((0, 4, 4), np.uint8), (3, 0.5, 0.5))
+    assert r["agatston"] == 0
+    hu[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf"):
+        agatston.score(hu, lab, (3, 0.5, 0.5))
+    hu[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN/inf"):
+        agatston.score(hu, lab, (3, 0.5, 0.5))
+    with pytest.raises(ValueError, match="must be equal"):
+        agatston.score(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)), (3, 0.5, 0.5))
+    with pytest.raises(ValueError, match="labels must lie"):
+        agatston.score(np.zeros((2, 4, 4)), np.full((2, 4, 4), 7), (3, 0.5, 0.5))
+    with pytest.raises(ValueError, match="spacing"):
+        agatston.score(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), (0, 0.5, 0.5))
+
+
+def test_phantom_truth_equals_score_on_its_hu_and_labels(phantom_dir):
+    for scan, folder in phantom_dir.values():
+        with open(os.path.join(folder, "truth.json")) as f:
+            truth = json.load(f)
+        r = agatston.score(scan.hu, scan.label, scan.grid.spacing, kvp=scan.acquisition.kvp)
+        for key in ("agatston", "agatston_per_artery", "volume_mm3", "volume_per_artery", "risk_category"):
+            assert truth["reference"][key] == r[key]

@@ -1,0 +1,153 @@
+"""calcjax.metrics against hand-computed values, published examples and scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from calcjax import metrics
+
+# Shrout & Fleiss (1979), Psychol Bull 86:420, Table 2: 6 targets rated by 4 judges.
+SHROUT_FLEISS = np.array(
+    [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], dtype=float
+)
+
+
+def icc_2_1_textbook(y):
+    """ICC(2,1) from the two-way ANOVA mean squares, with loops (Shrout & Fleiss 1979, case 2)."""
+    n, k = y.shape
+    grand = sum(sum(row) for row in y) / (n * k)
+    row_means = [sum(y[i]) / k for i in range(n)]
+    col_means = [sum(y[i][j] for i in range(n)) / n for j in range(k)]
+    bms = k * sum((m - grand) ** 2 for m in row_means) / (n - 1)
+    jms = n * sum((m - grand) ** 2 for m in col_means) / (k - 1)
+    ems = sum((y[i][j] - row_means[i] - col_means[j] + grand) ** 2 for i in range(n) for j in range(k)) / (
+        (n - 1) * (k - 1)
+    )
+    return (bms - ems) / (bms + (k - 1) * ems + k * (jms - ems) / n)
+
+
+def test_icc_matches_the_published_worked_example():
+    assert icc_2_1_textbook(SHROUT_FLEISS) == pytest.approx(0.29, abs=0.005)
+    assert float(metrics.icc_2_1(SHROUT_FLEISS)) == pytest.approx(0.29, abs=0.005)
+
+
+def test_icc_agrees_with_the_textbook_formula_on_random_data():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(2, 40))
+        truth = rng.gamma(1.0, 200.0, n)
+        y = np.stack([truth, truth * rng.uniform(0.7, 1.3) + rng.normal(0, 30, n)], axis=1)
+        assert float(metrics.icc_2_1(y)) == pytest.approx(icc_2_1_textbook(y), rel=1e-10, abs=1e-12)
+    # Batched leading axes give the same as one at a time.
+    ys = rng.normal(size=(5, 10, 2))
+    np.testing.assert_allclose(metrics.icc_2_1(ys), [icc_2_1_textbook(y) for y in ys])
+    assert float(metrics.icc_2_1(np.array([[3.0, 3.0], [5.0, 5.0]]))) == pytest.approx(1.0)
+
+
+def test_weighted_kappa_agrees_with_scikit_learn():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(2, 60))
+        ref = rng.integers(0, 5, n)
+        pred = np.clip(ref + rng.integers(-2, 3, n) * (rng.uniform(size=n) < 0.5), 0, 4)
+        ours = float(metrics.weighted_kappa(metrics.confusion_matrix(ref, pred)))
+        theirs = cohen_kappa_score(ref, pred, labels=[0, 1, 2, 3, 4], weights="linear")
+        if np.isnan(theirs):
+            continue
+        assert ours == pytest.approx(theirs, abs=1e-12)
+    # One category everywhere, in full agreement: kappa 1 (scikit-learn returns NaN here).
+    assert float(metrics.weighted_kappa(metrics.confusion_matrix([2, 2, 2], [2, 2, 2]))) == 1.0
+
+
+def test_confusion_rows_are_reference():
+    c = metrics.confusion_matrix([0, 1, 4], [1, 1, 3])
+    assert c[0, 1] == 1 and c[1, 1] == 1 and c[4, 3] == 1 and c.sum() == 3
+
+
+def test_bland_altman_by_hand():
+    ba = metrics.bland_altman([10.0, 20.0, 33.0], [12.0, 18.0, 30.0])  # differences -2, 2, 3
+    assert ba["mean_difference"] == pytest.approx(1.0)
+    sd = np.sqrt(((-3) ** 2 + 1**2 + 2**2) / 2)
+    assert ba["lower_limit"] == pytest.approx(1 - 1.96 * sd) and ba["upper_limit"] == pytest.approx(
+        1 + 1.96 * sd
+    )
+
+
+def test_voxel_counts_and_zero_division_conventions():
+    ref = np.zeros((2, 4, 4), np.uint8)
+    ref[0, 1:3, 1:3] = 2
+    pred = np.zeros_like(ref)
+    assert metrics.voxel_counts(pred, ref) == (0, 0, 4)
+    assert float(metrics.f1_from_counts(0, 0, 4)) == 0.0  # all-zero prediction: F1 defined, 0
+    assert float(metrics.f1_from_counts(0, 0, 0)) == 1.0  # nothing to find, nothing claimed
+    pred[0, 1, 1:4] = 2
+    assert metrics.voxel_counts(pred, ref) == (2, 1, 2)
+    assert float(metrics.f1_from_counts(2, 1, 2)) == pytest.approx(4 / 7)
+
+
+def test_lesion_counts_use_six_connectivity():
+    ref = np.zeros((3, 10, 10), bool)
+    ref[1, 2, 2] = ref[1, 3, 3] = True  # diagonal: two 6-connected lesions
+    ref[1, 7:9, 7:9] = True  # a third lesion
+    pred = np.zeros_like(ref)
+    pred[1, 2, 2] = True  # hits lesion 1
+    pred[0, 5, 5] = True  # false positive
+    pred[2, 8, 8] = pred[1, 8, 8] = True  # one predicted lesion (z-connected) touching lesion 3
+    c = metrics.lesion_counts(pred, ref)
+    assert c == {"ref_lesions": 3, "detected_lesions": 2, "pred_lesions": 3, "fp_lesions": 1}
+
+
+def summary(scan_id, protocol, tp, fp, fn, a_pred, a_ref, c_pred, c_ref, lesions=(1, 1, 1, 0)):
+    return metrics.ScanSummary(
+        scan_id, protocol, tp, fp, fn, (tp, 0, 0, 0), (fp, 0, 0, 0), (fn, 0, 0, 0), *lesions,
+        agatston_pred=a_pred, agatston_ref=a_ref, category_pred=c_pred, category_ref=c_ref,
+    )  # fmt: skip
+
+
+def test_evaluate_pools_counts_and_splits_by_protocol():
+    s = [
+        summary("a", "chest", 8, 2, 0, 120.0, 100.0, 3, 2),
+        summary("b", "cardiac", 5, 0, 5, 5.0, 12.0, 1, 2),
+        summary("c", "cardiac", 0, 0, 0, 0.0, 0.0, 0, 0, lesions=(0, 0, 0, 0)),
+    ]
+    r = metrics.evaluate(s, num_bootstrap=200, seed=3)
+    assert set(r) == {"all", "chest", "cardiac"}
+    f = r["all"]["figures"]
+    assert f["voxel_f1"]["value"] == pytest.approx(2 * 13 / (2 * 13 + 2 + 5))
+    assert f["risk_accuracy"]["value"] == pytest.approx(1 / 3)
+    assert f["fp_lesions_per_scan"]["value"] == 0.0
+    assert f["agatston_icc"]["value"] == pytest.approx(float(metrics.icc_2_1([[120, 100], [5, 12], [0, 0]])))
+    assert r["cardiac"]["figures"]["voxel_f1"]["value"] == pytest.approx(10 / 15)
+    assert r["all"]["risk_confusion"][2][3] == 1 and r["all"]["risk_confusion"][2][1] == 1
+    for fig in f.values():
+        assert fig["ci_low"] <= fig["value"] + 1e-12 <= fig["ci_high"] + 2e-12 or np.isnan(fig["ci_low"])
+    # Seeded: the same seed gives the same intervals; another seed gives other ones.
+    again = metrics.evaluate(s, num_bootstrap=200, seed=3)
+    assert again["all"]["figures"]["voxel_f1"] == f["voxel_f1"]
+
+
+def test_single_scan_gives_figures_and_says_there_is_no_interval():
+    r = metrics.evaluate([summary("a", "chest", 8, 2, 0, 120.0, 100.0, 3, 2)])
+    assert r["all"]["num_scans"] == 1 and "need at least 2" in r["all"]["ci_note"]
+    f = r["all"]["figures"]
+    assert f["voxel_f1"]["value"] == pytest.approx(16 / 18) and np.isnan(f["voxel_f1"]["ci_low"])
+    assert np.isnan(f["agatston_icc"]["value"])
+
+
+def test_summarize_scan_on_phantoms(phantom_dir):
+    summaries = []
+    for scan, _ in phantom_dir.values():
+        ref = scan.label
+        s = metrics.summarize_scan(scan.name, scan.acquisition.protocol, ref, ref, scan.hu, scan.grid.spacing)
+        assert s.voxel_fp == s.voxel_fn == 0 and s.voxel_tp == int((ref > 0).sum())
+        assert s.agatston_pred == s.agatston_ref == scan.truth["reference"]["agatston"]
+        summaries.append(s)
+        empty = metrics.summarize_scan("e", "chest", np.zeros_like(ref), ref, scan.hu, scan.grid.spacing)
+        assert empty.voxel_tp == 0 and empty.category_pred == 0 and empty.detected_lesions == 0
+    r = metrics.evaluate(summaries, num_bootstrap=100)
+    for name in ("voxel_f1", "lesion_f1", "risk_accuracy", "risk_kappa", "agatston_icc"):
+        assert r["all"]["figures"][name]["value"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="differ"):
+        metrics.summarize_scan("x", "chest", ref[:-1], ref, scan.hu, scan.grid.spacing)
