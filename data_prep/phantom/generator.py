@@ -47,7 +47,7 @@ class PhantomScan:
       name: folder name of the scan.
       acquisition: the acquisition it simulates.
       grid: its voxel grid (LPS geometry).
-      hu: ``(z, y, x)`` int16 HU as written (air inside the FOV, -1024 outside it).
+      hu: ``(z, y, x)`` int16 HU as written (-1000, air, outside the FOV where the files hold padding).
       stored: ``(z, y, x)`` int16 stored DICOM values (PixelPaddingValue outside the FOV).
       label: ``(z, y, x)`` uint8 coronary calcium labels.
       truth: the ``truth.json`` dict.
@@ -121,7 +121,7 @@ def generate_scan(
         )
         noise_free = np.maximum(base, owner_hu)
         hu = np.clip(np.rint(noise_free + noise), HU_MIN, HU_MAX).astype(np.int16)
-        hu[:, ~in_fov] = np.int16(HU_MIN)
+        hu[:, ~in_fov] = np.int16(AIR_HU)  # what a reader maps PixelPaddingValue to
         label = np.where((owner_hu >= calcium.SUPPORT_HU) & (hu >= 130), lut[owner_id], 0).astype(np.uint8)
         ref = agatston.score(hu, label, spacing, kvp=acq.kvp)
         got = ref["risk_category"]

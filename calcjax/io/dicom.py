@@ -1,0 +1,532 @@
+"""Reading CT series as PACS exports deliver them: series discovery, sorting, rescaling, validation.
+
+- ``find_series(root)`` walks a folder tree, reads headers only, and groups files by SeriesInstanceUID
+  (several series in one folder are normal); unreadable files come back as :class:`DicomError` entries.
+- ``read_series(files) -> Volume``: HU ``(z, y, x)`` with z ascending along the slice normal, spacing
+  ``(dz, dy, dx)`` mm with dz from the real position differences, LPS origin and direction cosines, and
+  non-identifying metadata (kVp, slice thickness, protocol guess, manufacturer, kernel).
+
+Rules (shared/FACTS.md "DICOM reader pitfalls"): sort by ImagePositionPatient projected on the slice normal,
+never by file name or InstanceNumber; drop localizer / scout images (ImageType LOCALIZER, or an orientation
+other than the series'); apply RescaleSlope / Intercept per slice; map PixelPaddingValue (and
+PixelPaddingRangeLimit) to air *before* rescaling; refuse duplicates with different pixels, gaps,
+non-uniform spacing and gantry tilt with a reason; read Enhanced (multi-frame) CT from its functional groups;
+decode compressed transfer syntaxes when the ``codecs`` extra is installed and name the extra otherwise.
+
+No identifying value (names, IDs, dates, UIDs) is ever put in an error message or in ``Volume.meta``.
+No jax here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from calcjax.io.geometry import Grid
+
+AIR_HU = -1000
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+SPACING_TOLERANCE = 0.01  # relative deviation of a gap from the median gap still called uniform
+ORIENTATION_TOLERANCE = 1e-3  # max abs difference of direction cosines within one series
+CARDIAC_FOV_MAX_MM = 260.0  # reconstruction FOV at or below which a non-gated series is called cardiac
+CHEST_FOV_MIN_MM = 300.0
+GATING_TAGS = (
+    "TriggerTime",
+    "CardiacSynchronizationTechnique",
+    "NominalCardiacTriggerDelayTime",
+    "HeartRate",
+)
+
+
+class DicomError(ValueError):
+    """A file or series that cannot be read as CT, with the file and the reason."""
+
+    kind = "unreadable"
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+class NotDicomError(DicomError):
+    kind = "not_dicom"
+
+
+class TruncatedError(DicomError):
+    kind = "truncated"
+
+
+class NoPixelDataError(DicomError):
+    kind = "no_pixel_data"
+
+
+class NotCTError(DicomError):
+    kind = "not_ct"
+
+
+class SingleSliceError(DicomError):
+    kind = "single_slice"
+
+
+class InconsistentSeriesError(DicomError):
+    kind = "inconsistent_series"
+
+
+class GeometryError(DicomError):
+    kind = "geometry"
+
+
+class MissingCodecError(DicomError):
+    kind = "missing_codec"
+
+
+@dataclasses.dataclass
+class Volume:
+    """A CT volume.
+
+    Attributes:
+      hu: ``(z, y, x)`` HU, int16 when every slice's rescale is integral (slope 1), else float32.
+      grid: geometry (spacing ``(dz, dy, dx)`` mm, LPS origin of voxel (0, 0, 0), direction cosines).
+      meta: non-identifying metadata: kvp, slice_thickness_mm, protocol (chest / cardiac / unknown),
+        gated, fov_mm, manufacturer, model, kernel, num_slices, dropped_localizers, enhanced.
+      source: the files read, in z order (for error messages and label lookup only).
+    """
+
+    hu: np.ndarray
+    grid: Grid
+    meta: dict
+    source: list[str]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.grid.spacing
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesFiles:
+    """Files of one series found by :func:`find_series` (``uid`` stays in memory; never log it)."""
+
+    uid: str
+    folder: str
+    files: tuple[str, ...]
+    modality: str
+    identifiers: frozenset[str] = frozenset()
+
+
+IDENTIFYING_TAGS = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "OperatorsName",
+)
+
+
+def identifying_values(ds: pydicom.Dataset) -> set[str]:
+    """Identifying strings of a header (DICOM PS3.15 Annex E basic profile subset), for redaction.
+
+    Person names also give their ``^``-separated components; strings shorter than 4 characters are left
+    out (too common to redact safely).
+    """
+    out = set()
+    for tag in IDENTIFYING_TAGS:
+        value = ds.get(tag)
+        if value in (None, ""):
+            continue
+        values = value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
+        for v in values:
+            text = str(v).strip()
+            out.add(text)
+            out.update(part for part in text.replace("^", " ").split() if part)
+            out.add(text.replace("^", " ").strip())
+    return {v for v in out if len(v) >= 4}
+
+
+def _read(path: str, *, headers_only: bool) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=headers_only)
+    except InvalidDicomError as e:
+        raise NotDicomError(path, f"not a DICOM file ({e.__class__.__name__})") from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        reason = str(e).split("\n")[0][:200]
+        if isinstance(e, EOFError) or "end of file" in reason.lower() or "truncat" in reason.lower():
+            raise TruncatedError(path, f"truncated file ({reason})") from None
+        raise NotDicomError(path, f"unreadable DICOM ({e.__class__.__name__}: {reason})") from None
+
+
+def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
+    """Groups every DICOM file under ``root`` by SeriesInstanceUID (headers only).
+
+    Returns the series (sorted by folder, then file list) and the files that could not be read as
+    DICOM. DICOMDIR index files are skipped silently.
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    modality: dict[str, str] = {}
+    identifiers: dict[str, set[str]] = defaultdict(set)
+    bad: list[DicomError] = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.upper() == "DICOMDIR" or name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            if not _looks_like_dicom(path):
+                continue
+            try:
+                ds = _read(path, headers_only=True)
+            except DicomError as e:
+                bad.append(e)
+                continue
+            if str(ds.get("SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+                continue  # a DICOMDIR index, not an image
+            uid = str(ds.get("SeriesInstanceUID", ""))
+            if not uid:
+                bad.append(InconsistentSeriesError(path, "no SeriesInstanceUID"))
+                continue
+            groups[uid].append(path)
+            modality[uid] = str(ds.get("Modality", ""))
+            identifiers[uid] |= identifying_values(ds)
+    series = [
+        SeriesFiles(
+            uid,
+            os.path.commonpath([os.path.dirname(f) for f in files]),
+            tuple(files),
+            modality[uid],
+            frozenset(identifiers[uid]),
+        )
+        for uid, files in groups.items()
+    ]
+    series.sort(key=lambda s: (s.folder, s.files))
+    return series, bad
+
+
+_NON_DICOM_SUFFIXES = (".json", ".xml", ".nii", ".nii.gz", ".png", ".txt", ".csv", ".md", ".jsonl", ".xlsx")
+
+
+def _looks_like_dicom(path: str) -> bool:
+    """Skips the label and report files that live beside series; everything else is tried."""
+    return not path.lower().endswith(_NON_DICOM_SUFFIXES)
+
+
+def _float_list(value, n: int, path: str, tag: str) -> np.ndarray:
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise GeometryError(path, f"{tag} is missing or not numeric") from None
+    if out.size != n:
+        raise GeometryError(path, f"{tag} has {out.size} values, expected {n}")
+    return out
+
+
+@dataclasses.dataclass
+class _Frame:
+    """One 2D image with its geometry and rescale, from a classic file or an Enhanced CT frame."""
+
+    path: str
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: np.ndarray
+    thickness: float | None
+    slope: float
+    intercept: float
+    pixels: np.ndarray | None  # raw stored values (rows, cols)
+    padding: tuple[int, int] | None
+
+
+def _check_ct(ds: pydicom.Dataset, path: str) -> None:
+    modality = str(ds.get("Modality", ""))
+    sop = str(ds.get("SOPClassUID", ""))
+    if modality != "CT":
+        raise NotCTError(path, f"Modality is {modality or 'missing'}, not CT")
+    if sop and sop not in CT_SOP_CLASSES:
+        raise NotCTError(path, f"SOP class {UID(sop).name} is not a CT image")
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise NoPixelDataError(path, "no pixel data")
+
+
+def _pixels(ds: pydicom.Dataset, path: str) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except (NotImplementedError, RuntimeError):
+        ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        name = UID(str(ts)).name if ts else "unknown"
+        raise MissingCodecError(
+            path,
+            f"cannot decode transfer syntax {name}: install the codecs extra (pip install 'calcjax[codecs]')",
+        ) from None
+    except ValueError as e:
+        msg = str(e).split("\n")[0][:200]
+        if any(k in msg.lower() for k in ("length", "doesn't match", "truncat", "less than expected")):
+            raise TruncatedError(path, f"pixel data truncated ({msg})") from None
+        raise NoPixelDataError(path, f"pixel data unreadable ({msg})") from None
+
+
+def _padding(ds) -> tuple[int, int] | None:
+    if "PixelPaddingValue" not in ds:
+        return None
+    a = int(ds.PixelPaddingValue)
+    b = int(ds.get("PixelPaddingRangeLimit", a))
+    return (min(a, b), max(a, b))
+
+
+def _is_localizer(ds) -> bool:
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return "LOCALIZER" in image_type
+
+
+def _classic_frames(ds: pydicom.Dataset, path: str, with_pixels: bool) -> list[_Frame]:
+    return [
+        _Frame(
+            path=path,
+            position=_float_list(ds.get("ImagePositionPatient"), 3, path, "ImagePositionPatient"),
+            orientation=_float_list(ds.get("ImageOrientationPatient"), 6, path, "ImageOrientationPatient"),
+            pixel_spacing=_float_list(ds.get("PixelSpacing"), 2, path, "PixelSpacing"),
+            thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
+            slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+            intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+            pixels=_pixels(ds, path) if with_pixels else None,
+            padding=_padding(ds),
+        )
+    ]
+
+
+def _enhanced_frames(ds: pydicom.Dataset, path: str) -> list[_Frame]:
+    """Frames of an Enhanced CT file from its shared and per-frame functional groups."""
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    n = int(ds.get("NumberOfFrames", 1))
+    if len(per_frame) != n:
+        raise GeometryError(path, f"{len(per_frame)} per-frame functional groups for {n} frames")
+
+    def group(fg, name):
+        for source in (fg, shared):
+            if source is not None and name in source:
+                return source[name][0]
+        return None
+
+    pixels = _pixels(ds, path)
+    pixels = pixels.reshape((n,) + pixels.shape[-2:])
+    frames = []
+    for i, fg in enumerate(per_frame):
+        pos, ori, meas = (
+            group(fg, "PlanePositionSequence"),
+            group(fg, "PlaneOrientationSequence"),
+            group(fg, "PixelMeasuresSequence"),
+        )
+        trans = group(fg, "PixelValueTransformationSequence")
+        if pos is None or ori is None or meas is None:
+            raise GeometryError(path, f"frame {i + 1}: plane position, orientation or pixel measures missing")
+        frames.append(
+            _Frame(
+                path=path,
+                position=_float_list(pos.get("ImagePositionPatient"), 3, path, "ImagePositionPatient"),
+                orientation=_float_list(
+                    ori.get("ImageOrientationPatient"), 6, path, "ImageOrientationPatient"
+                ),
+                pixel_spacing=_float_list(meas.get("PixelSpacing"), 2, path, "PixelSpacing"),
+                thickness=float(meas.SliceThickness)
+                if meas.get("SliceThickness") not in (None, "")
+                else None,
+                slope=float(trans.get("RescaleSlope", 1.0)) if trans is not None else 1.0,
+                intercept=float(trans.get("RescaleIntercept", 0.0)) if trans is not None else 0.0,
+                pixels=pixels[i],
+                padding=_padding(ds),
+            )
+        )
+    return frames
+
+
+def read_series(files: str | list[str] | tuple[str, ...], *, protocol: str | None = None) -> Volume:
+    """Reads one CT series (a folder holding one series, or its files) as a :class:`Volume`.
+
+    Args:
+      files: a folder (every file in it must belong to one series) or a list of files.
+      protocol: override of the protocol guess (``chest`` / ``cardiac`` / ``unknown``).
+
+    Raises:
+      DicomError (one of its subclasses) naming the file and the reason.
+    """
+    if isinstance(files, str):
+        folder = files
+        found, bad = find_series(folder)
+        if bad:
+            raise bad[0]
+        if len(found) != 1:
+            raise InconsistentSeriesError(
+                folder, f"{len(found)} series in this folder; pass one series' files"
+            )
+        files = found[0].files
+    files = list(files)
+    if not files:
+        raise SingleSliceError("<empty>", "no files")
+    frames: list[_Frame] = []
+    first = None
+    localizers = 0
+    for path in files:
+        ds = _read(path, headers_only=False)
+        _check_ct(ds, path)
+        if _is_localizer(ds):
+            localizers += 1
+            continue
+        if first is None:
+            first = ds
+        enhanced = "PerFrameFunctionalGroupsSequence" in ds
+        frames.extend(_enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path, True))
+    if first is None:
+        raise SingleSliceError(files[0], f"only localizer images ({localizers}) in this series")
+    frames, dropped = _drop_other_orientations(frames)
+    localizers += dropped
+    if len(frames) < 2:
+        raise SingleSliceError(frames[0].path, "one slice only; a volume needs at least two")
+    return _assemble(frames, first, localizers, protocol)
+
+
+def _drop_other_orientations(frames: list[_Frame]) -> tuple[list[_Frame], int]:
+    """Keeps the frames with the series' majority orientation (scouts in a series differ)."""
+    keys = [tuple(np.round(f.orientation, 3)) for f in frames]
+    values, counts = np.unique(np.asarray(keys), axis=0, return_counts=True)
+    major = values[np.argmax(counts)]
+    kept = [f for f in frames if np.abs(f.orientation - major).max() <= 0.01]
+    return kept, len(frames) - len(kept)
+
+
+def _assemble(frames: list[_Frame], first: pydicom.Dataset, localizers: int, protocol: str | None) -> Volume:
+    ref = frames[0]
+    for f in frames[1:]:
+        if np.abs(f.orientation - ref.orientation).max() > ORIENTATION_TOLERANCE:
+            raise InconsistentSeriesError(f.path, "orientation differs from the rest of the series")
+        if f.pixels.shape != ref.pixels.shape:
+            raise InconsistentSeriesError(
+                f.path, f"matrix {f.pixels.shape} differs from {ref.pixels.shape} in the same series"
+            )
+        if np.abs(f.pixel_spacing - ref.pixel_spacing).max() > 1e-4:
+            raise InconsistentSeriesError(f.path, "PixelSpacing differs inside the series")
+    row_dir, col_dir = ref.orientation[:3], ref.orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    along = np.array([f.position @ normal for f in frames])
+    order = np.argsort(along, kind="stable")
+    frames = [frames[i] for i in order]
+    along = along[order]
+
+    # Duplicates: the same position twice. Identical pixels are dropped, different pixels refused.
+    keep = [0]
+    for i in range(1, len(frames)):
+        if abs(along[i] - along[keep[-1]]) < 1e-3:
+            if not np.array_equal(frames[i].pixels, frames[keep[-1]].pixels):
+                raise GeometryError(
+                    frames[i].path, f"two different slices at the same position {along[i]:.3f} mm"
+                )
+            continue
+        keep.append(i)
+    frames, along = [frames[i] for i in keep], along[keep]
+    if len(frames) < 2:
+        raise SingleSliceError(frames[0].path, "one distinct slice position only")
+
+    gaps = np.diff(along)
+    dz = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - dz)))
+    if abs(gaps[worst] - dz) > SPACING_TOLERANCE * dz:
+        kind = "a gap (missing slices)" if gaps[worst] > 1.5 * dz else "non-uniform slice spacing"
+        raise GeometryError(
+            frames[worst + 1].path,
+            f"{kind}: {gaps[worst]:.3f} mm between slices {worst} and {worst + 1}, median {dz:.3f} mm",
+        )
+    # Gantry tilt: slice positions must move along the normal, not sideways.
+    shift = frames[-1].position - frames[0].position
+    sideways = np.linalg.norm(shift - (shift @ normal) * normal) / max(abs(shift @ normal), 1e-6)
+    tilt = float(first.get("GantryDetectorTilt", 0) or 0)
+    if sideways > 1e-3 or abs(tilt) > 0.01:
+        angle = np.degrees(np.arctan(sideways)) if sideways > 1e-3 else tilt
+        raise GeometryError(
+            frames[0].path, f"gantry tilt of {angle:.2f} degrees; correct the tilt before reading"
+        )
+
+    integral = all(f.slope == 1.0 and float(f.intercept).is_integer() for f in frames)
+    dtype = np.int16 if integral else np.float32
+    hu = np.empty((len(frames),) + ref.pixels.shape, dtype=dtype)
+    for k, f in enumerate(frames):
+        raw = f.pixels
+        if integral:
+            v = raw.astype(np.int32) + int(f.intercept)
+            np.clip(v, -32768, 32767, out=v)
+        else:
+            v = raw.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+        if f.padding is not None:
+            v[(raw >= f.padding[0]) & (raw <= f.padding[1])] = AIR_HU
+        hu[k] = v
+    dy, dx = (float(s) for s in ref.pixel_spacing)
+    grid = Grid(
+        shape=hu.shape,
+        spacing=(abs(dz), dy, dx),
+        origin=tuple(float(v) for v in frames[0].position),
+        row_dir=tuple(float(v) for v in row_dir),
+        col_dir=tuple(float(v) for v in col_dir),
+    )
+    meta = _metadata(first, frames, grid, localizers, protocol)
+    return Volume(hu=hu, grid=grid, meta=meta, source=[f.path for f in frames])
+
+
+def _metadata(ds, frames, grid: Grid, localizers: int, protocol: str | None) -> dict:
+    fov = ds.get("ReconstructionDiameter")
+    fov_mm = float(fov) if fov not in (None, "") else float(grid.shape[2] * grid.spacing[2])
+    gated = any(ds.get(t) not in (None, "") for t in GATING_TAGS) or _enhanced_gated(ds)
+    if protocol is None:
+        if gated or fov_mm <= CARDIAC_FOV_MAX_MM:
+            protocol = "cardiac"
+        elif fov_mm >= CHEST_FOV_MIN_MM:
+            protocol = "chest"
+        else:
+            protocol = "unknown"
+    thickness = frames[0].thickness
+    kvp = ds.get("KVP")
+    return {
+        "kvp": float(kvp) if kvp not in (None, "") else None,
+        "slice_thickness_mm": thickness,
+        "slice_increment_mm": grid.spacing[0],
+        "pixel_spacing_mm": [grid.spacing[1], grid.spacing[2]],
+        "fov_mm": fov_mm,
+        "gated": bool(gated),
+        "protocol": protocol,
+        "manufacturer": str(ds.get("Manufacturer", "")),
+        "model": str(ds.get("ManufacturerModelName", "")),
+        "kernel": _kernel(ds),
+        "num_slices": grid.shape[0],
+        "matrix": [grid.shape[1], grid.shape[2]],
+        "dropped_localizers": localizers,
+        "enhanced": "PerFrameFunctionalGroupsSequence" in ds,
+    }
+
+
+def _enhanced_gated(ds) -> bool:
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    return shared is not None and "CardiacSynchronizationSequence" in shared
+
+
+def _kernel(ds) -> str:
+    k = ds.get("ConvolutionKernel", "")
+    if isinstance(k, (list, pydicom.multival.MultiValue)):
+        k = "\\".join(str(v) for v in k)
+    return str(k)

@@ -1,0 +1,178 @@
+"""Finds the scans of an input tree, their labels, pseudonymous ids and splits (headers only).
+
+- Series: every DICOM series under the input (``calcjax.io.dicom.find_series``); non-CT series and
+  unreadable files become error entries.
+- Scan id: ``scan-`` + the first 16 hex digits of SHA-256(salt + SeriesInstanceUID): stable for a salt,
+  not reversible without it. The UID itself never leaves memory.
+- Split: by scan, from SHA-256(split seed + scan id) mapped to [0, 1) and cut at the cumulative ratios,
+  so a scan keeps its split when other scans are added.
+- Labels, first found wins: a mirrored ``--labels`` tree (``<labels>/<series folder>.nii.gz``,
+  ``<labels>/<series folder>/label.nii.gz``, ``<labels>/<parent folder>/label.nii.gz``); then
+  ``label.nii.gz`` or ``calcium.xml`` in the series folder or its parent (the phantom's layout); then the
+  COCA release layout ``.../patient/<id>/<series>/`` with ``.../calcium_xml/<id>.xml``. ``label_format``
+  picks NIfTI or XML where both exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+from calcjax.io import dicom
+
+REDACTED = "<redacted>"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanJob:
+    """One scan to build (no identifying value in any field but ``files`` / ``label_path`` paths).
+
+    Attributes:
+      scan_id: pseudonymous id.
+      split: split name.
+      files: the series' DICOM files.
+      where: the series folder relative to the input, redacted (for error messages).
+      label_path: label file or None (unlabelled).
+      label_format: ``nifti``, ``xml`` or None.
+      num_files: file count (an estimate of the slice count before localizers are dropped).
+      identifiers: identifying header values to redact from any message about this scan.
+      shared_folder: how many series share the series folder (a label there must match this one).
+    """
+
+    scan_id: str
+    split: str
+    files: tuple[str, ...]
+    where: str
+    label_path: str | None
+    label_format: str | None
+    num_files: int
+    identifiers: frozenset[str]
+    shared_folder: int = 1
+
+
+def redact(text: str, identifiers) -> str:
+    """Replaces every identifying value (longest first) in ``text``."""
+    for value in sorted(identifiers, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def scan_id_of(series_uid: str, salt: str) -> str:
+    return "scan-" + hashlib.sha256((salt + "\0" + series_uid).encode()).hexdigest()[:16]
+
+
+def split_of(scan_id: str, seed: int, ratios: list[tuple[str, float]]) -> str:
+    """The split of a scan: a hash of (seed, scan id) in [0, 1) cut at the cumulative ratios."""
+    h = int(hashlib.sha256(f"{seed}:{scan_id}".encode()).hexdigest()[:15], 16) / 16**15
+    total = sum(r for _, r in ratios)
+    acc = 0.0
+    for name, r in ratios:
+        acc += r / total
+        if h < acc:
+            return name
+    return ratios[-1][0]
+
+
+def parse_split(spec: str) -> list[tuple[str, float]]:
+    """``"train=0.8,val=0.1,test=0.1"`` -> [("train", 0.8), ...]; ratios must be positive."""
+    out = []
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if not name.strip() or not value:
+            raise ValueError(f"bad --split part {part!r}; expected name=ratio")
+        ratio = float(value)
+        if ratio <= 0:
+            raise ValueError(f"split ratio of {name!r} must be positive, got {ratio}")
+        out.append((name.strip(), ratio))
+    return out
+
+
+def find_label(
+    series_folder: str, root: str, labels_dir: str | None, label_format: str
+) -> tuple[str, str] | tuple[None, None]:
+    """The label file of a series and its format, or (None, None) (see module docstring)."""
+    rel = os.path.relpath(series_folder, root)
+    candidates: list[tuple[str, str]] = []
+    if labels_dir:
+        candidates += [
+            (os.path.join(labels_dir, rel + ".nii.gz"), "nifti"),
+            (os.path.join(labels_dir, rel, "label.nii.gz"), "nifti"),
+            (os.path.join(labels_dir, os.path.dirname(rel), "label.nii.gz"), "nifti"),
+        ]
+    for folder in (series_folder, os.path.dirname(series_folder)):
+        candidates += [
+            (os.path.join(folder, "label.nii.gz"), "nifti"),
+            (os.path.join(folder, "calcium.xml"), "xml"),
+        ]
+    parts = os.path.normpath(series_folder).split(os.sep)
+    if len(parts) >= 3 and parts[-3] == "patient":
+        release = os.sep.join(parts[:-3]) or os.sep
+        candidates.append((os.path.join(release, "calcium_xml", parts[-2] + ".xml"), "xml"))
+    if label_format in ("nifti", "xml"):
+        candidates.sort(key=lambda c: c[1] != label_format)
+    for path, fmt in candidates:
+        if os.path.isfile(path):
+            return path, fmt
+    return None, None
+
+
+def discover(
+    root: str,
+    *,
+    salt: str,
+    split: list[tuple[str, float]],
+    split_seed: int,
+    labels_dir: str | None = None,
+    label_format: str = "auto",
+) -> tuple[list[ScanJob], list[dict]]:
+    """Scan jobs (sorted by split, then scan id) and error entries for inputs that cannot be scans."""
+    series, bad = dicom.find_series(root)
+    errors = [
+        {"input": os.path.relpath(e.path, root), "stage": "discover", "kind": e.kind, "reason": e.reason}
+        for e in bad
+    ]
+    per_folder: dict[str, int] = {}
+    for s in series:
+        per_folder[s.folder] = per_folder.get(s.folder, 0) + 1
+    jobs, seen = [], {}
+    for s in series:
+        where = redact(os.path.relpath(s.folder, root), s.identifiers)
+        if s.modality != "CT":
+            errors.append(
+                {
+                    "input": where,
+                    "stage": "discover",
+                    "kind": "not_ct",
+                    "reason": f"Modality {s.modality}, not CT",
+                }
+            )
+            continue
+        scan_id = scan_id_of(s.uid, salt)
+        if scan_id in seen:
+            errors.append(
+                {
+                    "input": where,
+                    "stage": "discover",
+                    "kind": "duplicate_series",
+                    "reason": f"the same series also lies in {seen[scan_id]}; built once",
+                }
+            )
+            continue
+        seen[scan_id] = where
+        label_path, fmt = find_label(s.folder, root, labels_dir, label_format)
+        jobs.append(
+            ScanJob(
+                scan_id=scan_id,
+                split=split_of(scan_id, split_seed, split),
+                files=s.files,
+                where=where,
+                label_path=label_path,
+                label_format=fmt,
+                num_files=len(s.files),
+                identifiers=s.identifiers,
+                shared_folder=per_folder[s.folder],
+            )
+        )
+    jobs.sort(key=lambda j: (j.split, j.scan_id))
+    return jobs, errors

@@ -1,0 +1,129 @@
+"""Turns scans into 2.5D-stack records and writes whole ArrayRecord shards atomically.
+
+A shard is written under a temporary name, then its sidecar (``.<shard>.json``: per-scan metadata,
+record ranges, errors) and the shard are renamed into place; a shard counts as done only when both exist,
+so a build killed at any point resumes by redoing the unfinished shards and never leaves a half-written
+one under a final name. All slices of a scan are contiguous in one shard, in z order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from calcjax import agatston
+from calcjax.io import dicom, labels, records
+from data_prep.discover import ScanJob, redact
+
+ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"  # one record per chunk: random access by index
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+def sidecar_path(shard_path: str) -> str:
+    folder, name = os.path.split(shard_path)
+    return os.path.join(folder, f".{name}.json")
+
+
+def shard_done(shard_path: str) -> bool:
+    return os.path.isfile(shard_path) and os.path.isfile(sidecar_path(shard_path))
+
+
+def read_scan(job: ScanJob, *, protocol: str | None):
+    """Reads a scan's volume and labels (None when unlabelled); raises DicomError / LabelError."""
+    vol = dicom.read_series(job.files, protocol=protocol)
+    lab = None
+    if job.label_format == "nifti":
+        lab = labels.read_nifti_label(job.label_path, vol.grid)
+    elif job.label_format == "xml":
+        lab = labels.read_coca_xml(job.label_path, vol.grid, vol.hu)
+    return vol, lab
+
+
+def hu_int16(hu: np.ndarray) -> np.ndarray:
+    if hu.dtype == np.int16:
+        return hu
+    return np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
+
+
+def scan_records(scan_id: str, vol: dicom.Volume, lab: np.ndarray | None, context: int):
+    """Yields the encoded records of one scan, slice by slice in z order."""
+    hu = hu_int16(vol.hu)
+    nz = hu.shape[0]
+    for k in range(nz):
+        label_k = None if lab is None else lab[k]
+        yield records.encode(
+            {
+                "scan_id": scan_id,
+                "slice_index": k,
+                "num_slices": nz,
+                "image": hu[records.stack_indices(k, nz, context)],
+                "label": label_k,
+                "spacing": vol.spacing,
+                "slice_thickness": vol.meta["slice_thickness_mm"],
+                "protocol": vol.meta["protocol"],
+                "kvp": vol.meta["kvp"],
+                "has_calcium": bool(label_k is not None and label_k.any()),
+            }
+        )
+
+
+def scan_metadata(job: ScanJob, vol: dicom.Volume, lab: np.ndarray | None) -> dict:
+    meta = {k: v for k, v in vol.meta.items()}
+    meta.update(scan_id=job.scan_id, split=job.split, spacing=list(vol.spacing), labelled=lab is not None)
+    meta["label_format"] = job.label_format
+    if lab is not None:
+        ref = agatston.score(vol.hu, lab, vol.spacing)
+        meta["calcium_slices"] = np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).tolist()
+        meta["reference"] = {
+            "agatston": ref["agatston"],
+            "agatston_per_artery": ref["agatston_per_artery"],
+            "volume_mm3": ref["volume_mm3"],
+            "risk_category": ref["risk_category"],
+        }
+    return meta
+
+
+def _error(job: ScanJob, e: Exception) -> dict:
+    reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
+    if job.shared_folder > 1 and isinstance(e, labels.LabelGridError):
+        reason += f" ({job.shared_folder} series share this folder; the label belongs to another one)"
+    return {
+        "input": job.where,
+        "stage": "read",
+        "kind": getattr(e, "kind", e.__class__.__name__),
+        "reason": redact(reason, job.identifiers),
+        "scan_id": job.scan_id,
+    }
+
+
+def write_shard(shard_path: str, jobs: list[ScanJob], *, context: int, protocol: str | None) -> dict:
+    """Writes one shard of the records of ``jobs`` (bad scans skipped) and its sidecar; returns it."""
+    tmp = f"{shard_path}.tmp-{os.getpid()}"
+    scans, errors, count = [], [], 0
+    writer = ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
+    try:
+        for job in jobs:
+            try:
+                vol, lab = read_scan(job, protocol=protocol)
+            except Exception as e:  # a batch job records every bad scan and goes on
+                errors.append(_error(job, e))
+                continue
+            start = count
+            for rec in scan_records(job.scan_id, vol, lab, context):
+                writer.write(rec)
+                count += 1
+            meta = scan_metadata(job, vol, lab)
+            meta.update(shard=os.path.basename(shard_path), record_start=start, num_records=count - start)
+            scans.append(meta)
+    finally:
+        writer.close()
+    sidecar = {"shard": os.path.basename(shard_path), "num_records": count, "scans": scans, "errors": errors}
+    side_tmp = sidecar_path(shard_path) + f".tmp-{os.getpid()}"
+    with open(side_tmp, "w") as f:
+        json.dump(sidecar, f)
+    os.replace(tmp, shard_path)
+    os.replace(side_tmp, sidecar_path(shard_path))
+    return sidecar
