@@ -33,12 +33,15 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m 'not slow' $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m data_prep.phantom --out $(DEMO_OUT)/phantom --scans 4 --protocol mixed --seed 0 \
-		--preview $(DEMO_OUT)/phantom/preview.png
+	$(BIN)/python -m data_prep.phantom --out $(DEMO_OUT)/phantom --scans 10 --protocol mixed --seed 0 \
+		--workers 2 --preview $(DEMO_OUT)/phantom/preview.png --preview_scans 4,9
+	$(BIN)/python -m data_prep.build --input $(DEMO_OUT)/phantom --out $(DEMO_OUT)/shards --workers 2 \
+		--split train=0.6,val=0.2,test=0.2
 
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py
 	$(BIN)/python bench/agatston.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -101,9 +101,20 @@ def test_lesion_counts_use_six_connectivity():
 
 def summary(scan_id, protocol, tp, fp, fn, a_pred, a_ref, c_pred, c_ref, lesions=(1, 1, 1, 0)):
     return metrics.ScanSummary(
-        scan_id, protocol, tp, fp, fn, (tp, 0, 0, 0), (fp, 0, 0, 0), (fn, 0, 0, 0), *lesions,
-        agatston_pred=a_pred, agatston_ref=a_ref, category_pred=c_pred, category_ref=c_ref,
-    )  # fmt: skip
+        scan_id,
+        protocol,
+        tp,
+        fp,
+        fn,
+        (tp, 0, 0, 0),
+        (fp, 0, 0, 0),
+        (fn, 0, 0, 0),
+        *lesions,
+        agatston_pred=a_pred,
+        agatston_ref=a_ref,
+        category_pred=c_pred,
+        category_ref=c_ref,
+    )
 
 
 def test_evaluate_pools_counts_and_splits_by_protocol():

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from calcjax.agatston import density_weight
-from data_prep.phantom.__main__ import protocol_of
-from data_prep.phantom.generator import generate_scan
+from data_prep.phantom.generator import generate_scan, protocol_of
 
 
 @pytest.mark.slow

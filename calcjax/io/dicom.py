@@ -145,6 +145,9 @@ IDENTIFYING_TAGS = (
 )
 
 
+PERSON_NAME_TAGS = ("PatientName", "ReferringPhysicianName", "OperatorsName")
+
+
 def identifying_values(ds: pydicom.Dataset) -> set[str]:
     """Identifying strings of a header (DICOM PS3.15 Annex E basic profile subset), for redaction.
 
@@ -160,8 +163,9 @@ def identifying_values(ds: pydicom.Dataset) -> set[str]:
         for v in values:
             text = str(v).strip()
             out.add(text)
-            out.update(part for part in text.replace("^", " ").split() if part)
-            out.add(text.replace("^", " ").strip())
+            if tag in PERSON_NAME_TAGS:
+                out.update(part for part in text.replace("^", " ").split() if part)
+                out.add(text.replace("^", " ").strip())
     return {v for v in out if len(v) >= 4}
 
 
@@ -204,7 +208,7 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
                 continue  # a DICOMDIR index, not an image
             uid = str(ds.get("SeriesInstanceUID", ""))
             if not uid:
-                bad.append(InconsistentSeriesError(path, "no SeriesInstanceUID"))
+                bad.append(NotDicomError(path, "no SeriesInstanceUID: corrupt, or not a DICOM image"))
                 continue
             groups[uid].append(path)
             modality[uid] = str(ds.get("Modality", ""))
@@ -267,7 +271,30 @@ def _check_ct(ds: pydicom.Dataset, path: str) -> None:
         raise NoPixelDataError(path, "no pixel data")
 
 
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+
+
+def _native_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray | None:
+    """Uncompressed single-frame 16-bit pixels straight from the bytes (no decoder round trip), or None."""
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if ts not in _NATIVE_LE or ds.get("NumberOfFrames", 1) not in (1, "1", None):
+        return None
+    if ds.get("BitsAllocated") != 16 or ds.get("BitsStored") != 16 or ds.get("SamplesPerPixel", 1) != 1:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if len(data) < rows * cols * 2:
+        raise TruncatedError(
+            path, f"pixel data truncated ({len(data)} bytes for {rows}x{cols} 16-bit pixels)"
+        )
+    dtype = "<i2" if ds.get("PixelRepresentation", 0) == 1 else "<u2"
+    return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+
+
 def _pixels(ds: pydicom.Dataset, path: str) -> np.ndarray:
+    native = _native_pixels(ds, path)
+    if native is not None:
+        return native
     try:
         return ds.pixel_array
     except (NotImplementedError, RuntimeError):
@@ -468,15 +495,7 @@ def _assemble(frames: list[_Frame], first: pydicom.Dataset, localizers: int, pro
     dtype = np.int16 if integral else np.float32
     hu = np.empty((len(frames),) + ref.pixels.shape, dtype=dtype)
     for k, f in enumerate(frames):
-        raw = f.pixels
-        if integral:
-            v = raw.astype(np.int32) + int(f.intercept)
-            np.clip(v, -32768, 32767, out=v)
-        else:
-            v = raw.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
-        if f.padding is not None:
-            v[(raw >= f.padding[0]) & (raw <= f.padding[1])] = AIR_HU
-        hu[k] = v
+        _rescale_into(hu[k], f, integral)
     dy, dx = (float(s) for s in ref.pixel_spacing)
     grid = Grid(
         shape=hu.shape,
@@ -487,6 +506,31 @@ def _assemble(frames: list[_Frame], first: pydicom.Dataset, localizers: int, pro
     )
     meta = _metadata(first, frames, grid, localizers, protocol)
     return Volume(hu=hu, grid=grid, meta=meta, source=[f.path for f in frames])
+
+
+def _rescale_into(out: np.ndarray, f: _Frame, integral: bool) -> None:
+    """HU of one frame into ``out``: padding (on stored values) to air, then slope and intercept."""
+    raw = f.pixels
+    if integral:
+        icpt = int(f.intercept)
+        lo, hi = int(raw.min()), int(raw.max())
+        if (
+            raw.dtype.kind in "iu"
+            and raw.dtype.itemsize <= 2
+            and hi <= 32767
+            and -32768 <= lo + icpt
+            and hi + icpt <= 32767
+        ):
+            out[...] = raw  # exact: every value fits int16, and so does every value + intercept
+            out += np.int16(icpt)
+        else:
+            out[...] = np.clip(raw.astype(np.int32) + icpt, -32768, 32767)
+    else:
+        np.multiply(raw, np.float32(f.slope), out=out, casting="unsafe")
+        out += np.float32(f.intercept)
+    if f.padding is not None:
+        a, b = f.padding
+        np.putmask(out, raw == a if a == b else (raw >= a) & (raw <= b), AIR_HU)
 
 
 def _metadata(ds, frames, grid: Grid, localizers: int, protocol: str | None) -> dict:

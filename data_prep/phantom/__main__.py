@@ -18,7 +18,7 @@ import os
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from data_prep.phantom.generator import generate_scan, scan_name, write_scan
+from data_prep.phantom.generator import generate_scan, protocol_of, scan_name, write_scan
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _SCANS = flags.DEFINE_integer("scans", 10, "Number of scans.", lower_bound=1)
@@ -29,12 +29,6 @@ _WORKERS = flags.DEFINE_integer("workers", 1, "Processes generating scans in par
 _PREVIEW = flags.DEFINE_string("preview", None, "Write a PNG of a few slices of the first scans here.")
 _PREVIEW_SCANS = flags.DEFINE_list("preview_scans", ["0", "1"], "Indices of the scans the preview shows.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Regenerate scans whose folder already exists.")
-
-
-def protocol_of(index: int, protocol: str) -> str:
-    if protocol == "mixed":
-        return "cardiac" if index % 2 == 0 else "chest"
-    return protocol
 
 
 def _one(args):

@@ -62,6 +62,13 @@ class PhantomScan:
     truth: dict
 
 
+def protocol_of(index: int, protocol: str) -> str:
+    """The protocol of scan ``index``: ``mixed`` alternates cardiac (even) and chest (odd)."""
+    if protocol == "mixed":
+        return "cardiac" if index % 2 == 0 else "chest"
+    return protocol
+
+
 def scan_name(seed: int, index: int, protocol: str) -> str:
     return f"phantom-s{seed}-{index:04d}-{protocol}"
 
