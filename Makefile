@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,codecs]'
+	$(BIN)/pip install --quiet -e '.[dev,codecs,torch]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +37,10 @@ demo: $(STAMP)
 		--workers 2 --preview $(DEMO_OUT)/phantom/preview.png --preview_scans 4,9
 	$(BIN)/python -m data_prep.build --input $(DEMO_OUT)/phantom --out $(DEMO_OUT)/shards --workers 2 \
 		--split train=0.6,val=0.2,test=0.2
+	$(BIN)/python -m calcjax.train --config configs/smoke.py --workdir $(DEMO_OUT)/run \
+		--config.data.shards=$(DEMO_OUT)/shards --config.train.steps=300 --config.train.eval_every=300 \
+		--config.train.eval_max_scans=1
+	@echo "demo: phantoms in $(DEMO_OUT)/phantom, shards in $(DEMO_OUT)/shards, run in $(DEMO_OUT)/run"
 
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py

@@ -28,6 +28,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from calcjax.io.errors import InputError
 from calcjax.io.geometry import Grid
 
 AIR_HU = -1000
@@ -49,14 +50,8 @@ GATING_TAGS = (
 )
 
 
-class DicomError(ValueError):
+class DicomError(InputError):
     """A file or series that cannot be read as CT, with the file and the reason."""
-
-    kind = "unreadable"
-
-    def __init__(self, path: str, reason: str):
-        self.path, self.reason = path, reason
-        super().__init__(f"{path}: {reason}")
 
 
 class NotDicomError(DicomError):

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
+from calcjax.io.errors import InputError
 from calcjax.io.geometry import Grid
 
 COCA_NAMES = {
@@ -35,14 +36,10 @@ MAX_LABEL = 4
 AREA_TOLERANCE = 0.2  # relative difference of rasterised vs recorded ROI area that triggers a warning
 
 
-class LabelError(ValueError):
+class LabelError(InputError):
     """A label file that does not fit its image, with the file and the reason."""
 
     kind = "label"
-
-    def __init__(self, path: str, reason: str):
-        self.path, self.reason = path, reason
-        super().__init__(f"{path}: {reason}")
 
 
 class LabelGridError(LabelError):

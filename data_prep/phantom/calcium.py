@@ -19,6 +19,7 @@ Composition: each blob claims the voxels where its HU exceeds every earlier clai
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from scipy import special
@@ -98,42 +99,22 @@ def plan_lesions(
     n = int(rng.integers(n_lo, n_hi + 1))
     zs = acq.slice_z()
     z_lo, z_hi = zs[0] + 4.0, zs[-1] - 4.0
-    arteries = list(coronaries)
     motion_dir = np.array([np.cos(acq.motion_angle_rad), np.sin(acq.motion_angle_rad), 0.0])
     bands = rng.permutation(4) if target_category == 4 else rng.integers(0, 4, size=n)
+    place = functools.partial(
+        _lesion_on, list(coronaries), coronaries, z_lo, z_hi, rng, motion_dir * acq.motion_mm
+    )
     blobs = []
     for i in range(n):
         band = int(bands[i % len(bands)])
+        length, width = rng.uniform(l_lo, l_hi), rng.uniform(w_lo, w_hi)
         blobs.append(
-            _lesion_on(
-                arteries,
-                coronaries,
-                z_lo,
-                z_hi,
-                rng,
-                motion_dir * acq.motion_mm,
-                length=rng.uniform(l_lo, l_hi),
-                width=rng.uniform(w_lo, w_hi),
-                peak=rng.uniform(*WEIGHT_BANDS_HU[band]),
-                scalable=True,
-            )
+            place(length=length, width=width, peak=rng.uniform(*WEIGHT_BANDS_HU[band]), scalable=True)
         )
     # A speck under the 1 mm^2 Agatston limit: annotated, must not count.
     if rng.uniform() < 0.6:
-        blobs.append(
-            _lesion_on(
-                arteries,
-                coronaries,
-                z_lo,
-                z_hi,
-                rng,
-                motion_dir * acq.motion_mm,
-                length=0.7,
-                width=0.6,
-                peak=rng.uniform(*WEIGHT_BANDS_HU[int(rng.integers(1, 4))]),
-                scalable=False,
-            )
-        )
+        peak = rng.uniform(*WEIGHT_BANDS_HU[int(rng.integers(1, 4))])
+        blobs.append(place(length=0.7, width=0.6, peak=peak, scalable=False))
     return blobs
 
 

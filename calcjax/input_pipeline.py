@@ -1,0 +1,189 @@
+"""grain input pipelines over the ArrayRecord shards of ``data_prep.build``.
+
+Training (``train_dataset``): an "epoch" is ``num_records`` slots; a seeded shuffle of the slots, repeated
+(a new permutation each epoch); a slot below ``calcium_fraction * num_records`` draws a random slice with
+calcium (from the manifest's index), any other slot a random slice without; decode; augmentation that keeps
+anatomy (random crop, biased to contain calcium; rotation within +-``rotate_deg``; scale within
+``1 +- scale``; HU noise and intensity jitter; never a left-right flip, which would swap the arteries);
+batching. Each process takes every ``process_count``-th element, so hosts read disjoint data. Every random
+choice is a function of (seed, element index), so the stream is deterministic and its iterator state
+(a position) checkpoints with ``grain.checkpoint``.
+
+Evaluation (``iter_scans``): whole scans in slice order, one at a time (memory stays bounded).
+
+Batches: ``images`` float32 ``(B, H, W, C)`` HU (the model applies the window), ``labels`` int32
+``(B, H, W)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
+from scipy import ndimage
+
+from calcjax.io import records
+
+AIR_HU = -1000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSplit:
+    """One split of a shard folder, from its ``manifest.json``."""
+
+    folder: str
+    name: str
+    paths: tuple[str, ...]
+    num_records: int
+    calcium_records: np.ndarray
+    scans: tuple[dict, ...]
+
+    @classmethod
+    def load(cls, folder: str, split: str) -> ShardSplit:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest = json.load(f)
+        if split not in manifest["splits"]:
+            raise ValueError(f"{folder} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        entry = manifest["splits"][split]
+        return cls(
+            folder=folder,
+            name=split,
+            paths=tuple(os.path.join(folder, s["file"]) for s in entry["shards"]),
+            num_records=entry["num_records"],
+            calcium_records=np.asarray(entry["calcium_records"], dtype=np.int64),
+            scans=tuple(s for s in manifest["scans"] if s["split"] == split),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    crop: int = 96
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    noise_sd_hu: float = 10.0
+    jitter: float = 0.03
+    calcium_crop_probability: float = 0.9
+
+
+class PickRecord(grain.transforms.RandomMap):
+    """Slot -> record index: calcium slots draw from the calcium records, the others from the rest."""
+
+    def __init__(self, num_records: int, calcium: np.ndarray, num_calcium_slots: int):
+        self.calcium = calcium
+        mask = np.ones(num_records, bool)
+        mask[calcium] = False
+        self.others = np.flatnonzero(mask)
+        self.num_calcium_slots = num_calcium_slots
+
+    def random_map(self, slot, rng: np.random.Generator):
+        pool = self.calcium if (slot < self.num_calcium_slots and self.calcium.size) else self.others
+        if pool.size == 0:
+            pool = self.calcium
+        return int(pool[rng.integers(0, pool.size)])
+
+
+class ReadRecord(grain.transforms.Map):
+    """Record index -> decoded record (reads through grain's ArrayRecordDataSource)."""
+
+    def __init__(self, paths):
+        self.source = grain.sources.ArrayRecordDataSource(list(paths))
+
+    def map(self, index):
+        rec = records.decode(self.source[index])
+        if rec["label"] is None:
+            raise ValueError(f"record {index} of {self.source} has no label: training needs labelled scans")
+        return rec
+
+
+class Augment(grain.transforms.RandomMap):
+    """Decoded record -> (crop x crop x C image, crop x crop label) with anatomy-keeping augmentation."""
+
+    def __init__(self, cfg: AugmentConfig):
+        self.cfg = cfg
+
+    def random_map(self, rec, rng: np.random.Generator):
+        return augment(rec["image"], rec["label"], self.cfg, rng)
+
+
+def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator) -> dict:
+    """Crop (biased to calcium), rotation / scale about the crop centre, HU noise and jitter (module doc)."""
+    c, h, w = image_chw.shape
+    s = cfg.crop
+    ys, xs = np.nonzero(label)
+    if ys.size and rng.uniform() < cfg.calcium_crop_probability:
+        i = rng.integers(0, ys.size)
+        cy = ys[i] + rng.uniform(-0.3, 0.3) * s
+        cx = xs[i] + rng.uniform(-0.3, 0.3) * s
+    else:
+        cy, cx = rng.uniform(s / 2, max(h - s / 2, s / 2)), rng.uniform(s / 2, max(w - s / 2, s / 2))
+    angle = np.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
+    zoom = 1.0 + rng.uniform(-cfg.scale, cfg.scale)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / zoom
+    grid = np.stack(np.meshgrid(np.arange(s) - (s - 1) / 2, np.arange(s) - (s - 1) / 2, indexing="ij"))
+    coords = np.einsum("ij,jyx->iyx", rot, grid) + np.array([cy, cx])[:, None, None]
+    out = np.empty((s, s, c), np.float32)
+    for ch in range(c):
+        out[..., ch] = ndimage.map_coordinates(image_chw[ch].astype(np.float32), coords, order=1, cval=AIR_HU)
+    lab = ndimage.map_coordinates(label, coords, order=0, cval=0).astype(np.int32)
+    out = (out - AIR_HU) * np.float32(1.0 + rng.uniform(-cfg.jitter, cfg.jitter)) + AIR_HU
+    out += rng.normal(0.0, rng.uniform(0.0, cfg.noise_sd_hu), size=out.shape).astype(np.float32)
+    return {"images": out, "labels": lab}
+
+
+def train_dataset(
+    split: ShardSplit,
+    *,
+    batch_size: int,
+    aug: AugmentConfig,
+    calcium_fraction: float,
+    seed: int,
+    num_epochs: int = 1000,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """The training stream of this process: ``batch_size`` local examples per batch (see module doc)."""
+    n = split.num_records
+    n_cal = int(round(calcium_fraction * n)) if split.calcium_records.size else 0
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
+    ds = ds.random_map(PickRecord(n, split.calcium_records, n_cal), seed=seed + 1)
+    ds = ds.map(ReadRecord(split.paths))
+    ds = ds.random_map(Augment(aug), seed=seed + 2)
+    ds = ds[process_index::process_count]
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
+    it = it.batch(batch_size, drop_remainder=True)
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def iter_scans(split: ShardSplit, *, process_index: int = 0, process_count: int = 1):
+    """Yields this process's scans in manifest order, each whole and in slice order.
+
+    Each item: ``scan`` (manifest metadata), ``images`` int16 ``(Z, H, W, C)`` HU stacks, ``hu`` int16
+    ``(Z, H, W)`` centre slices, ``labels`` uint8 ``(Z, H, W)`` or None. A record that does not decode
+    raises :class:`calcjax.io.records.RecordError` naming the shard and the scan.
+    """
+    readers: dict[str, ArrayRecordReader] = {}
+    try:
+        for i, scan in enumerate(split.scans):
+            if i % process_count != process_index:
+                continue
+            path = os.path.join(split.folder, scan["shard"])
+            reader = readers.get(path) or readers.setdefault(path, ArrayRecordReader(path))
+            start, count = scan["record_start"], scan["num_records"]
+            try:
+                recs = [records.decode(b) for b in reader.read(start, start + count)]
+            except records.RecordError as e:
+                raise records.RecordError(f"{scan['shard']}, scan {scan['scan_id']}: {e}") from None
+            images = np.stack([np.moveaxis(r["image"], 0, -1) for r in recs])
+            centre = images.shape[-1] // 2
+            labels = None if recs[0]["label"] is None else np.stack([r["label"] for r in recs])
+            yield {"scan": scan, "images": images, "hu": images[..., centre], "labels": labels}
+    finally:
+        for r in readers.values():
+            r.close()

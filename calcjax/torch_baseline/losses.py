@@ -1,0 +1,20 @@
+"""The bootstrap-IoU loss in PyTorch, the twin of ``calcjax.losses`` (logits NCHW, labels (B, H, W))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from calcjax.losses import num_hardest
+
+
+def bootstrap_iou_loss(logits, labels, *, rho: float, k_min: int, lam: float, smooth: float = 1.0):
+    b, k, h, w = logits.shape
+    ce = F.cross_entropy(logits.float(), labels.long(), reduction="none").reshape(b, h * w)
+    bce = torch.topk(ce, num_hardest(h * w, rho, k_min), dim=1).values.mean()
+    p = torch.softmax(logits.float(), dim=1)[:, 1:]
+    y = F.one_hot(labels.long(), k).permute(0, 3, 1, 2).float()[:, 1:]
+    inter = (p * y).sum(dim=(0, 2, 3))
+    union = (p + y - p * y).sum(dim=(0, 2, 3))
+    iou = (inter + smooth) / (union + smooth)
+    return bce + lam * (1.0 - iou.mean())

@@ -1,0 +1,299 @@
+r"""Data-parallel training of DenseRAUnet on ArrayRecord shards.
+
+  python -m calcjax.train --config configs/smoke.py --workdir RUN --config.data.shards=SHARDS \
+      [--config.train.steps=600 ...]
+
+One ``jax.jit`` train step over a ``('data',)`` mesh of every device (batch sharded, state replicated);
+grain input with the iterator state in every checkpoint, so a run killed at any point and restarted with
+the same workdir resumes exactly where its last checkpoint was (same parameters, same next batches).
+A non-finite loss or gradient leaves the state unchanged, is reported, and after ``train.max_bad_steps``
+in a row stops the run with a message; such a state is never saved. Validation every ``eval_every``
+steps on the ``val`` split, whole scans: loss, voxel precision / recall / F1 and Agatston risk accuracy;
+the best voxel F1 is kept in ``WORKDIR/best``. Logs: ``WORKDIR/metrics.jsonl`` (one JSON line per log),
+TensorBoard events in ``WORKDIR/tb`` (tensorboardX), ``WORKDIR/config.json``, and a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from calcjax import checkpoint, input_pipeline, losses, metrics, sharding
+from calcjax import model as model_lib
+from calcjax import train_step as ts
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, config.")
+
+
+class MetricWriter:
+    """JSONL metrics (process 0) and TensorBoard events (tensorboardX, if importable)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # pragma: no cover
+                logging.warning("tensorboardX not installed: JSONL metrics only")
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def batch_fingerprint(batch: dict) -> str:
+    """A short hash of a host batch (logged per step: proves the batch order after a resume)."""
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        h.update(np.ascontiguousarray(batch[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+class Evaluator:
+    """Whole-scan validation: eval-mode forward over each scan's slices (padded batches, sharded)."""
+
+    def __init__(self, graphdef, mesh, batch_size: int, loss_cfg: ts.LossConfig):
+        self.mesh = mesh
+        self.batch_size = batch_size
+        self.loss_cfg = loss_cfg
+
+        def forward(params, batch_stats, images, labels, valid):
+            logits = ts.eval_logits(graphdef, params, batch_stats, images)
+            ce_loss = losses.bootstrap_iou_loss(
+                logits, labels, rho=1.0, k_min=1, lam=loss_cfg.lam, smooth=loss_cfg.smooth
+            )
+            pred = model_lib.labels_from_logits(logits)
+            return pred, ce_loss * valid.mean()
+
+        self.forward = jax.jit(
+            forward, out_shardings=(sharding.data_sharding(mesh), sharding.replicated(mesh))
+        )
+
+    def predict_scan(self, state: ts.TrainState, images: np.ndarray, labels: np.ndarray | None):
+        """Predicted labels ``(Z, H, W)`` and the mean validation loss over the scan's batches."""
+        z = images.shape[0]
+        b = self.batch_size
+        preds, loss_sum, n = [], 0.0, 0
+        for start in range(0, z, b):
+            chunk = images[start : start + b].astype(np.float32)
+            lab = labels[start : start + b] if labels is not None else np.zeros(chunk.shape[:3], np.uint8)
+            valid = np.ones(len(chunk), np.float32)
+            if len(chunk) < b:  # pad to a fixed batch: one compilation
+                pad = b - len(chunk)
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                lab = np.concatenate([lab, np.repeat(lab[-1:], pad, axis=0)])
+                valid = np.concatenate([valid, np.zeros(pad, np.float32)])
+            g = sharding.to_global(
+                {"images": chunk, "labels": lab.astype(np.int32), "valid": valid}, self.mesh
+            )
+            pred, loss = self.forward(state.params, state.batch_stats, g["images"], g["labels"], g["valid"])
+            pred = np.asarray(jax.device_get(pred))[: int(valid.sum())]
+            preds.append(pred)
+            loss_sum += float(loss) * valid.sum()
+            n += valid.sum()
+        return np.concatenate(preds), loss_sum / max(n, 1)
+
+    def evaluate(self, state: ts.TrainState, split: input_pipeline.ShardSplit, max_scans: int = 0) -> dict:
+        """Validation figures over the labelled scans of ``split`` (the first ``max_scans``; 0 = all)."""
+        summaries, losses_ = [], []
+        for item in input_pipeline.iter_scans(split):
+            if item["labels"] is None:
+                continue
+            if max_scans and len(summaries) >= max_scans:
+                break
+            pred, loss = self.predict_scan(state, item["images"], item["labels"])
+            scan = item["scan"]
+            summaries.append(
+                metrics.summarize_scan(
+                    scan["scan_id"],
+                    scan["protocol"],
+                    pred,
+                    item["labels"],
+                    item["hu"],
+                    tuple(scan["spacing"]),
+                )
+            )
+            losses_.append(loss)
+        if not summaries:
+            return {}
+        report = metrics.evaluate(summaries, num_bootstrap=0 if len(summaries) < 2 else 200)
+        fig = report["all"]["figures"]
+        return {
+            "val_loss": float(np.mean(losses_)),
+            "val_voxel_precision": fig["voxel_precision"]["value"],
+            "val_voxel_recall": fig["voxel_recall"]["value"],
+            "val_voxel_f1": fig["voxel_f1"]["value"],
+            "val_risk_accuracy": fig["risk_accuracy"]["value"],
+            "val_scans": len(summaries),
+        }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics."""
+    sharding.initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    cfg_dict = _to_dict(config)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(cfg_dict, f, indent=1)
+    logging.info("config:\n%s", config)
+    mesh = sharding.make_mesh()
+    tcfg, dcfg = config.train, config.data
+    local_batch = sharding.local_batch_size(tcfg.batch_size, mesh)
+
+    mcfg = model_lib.ModelConfig.from_config(config.model)
+    model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(tcfg.seed))
+    logging.info("DenseRAUnet: %d parameters", model_lib.parameter_count(model))
+    tx = ts.make_optimizer(
+        learning_rate=tcfg.learning_rate,
+        warmup_steps=tcfg.warmup_steps,
+        total_steps=tcfg.steps,
+        weight_decay=tcfg.weight_decay,
+        grad_clip=tcfg.grad_clip,
+    )
+    graphdef, state = ts.create_state(model, tx)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    loss_cfg = ts.LossConfig.from_config(config.loss)
+
+    train_split = input_pipeline.ShardSplit.load(dcfg.shards, "train")
+    aug = input_pipeline.AugmentConfig(crop=dcfg.crop)
+    data = input_pipeline.train_dataset(
+        train_split,
+        batch_size=local_batch,
+        aug=aug,
+        calcium_fraction=dcfg.calcium_fraction,
+        seed=dcfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        worker_count=dcfg.worker_count,
+    )
+    data_iter = iter(data)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tcfg.max_to_keep)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, data_iter)
+        state = jax.device_put(state, sharding.replicated(mesh))
+        logging.info("resumed from step %d", int(state.step))
+    best = ckpt.best_value()
+
+    rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
+    step_fn = ts.make_train_step(
+        graphdef, tx, loss_cfg, in_shardings=(rep, dat, dat), out_shardings=(rep, rep)
+    )
+    try:
+        val_split = input_pipeline.ShardSplit.load(dcfg.shards, "val")
+    except ValueError:
+        val_split = None
+        logging.warning("no val split in %s: no validation", dcfg.shards)
+    evaluator = Evaluator(graphdef, mesh, tcfg.batch_size, loss_cfg)
+    writer = MetricWriter(workdir)
+    nan_steps = set(dcfg.get("inject_nan_at_steps", ()) or ())
+
+    start = int(jax.device_get(state.step))
+    acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
+    last = {}
+    t0 = time.time()
+    with tqdm(
+        total=tcfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0
+    ) as bar:
+        for step in range(start, tcfg.steps):
+            batch = next(data_iter)
+            batch = {"images": batch["images"], "labels": batch["labels"]}
+            if step in nan_steps:  # debugging / test hook: a corrupt batch
+                batch["images"] = batch["images"].copy()
+                batch["images"][0, 0, 0, 0] = np.nan
+            fingerprint = batch_fingerprint(batch)
+            g = sharding.to_global(batch, mesh)
+            state, m = step_fn(state, g["images"], g["labels"])
+            m = jax.device_get(m)
+            if not m["finite"]:
+                logging.warning("step %d: non-finite loss or gradient (%s); update skipped", step, m["loss"])
+                writer.write(step + 1, {"skipped_step": True, "loss": float(m["loss"]), "batch": fingerprint})
+                if int(state.bad_in_a_row) >= tcfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"{tcfg.max_bad_steps} non-finite steps in a row (last at step {step}); stopping. "
+                        "Check the data (corrupt records, NaN HU) and the learning rate."
+                    )
+            else:
+                acc["loss"] += float(m["loss"])
+                acc["tp"] += int(m["tp"])
+                acc["fp"] += int(m["fp"])
+                acc["fn"] += int(m["fn"])
+                acc["n"] += 1
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "batches.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step + 1, "batch": fingerprint}) + "\n")
+            bar.update()
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                rate = acc["n"] / max(time.time() - t0, 1e-9)
+                last = {
+                    "train_loss": acc["loss"] / max(acc["n"], 1),
+                    "train_voxel_f1": float(metrics.f1_from_counts(acc["tp"], acc["fp"], acc["fn"])),
+                    "steps_per_s": rate,
+                    "skipped_steps": int(state.skipped),
+                }
+                writer.write(done, last)
+                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{rate:.2f}")
+                acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
+                t0 = time.time()
+            if val_split is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+                val = evaluator.evaluate(
+                    state, val_split, 0 if done == tcfg.steps else tcfg.get("eval_max_scans", 0)
+                )
+                if val:
+                    writer.write(done, val)
+                    last.update(val)
+                    logging.info("step %d: %s", done, val)
+                    if best is None or val["val_voxel_f1"] > best:
+                        best = val["val_voxel_f1"]
+                        ckpt.save_best(state, cfg_dict, {**val, "step": done})
+            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+                ckpt.save(state, data_iter, cfg_dict)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return last
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,135 @@
+"""The train state and the jitted train / eval steps (functional: NNX graphdef + state pytrees).
+
+``TrainState`` holds the step, the parameters, the BatchNorm statistics, the optax state and the count of
+skipped steps. ``train_step`` computes the bootstrap-IoU loss and its gradient, applies AdamW (via the
+``optax`` transformation given), and *keeps the old state* when the loss or the gradient norm is not
+finite: a NaN or inf never reaches the parameters or a checkpoint; the step is counted in
+``skipped`` / ``bad_in_a_row`` and reported in the metrics. Under ``jax.jit`` with the batch sharded on a
+``('data',)`` mesh and the state replicated, BatchNorm statistics and the loss are those of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from calcjax import losses
+from calcjax import model as model_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    skipped: jax.Array
+    bad_in_a_row: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    rho: float = 0.05
+    k_min: int = 512
+    lam: float = 1.0
+    smooth: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> LossConfig:
+        return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg})
+
+
+def create_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """Splits ``model`` (put in train mode) into a graphdef and a fresh :class:`TrainState`."""
+    model.train()
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        skipped=jnp.zeros((), jnp.int32),
+        bad_in_a_row=jnp.zeros((), jnp.int32),
+    )
+    return graphdef, state
+
+
+def voxel_counts(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Calcium (label > 0) voxel TP / FP / FN of the predicted labels, summed over the batch."""
+    pred = model_lib.labels_from_logits(logits) > 0
+    ref = labels > 0
+    return {
+        "tp": jnp.sum(pred & ref, dtype=jnp.int32),
+        "fp": jnp.sum(pred & ~ref, dtype=jnp.int32),
+        "fn": jnp.sum(~pred & ref, dtype=jnp.int32),
+    }
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on ``images`` ``(B, H, W, C)`` HU and ``labels`` ``(B, H, W)``."""
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+        logits = model(images)
+        loss = losses.bootstrap_iou_loss(
+            logits, labels, rho=loss_cfg.rho, k_min=loss_cfg.k_min, lam=loss_cfg.lam, smooth=loss_cfg.smooth
+        )
+        return loss, (nnx.state(model, nnx.BatchStat), logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def keep_if_bad(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_if_bad(params, state.params),
+        batch_stats=keep_if_bad(batch_stats, state.batch_stats),
+        opt_state=keep_if_bad(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        bad_in_a_row=jnp.where(finite, 0, state.bad_in_a_row + 1),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **voxel_counts(logits, labels)}
+    return new_state, metrics
+
+
+def make_train_step(graphdef, tx, loss_cfg: LossConfig, **jit_kwargs):
+    """``train_step`` jitted with the state donated (its buffers are reused for the new state)."""
+    return jax.jit(functools.partial(train_step, graphdef, tx, loss_cfg), donate_argnums=(0,), **jit_kwargs)
+
+
+def eval_logits(
+    graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State, images: jax.Array
+) -> jax.Array:
+    """Logits in eval mode (BatchNorm running statistics); ``graphdef`` from :func:`create_state`."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    model.eval()
+    return model(images)
+
+
+def make_optimizer(
+    *, learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float, grad_clip: float
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up to ``learning_rate`` and cosine decay to 0 at ``total_steps``, after
+    clipping the gradient to global norm ``grad_clip``."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps=max(warmup_steps, 1), decay_steps=max(total_steps, warmup_steps + 1)
+    )
+    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay))

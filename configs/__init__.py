@@ -1,0 +1,1 @@
+"""ml_collections configs (big_vision style: one ``get_config()`` per file)."""

@@ -1,0 +1,57 @@
+"""The paper recipe as we read it (arXiv 1907.11392 gives no hyper-parameters; ours are written here).
+
+DenseRAUnet on 512x512 slices with C = 3 adjacent slices, five classes (background, LM, LAD, LCX, RCA),
+bootstrap-IoU loss, AdamW with warm-up and cosine decay, bfloat16 compute on accelerators.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(
+        dict(
+            num_classes=5,
+            in_channels=3,
+            stem_features=32,
+            widths=(32, 64, 128, 256),
+            block_layers=(4, 4, 4, 4),
+            growth_rate=16,
+            bottleneck_width=256,
+            bottleneck_growth=32,
+            dilations=(1, 2, 4, 8),
+            decoder_layers=(4, 4, 4, 4),
+            hu_min=-400.0,
+            hu_max=1200.0,
+            dtype="bfloat16",
+        )
+    )
+    c.loss = ml_collections.ConfigDict(dict(rho=0.05, k_min=512, lam=1.0, smooth=1.0))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            shards="",
+            crop=512,
+            calcium_fraction=0.5,
+            seed=0,
+            worker_count=4,
+            inject_nan_at_steps=(),  # a debugging / test hook: steps whose batch gets a NaN
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=16,
+            steps=60_000,
+            learning_rate=1e-3,
+            warmup_steps=1_000,
+            weight_decay=1e-4,
+            grad_clip=1.0,
+            eval_every=2_000,
+            eval_max_scans=0,  # 0: every val scan
+            checkpoint_every=2_000,
+            max_to_keep=3,
+            log_every=50,
+            max_bad_steps=10,
+            seed=0,
+        )
+    )
+    return c

@@ -1,0 +1,191 @@
+"""Training: data parallelism, exact resume after SIGKILL, non-finite steps, checkpoints for scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from data_prep import builder
+from data_prep.phantom.generator import generate_scan, write_scan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Shards of 8 small phantom scans (64x64) with train and val splits."""
+    base = tmp_path_factory.mktemp("train_data")
+    for i in range(8):
+        write_scan(
+            generate_scan(5, i, "cardiac", size=64, target_category=(i % 4) + 1),
+            str(base / "in"),
+            seed=5,
+            index=i,
+        )
+    out = str(base / "shards")
+    m = builder.build(str(base / "in"), out, split="train=0.75,val=0.25", salt="t", progress=False)
+    assert m["splits"]["train"]["num_records"] and m["splits"]["val"]["num_records"]
+    return out
+
+
+def small_config(shards, **train):
+    from configs import smoke
+
+    c = smoke.get_config()
+    c.data.shards = shards
+    c.data.crop = 32
+    c.train.update(
+        dict(batch_size=4, steps=12, checkpoint_every=4, eval_every=1000, eval_max_scans=1, log_every=2)
+    )
+    c.train.update(train)
+    return c
+
+
+def cli_args(shards, workdir, **train):
+    args = [
+        sys.executable,
+        "-m",
+        "calcjax.train",
+        "--config",
+        os.path.join(ROOT, "configs", "smoke.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.shards={shards}",
+        "--config.data.crop=32",
+    ]
+    defaults = dict(
+        batch_size=4, steps=12, checkpoint_every=4, eval_every=1000, eval_max_scans=1, log_every=2
+    )
+    for k, v in {**defaults, **train}.items():
+        args.append(f"--config.train.{k}={v}")
+    return args
+
+
+def final_params(workdir):
+    from calcjax import checkpoint
+
+    _, model = checkpoint.load_for_inference(str(workdir), "latest")
+    from flax import nnx
+
+    return {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def batches(workdir):
+    with open(os.path.join(workdir, "batches.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_exact_resume_after_sigkill(shards, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    ref = tmp_path / "ref"
+    subprocess.run(cli_args(shards, ref), check=True, capture_output=True, env=env, cwd=ROOT)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli_args(shards, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "4").is_dir() and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(batches(run))
+    assert 4 <= killed_at < 12
+    subprocess.run(cli_args(shards, run), check=True, capture_output=True, env=env, cwd=ROOT)
+    a, b = final_params(ref), final_params(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    resumed = batches(run)[killed_at:]
+    assert [r["step"] for r in resumed] == list(range(5, 13))  # restarted from the step-4 checkpoint
+    assert resumed == batches(ref)[4:]
+
+
+def test_nan_batch_is_skipped_reported_and_never_saved(shards, tmp_path):
+    from calcjax import train
+
+    c = small_config(shards, steps=6)
+    c.data.inject_nan_at_steps = (2,)
+    last = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert last["skipped_steps"] == 1
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any(r.get("skipped_step") and r["step"] == 3 for r in rows)
+    params = final_params(tmp_path / "run")
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_too_many_bad_steps_stop_the_run(shards, tmp_path):
+    from calcjax import train
+
+    c = small_config(shards, steps=8, max_bad_steps=2)
+    c.data.inject_nan_at_steps = (1, 2, 3)
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_best_checkpoint_loads_for_inference_without_a_config_file(shards, tmp_path):
+    from calcjax import checkpoint, train
+
+    c = small_config(shards, steps=4, eval_every=4)
+    last = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert "val_voxel_f1" in last and 0.0 <= last["val_voxel_f1"] <= 1.0
+    os.remove(tmp_path / "run" / "config.json")
+    config, model = checkpoint.load_for_inference(str(tmp_path / "run"), "best")
+    assert config["model"]["widths"] == [16, 32, 64]
+    import jax.numpy as jnp
+
+    assert model(jnp.zeros((1, 32, 32, 3))).shape == (1, 32, 32, 5)
+    assert (tmp_path / "run" / "tb").is_dir()
+
+
+EIGHT_DEVICES = textwrap.dedent(
+    """
+    import json, numpy as np, jax, jax.numpy as jnp
+    from flax import nnx
+    from calcjax import model as M, train_step as ts, sharding
+    from configs import smoke
+    assert jax.device_count() == 8
+    c = smoke.get_config()
+    rng = np.random.default_rng(0)
+    images = rng.normal(40, 300, size=(8, 32, 32, 3)).astype(np.float32)
+    labels = (rng.uniform(size=(8, 32, 32)) < 0.05).astype(np.int32) * rng.integers(1, 5, size=(8, 32, 32))
+    out = {}
+    for n in (1, 8):
+        model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+        tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=1e-4,
+                               grad_clip=1.0)
+        graphdef, state = ts.create_state(model, tx)
+        mesh = sharding.make_mesh(jax.devices()[:n])
+        rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
+        state = jax.device_put(state, rep)
+        step = ts.make_train_step(graphdef, tx, ts.LossConfig(rho=0.1, k_min=16),
+                                  in_shardings=(rep, dat, dat), out_shardings=(rep, rep))
+        g = sharding.to_global({"images": images, "labels": labels}, mesh)
+        state, m = step(state, g["images"], g["labels"])
+        leaves = [np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats))]
+        out[n] = (float(m["loss"]), leaves, len(g["images"].sharding.device_set))
+    diffs = [float(np.abs(a - b).max()) for a, b in zip(out[1][1], out[8][1])]
+    print(json.dumps({"loss1": out[1][0], "loss8": out[8][0], "max_param_diff": max(diffs),
+                      "devices": [out[1][2], out[8][2]]}))
+    """
+)
+
+
+def test_one_step_on_8_devices_equals_1_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT}
+    out = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["devices"] == [1, 8]
+    assert r["loss8"] == pytest.approx(r["loss1"], rel=1e-6)
+    assert r["max_param_diff"] <= 1e-5
