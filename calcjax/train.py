@@ -107,19 +107,16 @@ class Evaluator:
         for start in range(0, z, b):
             chunk = images[start : start + b].astype(np.float32)
             lab = labels[start : start + b] if labels is not None else np.zeros(chunk.shape[:3], np.uint8)
-            valid = np.ones(len(chunk), np.float32)
-            if len(chunk) < b:  # pad to a fixed batch: one compilation
-                pad = b - len(chunk)
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-                lab = np.concatenate([lab, np.repeat(lab[-1:], pad, axis=0)])
-                valid = np.concatenate([valid, np.zeros(pad, np.float32)])
+            real = len(chunk)
+            if real < b:  # pad to a fixed batch: one compilation
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
+                lab = np.concatenate([lab, np.repeat(lab[-1:], b - real, axis=0)])
             g = sharding.to_global({"images": chunk, "labels": lab.astype(np.int32)}, self.mesh)
             # The loss of a padded batch counts its repeated last slice: the scan loss is approximate there.
             pred, loss = self.forward(state.params, state.batch_stats, g["images"], g["labels"])
-            pred = np.asarray(jax.device_get(pred))[: int(valid.sum())]
-            preds.append(pred)
-            loss_sum += float(loss) * valid.sum()
-            n += valid.sum()
+            preds.append(np.asarray(jax.device_get(pred))[:real])
+            loss_sum += float(loss) * real
+            n += real
         return np.concatenate(preds), loss_sum / max(n, 1)
 
     def evaluate(self, state: ts.TrainState, split: input_pipeline.ShardSplit, max_scans: int = 0) -> dict:

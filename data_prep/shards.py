@@ -71,7 +71,7 @@ def scan_records(scan_id: str, vol: dicom.Volume, lab: np.ndarray | None, contex
 
 
 def scan_metadata(job: ScanJob, vol: dicom.Volume, lab: np.ndarray | None) -> dict:
-    meta = {k: v for k, v in vol.meta.items()}
+    meta = dict(vol.meta)
     meta.update(scan_id=job.scan_id, split=job.split, spacing=list(vol.spacing), labelled=lab is not None)
     meta["label_format"] = job.label_format
     if lab is not None:

@@ -251,7 +251,7 @@ class _Frame:
     thickness: float | None
     slope: float
     intercept: float
-    pixels: np.ndarray | None  # raw stored values (rows, cols)
+    pixels: np.ndarray  # raw stored values (rows, cols)
     padding: tuple[int, int] | None
 
 
@@ -319,7 +319,7 @@ def _is_localizer(ds) -> bool:
     return "LOCALIZER" in image_type
 
 
-def _classic_frames(ds: pydicom.Dataset, path: str, with_pixels: bool) -> list[_Frame]:
+def _classic_frames(ds: pydicom.Dataset, path: str) -> list[_Frame]:
     return [
         _Frame(
             path=path,
@@ -329,7 +329,7 @@ def _classic_frames(ds: pydicom.Dataset, path: str, with_pixels: bool) -> list[_
             thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
             slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
             intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-            pixels=_pixels(ds, path) if with_pixels else None,
+            pixels=_pixels(ds, path),
             padding=_padding(ds),
         )
     ]
@@ -416,7 +416,7 @@ def read_series(files: str | list[str] | tuple[str, ...], *, protocol: str | Non
         if first is None:
             first = ds
         enhanced = "PerFrameFunctionalGroupsSequence" in ds
-        frames.extend(_enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path, True))
+        frames.extend(_enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path))
     if first is None:
         raise SingleSliceError(files[0], f"only localizer images ({localizers}) in this series")
     frames, dropped = _drop_other_orientations(frames)
