@@ -14,7 +14,7 @@ import time
 from tqdm import tqdm
 
 from calcjax.io import records
-from data_prep.discover import discover, parse_split
+from calcjax.io.discover import discover, parse_split
 from data_prep.shards import shard_done, sidecar_path, write_shard
 
 MANIFEST_VERSION = 1

@@ -15,11 +15,10 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from calcjax import agatston
-from calcjax.io import dicom, labels, records
-from data_prep.discover import ScanJob, redact
+from calcjax.io import dicom, labels, preprocess, records
+from calcjax.io.discover import ScanJob, redact
 
 ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"  # one record per chunk: random access by index
-INT16_MIN, INT16_MAX = -32768, 32767
 
 
 def sidecar_path(shard_path: str) -> str:
@@ -31,26 +30,9 @@ def shard_done(shard_path: str) -> bool:
     return os.path.isfile(shard_path) and os.path.isfile(sidecar_path(shard_path))
 
 
-def read_scan(job: ScanJob, *, protocol: str | None):
-    """Reads a scan's volume and labels (None when unlabelled); raises DicomError / LabelError."""
-    vol = dicom.read_series(job.files, protocol=protocol)
-    lab = None
-    if job.label_format == "nifti":
-        lab = labels.read_nifti_label(job.label_path, vol.grid)
-    elif job.label_format == "xml":
-        lab = labels.read_coca_xml(job.label_path, vol.grid, vol.hu)
-    return vol, lab
-
-
-def hu_int16(hu: np.ndarray) -> np.ndarray:
-    if hu.dtype == np.int16:
-        return hu
-    return np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
-
-
 def scan_records(scan_id: str, vol: dicom.Volume, lab: np.ndarray | None, context: int):
     """Yields the encoded records of one scan, slice by slice in z order."""
-    hu = hu_int16(vol.hu)
+    hu = preprocess.hu_int16(vol.hu)
     nz = hu.shape[0]
     for k in range(nz):
         label_k = None if lab is None else lab[k]
@@ -73,6 +55,7 @@ def scan_records(scan_id: str, vol: dicom.Volume, lab: np.ndarray | None, contex
 def scan_metadata(job: ScanJob, vol: dicom.Volume, lab: np.ndarray | None) -> dict:
     meta = dict(vol.meta)
     meta.update(scan_id=job.scan_id, split=job.split, spacing=list(vol.spacing), labelled=lab is not None)
+    meta.update(preprocess.grid_metadata(vol.grid))
     meta["label_format"] = job.label_format
     if lab is not None:
         ref = agatston.score(vol.hu, lab, vol.spacing)
@@ -107,7 +90,9 @@ def write_shard(shard_path: str, jobs: list[ScanJob], *, context: int, protocol:
     try:
         for job in jobs:
             try:
-                vol, lab = read_scan(job, protocol=protocol)
+                vol, lab = preprocess.read_scan(
+                    job.files, label_path=job.label_path, label_format=job.label_format, protocol=protocol
+                )
             except Exception as e:  # a batch job records every bad scan and goes on
                 errors.append(_error(job, e))
                 continue

@@ -19,8 +19,8 @@ from array_record.python.array_record_module import ArrayRecordReader
 from pydicom.data import get_testdata_file
 
 from calcjax.io import records
+from calcjax.io.discover import scan_id_of
 from data_prep import builder
-from data_prep.discover import scan_id_of
 from data_prep.phantom.generator import generate_scan, write_scan
 
 SALT = "test-salt"

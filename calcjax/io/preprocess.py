@@ -1,0 +1,67 @@
+"""One scan from its files to the model's input: the single code path of ``data_prep.build`` and
+``calcjax.score --dicom``.
+
+- ``read_scan``: the DICOM series (``calcjax.io.dicom.read_series``) and its reference labels, if any
+  (NIfTI checked against the grid, or COCA XML rasterised on it);
+- ``hu_int16``: HU rounded and clipped to int16 (what a shard stores; the model sees exactly these values
+  whichever route a scan takes);
+- ``slice_stacks``: every slice's 2.5D stack, ``(Z, H, W, C)`` with C = 2 * context + 1 adjacent slices
+  centred on each slice (edges replicate the first / last slice, ``records.stack_indices``);
+- ``scan_grid``: the manifest's geometry of a scan back as a :class:`calcjax.io.geometry.Grid`.
+
+No jax here: imported by the shard writer's processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calcjax.io import dicom, geometry, labels, records
+
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+def read_scan(files, *, label_path: str | None, label_format: str | None, protocol: str | None = None):
+    """``(Volume, labels or None)`` of one series; raises DicomError / LabelError with reasons."""
+    vol = dicom.read_series(files, protocol=protocol)
+    lab = None
+    if label_format == "nifti":
+        lab = labels.read_nifti_label(label_path, vol.grid)
+    elif label_format == "xml":
+        lab = labels.read_coca_xml(label_path, vol.grid, vol.hu)
+    return vol, lab
+
+
+def hu_int16(hu: np.ndarray) -> np.ndarray:
+    """HU as int16 (rounded, clipped to the int16 range); int16 input is returned as is."""
+    if hu.dtype == np.int16:
+        return hu
+    return np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
+
+
+def slice_stacks(hu: np.ndarray, context: int) -> np.ndarray:
+    """``(Z, H, W, 2*context+1)`` int16 stacks of an int16 ``(Z, H, W)`` volume (module docstring)."""
+    nz = hu.shape[0]
+    index = np.stack([records.stack_indices(k, nz, context) for k in range(nz)])  # (Z, C)
+    return np.moveaxis(hu[index], 1, -1)
+
+
+def grid_metadata(grid: geometry.Grid) -> dict:
+    """The geometry a manifest keeps per scan (positions and directions only: nothing identifying)."""
+    return {
+        "origin_lps_mm": [float(v) for v in grid.origin],
+        "row_dir": [float(v) for v in grid.row_dir],
+        "col_dir": [float(v) for v in grid.col_dir],
+    }
+
+
+def scan_grid(meta: dict, shape: tuple[int, int, int]) -> geometry.Grid:
+    """The grid of a manifest scan entry; shards built before the geometry was kept get origin 0 and
+    axial directions (the voxel spacing is always right)."""
+    return geometry.Grid(
+        shape=tuple(int(s) for s in shape),
+        spacing=tuple(float(s) for s in meta["spacing"]),
+        origin=tuple(meta.get("origin_lps_mm", (0.0, 0.0, 0.0))),
+        row_dir=tuple(meta.get("row_dir", (1.0, 0.0, 0.0))),
+        col_dir=tuple(meta.get("col_dir", (0.0, 1.0, 0.0))),
+    )

@@ -1,0 +1,161 @@
+"""Where the scorer's scans come from: shard records or DICOM series, as one :class:`ScanInput` type.
+
+Both routes end in the same arrays: int16 HU ``hu`` ``(Z, H, W)``, its 2.5D ``stacks`` ``(Z, H, W, C)``
+(``calcjax.io.preprocess``), reference ``labels`` uint8 ``(Z, H, W)`` or None, the scan's grid and
+metadata. A scan is *listed* cheaply (ids and where it lies) and *loaded* one at a time by ``load()``,
+so the scorer never holds more than one scan; a scan that cannot be loaded raises an error naming it.
+
+- :func:`shard_scans`: the scans of the shard files matching a glob (their folder's ``manifest.json``
+  says where each scan's records lie; a scan is contiguous in one shard, in z order).
+- :func:`dicom_scans`: every CT series under a folder (``calcjax.io.discover``), read with
+  ``calcjax.io.preprocess.read_scan`` exactly as ``data_prep.build`` reads it, with the labels it finds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
+
+from calcjax.io import discover, geometry, preprocess, records
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedScan:
+    """One scan in memory. ``meta``: protocol, kvp, slice thickness/increment (no identifying value)."""
+
+    hu: np.ndarray
+    stacks: np.ndarray
+    labels: np.ndarray | None
+    grid: geometry.Grid
+    meta: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanInput:
+    """A listed scan: ``scan_id``, ``source`` (a shard name or a redacted folder), ``load()``."""
+
+    scan_id: str
+    source: str
+    load: Callable[[], LoadedScan]
+    identifiers: frozenset[str] = frozenset()
+
+
+def _manifest(folder: str) -> dict:
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no manifest.json: is it a data_prep.build shard folder?")
+    with open(path) as f:
+        return json.load(f)
+
+
+class _ShardReaders:
+    """One open ArrayRecordReader per shard file, reused across scans; close() at the end."""
+
+    def __init__(self):
+        self._readers: dict[str, ArrayRecordReader] = {}
+
+    def get(self, path: str) -> ArrayRecordReader:
+        if path not in self._readers:
+            self._readers[path] = ArrayRecordReader(path)
+        return self._readers[path]
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+
+def load_shard_scan(reader: ArrayRecordReader, scan: dict, context: int) -> LoadedScan:
+    """Decodes one manifest scan's records; raises RecordError naming the shard, the record and the scan."""
+    start, count = scan["record_start"], scan["num_records"]
+    hu = labels = None
+    try:
+        raw = reader.read(start, start + count)
+    except Exception as e:  # array_record raises plain RuntimeErrors on damaged chunks
+        raise records.RecordError(
+            f"{scan['shard']}: records {start}-{start + count - 1} unreadable: {e}"
+        ) from None
+    for i, data in enumerate(raw):
+        try:
+            rec = records.decode(data)
+        except records.RecordError as e:
+            raise records.RecordError(f"{scan['shard']}: record {start + i}: {e}") from None
+        if rec["image"].shape[0] != 2 * context + 1:
+            raise records.RecordError(
+                f"{scan['shard']}: record {start + i} has {rec['image'].shape[0]} channels"
+            )
+        if hu is None:
+            z = count
+            hu = np.empty((z,) + rec["image"].shape[1:], np.int16)
+            labels = None if rec["label"] is None else np.empty((z,) + rec["image"].shape[1:], np.uint8)
+        hu[i] = rec["image"][context]
+        if labels is not None:
+            labels[i] = rec["label"]
+    if hu is None:
+        raise records.RecordError(f"{scan['shard']}: scan has no records")
+    # The stacks are rebuilt from the centre slices with the same rule the records were written with, so
+    # a scan costs one HU volume in memory, not C of them; a test holds this equal to the stored stacks.
+    stacks = preprocess.slice_stacks(hu, context)
+    meta = {
+        "protocol": scan.get("protocol", "unknown"),
+        "kvp": scan.get("kvp"),
+        "slice_thickness_mm": scan.get("slice_thickness_mm"),
+        "slice_increment_mm": float(scan["spacing"][0]),
+    }
+    return LoadedScan(hu, stacks, labels, preprocess.scan_grid(scan, hu.shape), meta)
+
+
+def shard_scans(pattern: str, *, context: int) -> tuple[list[ScanInput], _ShardReaders]:
+    """The scans of the shard files matching ``pattern``, in manifest order, and their readers."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no shard file matches {pattern!r}")
+    readers = _ShardReaders()
+    out = []
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        manifest = _manifest(folder)
+        built = manifest["settings"].get("context")
+        if built is not None and built != context:
+            raise ValueError(
+                f"{folder} was built with {2 * built + 1} adjacent slices per record; the model takes "
+                f"{2 * context + 1}: rebuild the shards with --context {context} or use another checkpoint"
+            )
+        wanted = {os.path.basename(p) for p in paths if os.path.dirname(os.path.abspath(p)) == folder}
+        for scan in manifest["scans"]:
+            if scan["shard"] not in wanted:
+                continue
+            path = os.path.join(folder, scan["shard"])
+            out.append(
+                ScanInput(
+                    scan_id=scan["scan_id"],
+                    source=scan["shard"],
+                    load=lambda s=scan, p=path: load_shard_scan(readers.get(p), s, context),
+                )
+            )
+    return out, readers
+
+
+def dicom_scans(
+    root: str, *, context: int, salt: str, labels_dir: str | None = None, protocol: str | None = None
+) -> tuple[list[ScanInput], list[dict]]:
+    """The CT series under ``root`` as scans (ids: salted hashes), and error entries for what is not."""
+    jobs, errors = discover.discover(
+        root, salt=salt, split=[("score", 1.0)], split_seed=0, labels_dir=labels_dir
+    )
+
+    def load(job: discover.ScanJob) -> LoadedScan:
+        vol, lab = preprocess.read_scan(
+            job.files, label_path=job.label_path, label_format=job.label_format, protocol=protocol
+        )
+        hu = preprocess.hu_int16(vol.hu)
+        meta = {k: vol.meta.get(k) for k in ("protocol", "kvp", "slice_thickness_mm", "slice_increment_mm")}
+        return LoadedScan(hu, preprocess.slice_stacks(hu, context), lab, vol.grid, meta)
+
+    scans = [ScanInput(j.scan_id, j.where, lambda j=j: load(j), j.identifiers) for j in jobs]
+    return scans, errors

@@ -1,0 +1,445 @@
+r"""Batch scoring of a cohort with a trained checkpoint: ``python -m calcjax.score``.
+
+  python -m calcjax.score --shards 'SHARDS/test-*.array_record' --checkpoint RUN --out OUT
+  python -m calcjax.score --dicom DIR --checkpoint RUN --out OUT [--labels LABELS] [--save_masks]
+
+``--checkpoint`` is a training workdir (its ``best`` or ``latest`` checkpoint, ``--which``) or one step
+folder; the model's config comes from the checkpoint. Scans stream one at a time (memory is bounded by
+the largest scan, not the cohort): load -> jitted, batched forward sharded over this process's devices
+(``calcjax.inference``) -> predicted labels -> ``calcjax.agatston`` (HU >= 130 inside the prediction).
+
+Outputs in OUT:
+- ``scores.jsonl``: one JSON line per scan, appended and flushed as each scan finishes (see ``score_row``);
+- ``scores.csv``: the same rows flattened, rewritten at the end;
+- ``errors.jsonl``: one line per scan or input that failed (source, stage, kind, reason; identifying
+  header values redacted); the run goes on;
+- ``masks/<scan_id>.nii.gz`` with ``--save_masks``: predicted labels on the scan's grid (RAS affine);
+- where scans have reference labels: ``report.md`` and ``figures/`` (``calcjax.report``);
+- ``salt.txt`` (DICOM route): the salt of the scan ids, reused on ``--resume``.
+
+``--resume`` skips scans already in ``scores.jsonl`` (a line cut by a kill is dropped); without it a
+non-empty OUT is refused. On several hosts, process i scores every scan whose index is i modulo the
+process count into ``parts/``; after a barrier process 0 merges the parts into ``scores.jsonl`` in scan
+order and writes the CSV and the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from calcjax import agatston, checkpoint, inference, metrics, report, scan_sources, sharding
+from calcjax.io import discover
+
+SCORES = "scores.jsonl"
+ERRORS = "errors.jsonl"
+OVERLAY_CROP = 96  # pixels: the side of the disagreement crop kept for the report's overlays
+
+
+def score_row(scan: scan_sources.ScanInput, loaded: scan_sources.LoadedScan, pred: np.ndarray, **kw) -> dict:
+    """The output line of one scan (its keys are the CSV's columns, per-artery dicts flattened).
+
+    Keys: scan_id, source, protocol, num_slices, slice_increment_mm, slice_thickness_mm, kvp, agatston,
+    agatston_per_artery {LM, LAD, LCX, RCA}, volume_mm3, mass_mg (None unless ``mass_calibration``),
+    risk_category (0-4), risk_category_name, num_lesions (counted 2D lesions); with reference labels also
+    reference_agatston, reference_agatston_per_artery, reference_volume_mm3, reference_risk_category and
+    ``evaluation`` (the :class:`calcjax.metrics.ScanSummary` fields, from which the report's figures come).
+    """
+    spacing = loaded.grid.spacing
+    kvp = loaded.meta.get("kvp") or 120.0
+    s = agatston.score(loaded.hu, pred, spacing, kvp=kvp, **kw)
+    row = {
+        "scan_id": scan.scan_id,
+        "source": scan.source,
+        "protocol": loaded.meta.get("protocol") or "unknown",
+        "num_slices": int(loaded.hu.shape[0]),
+        "slice_increment_mm": float(spacing[0]),
+        "slice_thickness_mm": loaded.meta.get("slice_thickness_mm"),
+        "kvp": loaded.meta.get("kvp"),
+        "agatston": s["agatston"],
+        "agatston_per_artery": s["agatston_per_artery"],
+        "volume_mm3": s["volume_mm3"],
+        "mass_mg": s["mass_mg"],
+        "risk_category": s["risk_category"],
+        "risk_category_name": s["risk_category_name"],
+        "num_lesions": s["num_lesions"],
+    }
+    if loaded.labels is not None:
+        r = agatston.score(loaded.hu, loaded.labels, spacing, kvp=kvp, **kw)
+        row.update(
+            reference_agatston=r["agatston"],
+            reference_agatston_per_artery=r["agatston_per_artery"],
+            reference_volume_mm3=r["volume_mm3"],
+            reference_risk_category=r["risk_category"],
+        )
+        summary = metrics.summarize_scan(
+            scan.scan_id, row["protocol"], pred, loaded.labels, loaded.hu, spacing, kvp=kvp, **kw
+        )
+        row["evaluation"] = {k: v for k, v in vars(summary).items() if k not in ("scan_id", "protocol")}
+    return row
+
+
+def disagreement_crop(loaded: scan_sources.LoadedScan, pred: np.ndarray, threshold_hu: float = 130.0):
+    """The slice where prediction and reference differ most (candidate voxels), as a small crop.
+
+    Returns None when they agree everywhere, else ``(count, dict)`` with ``hu``, ``pred``, ``ref``
+    ``(OVERLAY_CROP, OVERLAY_CROP)`` around the differing voxels' centre, and ``slice`` (index).
+    """
+    cand = loaded.hu >= threshold_hu
+    diff = ((pred > 0) != (loaded.labels > 0)) & cand
+    per_slice = diff.reshape(diff.shape[0], -1).sum(axis=1)
+    k = int(per_slice.argmax())
+    if per_slice[k] == 0:
+        return None
+    ys, xs = np.nonzero(diff[k])
+    h, w = diff.shape[1:]
+    half = OVERLAY_CROP // 2
+    cy = int(np.clip(int(ys.mean()), half, max(h - half, half)))
+    cx = int(np.clip(int(xs.mean()), half, max(w - half, half)))
+    win = (k, slice(max(cy - half, 0), cy + half), slice(max(cx - half, 0), cx + half))
+    return int(per_slice[k]), {
+        "hu": loaded.hu[win],
+        "pred": pred[win],
+        "ref": loaded.labels[win],
+        "slice": k,
+    }
+
+
+def write_mask(path: str, pred: np.ndarray, grid) -> None:
+    """Predicted labels ``(z, y, x)`` as NIfTI-1 ``(x, y, z)`` uint8 with the grid's RAS affine (atomic)."""
+    import nibabel as nib
+
+    affine = grid.affine_ras()
+    img = nib.Nifti1Image(np.ascontiguousarray(pred.transpose(2, 1, 0)).astype(np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path + ".tmp.nii.gz"
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str, *, repair: bool = False) -> list[dict]:
+    """The JSON lines of ``path`` ([] if absent). A last line cut short by a kill is dropped; with
+    ``repair`` the file is truncated to its last whole line, so appends start clean."""
+    if not os.path.isfile(path):
+        return []
+    rows, good_end = [], 0
+    with open(path, "rb") as f:
+        data = f.read()
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_end += len(line)
+    if repair and good_end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return rows
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _flatten(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if k == "evaluation":
+            continue
+        if isinstance(v, dict):
+            out.update({f"{k.replace('_per_artery', '')}_{a}": x for a, x in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """``rows`` flattened (per-artery columns) to CSV, atomically."""
+    flat = [_flatten(r) for r in rows]
+    columns: list[str] = []
+    for r in flat:
+        columns += [c for c in r if c not in columns]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(flat)
+    os.replace(tmp, path)
+
+
+def _salt(out: str, salt_file: str | None = None) -> str:
+    """The scan-id salt kept in ``out/salt.txt``: copied from ``salt_file`` (e.g. a shard folder's, so
+    the DICOM route names scans as the shards do), else the one already there, else a new random one."""
+    path = os.path.join(out, "salt.txt")
+    if salt_file is not None:
+        with open(salt_file) as f:
+            salt = f.read().strip()
+        if os.path.isfile(path):
+            with open(path) as f:
+                if f.read().strip() != salt:
+                    raise ValueError(f"{out} was scored with another salt than {salt_file}")
+        with open(path, "w") as f:
+            f.write(salt)
+    if not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(secrets.token_hex(16))
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _error_line(scan: scan_sources.ScanInput, e: Exception) -> dict:
+    reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
+    if getattr(e, "path", None):  # the file inside the series that failed (the folder is ``input``)
+        reason = f"{os.path.basename(e.path)}: {reason}"
+    return {
+        "scan_id": scan.scan_id,
+        "input": scan.source,
+        "stage": "score",
+        "kind": getattr(e, "kind", e.__class__.__name__),
+        "reason": discover.redact(reason, scan.identifiers),
+    }
+
+
+def score_cohort(
+    *,
+    checkpoint_path: str,
+    out: str,
+    shards: str | None = None,
+    dicom_dir: str | None = None,
+    labels_dir: str | None = None,
+    salt_file: str | None = None,
+    which: str = "best",
+    resume: bool = False,
+    save_masks: bool = False,
+    batch_size: int = 0,
+    mass_calibration: float | None = None,
+    kvp_specific_threshold: bool = False,
+    num_bootstrap: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """Scores every scan of ``shards`` (a glob) or ``dicom_dir`` into ``out`` (module docstring).
+
+    Returns a summary dict: scans scored now, skipped (already scored), failed, seconds, scans/min,
+    slices/s, the forward pass's share of the time, and the report path (or None).
+    """
+    if (shards is None) == (dicom_dir is None):
+        raise ValueError("give exactly one of --shards and --dicom")
+    pid, pcount = jax.process_index(), jax.process_count()
+    os.makedirs(out, exist_ok=True)
+    if pcount > 1:
+        part_dir = os.path.join(out, "parts")
+        os.makedirs(part_dir, exist_ok=True)
+        scores_path = os.path.join(part_dir, f"scores-{pid:05d}-of-{pcount:05d}.jsonl")
+        errors_path = os.path.join(part_dir, f"errors-{pid:05d}-of-{pcount:05d}.jsonl")
+    else:
+        scores_path, errors_path = os.path.join(out, SCORES), os.path.join(out, ERRORS)
+    if not resume and (read_jsonl(scores_path) or read_jsonl(errors_path)):
+        raise FileExistsError(f"{out} already holds scores: pass --resume to go on, or choose another --out")
+
+    config, model = checkpoint.load_for_inference(checkpoint_path, which)
+    context = (model.cfg.in_channels - 1) // 2
+    predictor = inference.Predictor(model, batch_size=batch_size)
+    score_kw = dict(mass_calibration=mass_calibration, kvp_specific_threshold=kvp_specific_threshold)
+
+    readers = None
+    if shards is not None:
+        scans, readers = scan_sources.shard_scans(shards, context=context)
+        listing_errors = []
+    else:
+        salt = _broadcast_salt(out, salt_file) if pcount > 1 else _salt(out, salt_file)
+        scans, listing_errors = scan_sources.dicom_scans(
+            dicom_dir, context=context, salt=salt, labels_dir=labels_dir
+        )
+    mine = [s for i, s in enumerate(scans) if i % pcount == pid]
+    done = {r["scan_id"] for r in read_jsonl(scores_path, repair=True)}
+    old_errors = {json.dumps(e, sort_keys=True) for e in read_jsonl(errors_path, repair=True)}
+
+    def record_error(entry: dict) -> None:
+        key = json.dumps(entry, sort_keys=True)
+        if key not in old_errors:
+            append_jsonl(errors_path, entry)
+            old_errors.add(key)
+
+    if pid == 0:
+        for e in listing_errors:
+            record_error(e)
+    overlay_dir = os.path.join(out, "overlays")
+    mask_dir = os.path.join(out, "masks")
+    todo = [s for s in mine if s.scan_id not in done]
+    t_start = time.perf_counter()
+    forward0 = predictor.forward_seconds
+    scored = failed = slices = 0
+    bar = tqdm(todo, desc="score", unit="scan", disable=not progress or pid != 0)
+    try:
+        for scan in bar:
+            t0 = time.perf_counter()
+            try:
+                loaded = scan.load()
+                pred = predictor.predict(loaded.stacks)
+                row = score_row(scan, loaded, pred, **score_kw)
+            except Exception as e:  # a cohort run records each bad scan and goes on
+                logging.warning("scan %s failed: %s", scan.scan_id, _error_line(scan, e)["reason"])
+                record_error(_error_line(scan, e))
+                failed += 1
+                continue
+            if save_masks:
+                os.makedirs(mask_dir, exist_ok=True)
+                write_mask(os.path.join(mask_dir, f"{scan.scan_id}.nii.gz"), pred, loaded.grid)
+            if loaded.labels is not None:
+                crop = disagreement_crop(loaded, pred)
+                row["worst_slice_disagreement"] = 0 if crop is None else crop[0]
+                if crop is not None:
+                    os.makedirs(overlay_dir, exist_ok=True)
+                    row["worst_slice"] = crop[1]["slice"]
+                    tmp = os.path.join(overlay_dir, f"{scan.scan_id}.tmp.npz")
+                    np.savez_compressed(tmp, **{k: v for k, v in crop[1].items() if k != "slice"})
+                    os.replace(tmp, os.path.join(overlay_dir, f"{scan.scan_id}.npz"))
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            append_jsonl(scores_path, row)
+            scored += 1
+            slices += row["num_slices"]
+            elapsed = time.perf_counter() - t_start
+            bar.set_postfix(scans_per_s=f"{scored / elapsed:.2f}", failed=failed)
+    finally:
+        bar.close()
+        if readers is not None:
+            readers.close()
+    elapsed = time.perf_counter() - t_start
+    forward = predictor.forward_seconds - forward0
+    summary = {
+        "scored": scored,
+        "skipped_already_scored": len(mine) - len(todo),
+        "failed": failed,
+        "seconds": round(elapsed, 2),
+        "scans_per_min": 60 * scored / elapsed if elapsed > 0 else 0.0,
+        "slices_per_s": slices / elapsed if elapsed > 0 else 0.0,
+        "forward_fraction": forward / elapsed if elapsed > 0 else 0.0,
+        "devices": predictor.mesh.size,
+        "report": None,
+    }
+    if pcount > 1:
+        sharding_barrier("calcjax.score:parts")
+        if pid == 0:
+            _merge_parts(out, scans, pcount)
+    if pid == 0:
+        rows = read_jsonl(os.path.join(out, SCORES))
+        order = {s.scan_id: i for i, s in enumerate(scans)}
+        rows.sort(key=lambda r: order.get(r["scan_id"], len(order)))
+        write_csv(os.path.join(out, "scores.csv"), rows)
+        if any("evaluation" in r for r in rows):
+            summary["report"] = report.write_report(
+                out,
+                rows,
+                checkpoint=_checkpoint_name(checkpoint_path, which),
+                num_bootstrap=num_bootstrap,
+            )
+    summary["total_scores"] = len(read_jsonl(os.path.join(out, SCORES))) if pid == 0 else None
+    return summary
+
+
+def _checkpoint_name(path: str, which: str) -> str:
+    """``<run folder>/<best|checkpoints>/<step>`` of the checkpoint used (for the report)."""
+    folder = checkpoint.resolve(path, which)
+    return os.sep.join(folder.rstrip(os.sep).split(os.sep)[-3:])
+
+
+def sharding_barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _broadcast_salt(out: str, salt_file: str | None) -> str:
+    """Process 0's salt on every process (they share OUT on a shared filesystem, or not)."""
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(256, np.uint8)  # the same shape on every process
+    if jax.process_index() == 0:
+        raw = _salt(out, salt_file).encode()[:256]
+        buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(data).rstrip(b"\0").decode()
+
+
+def _merge_parts(out: str, scans, pcount: int) -> None:
+    """Process 0: the per-process part files -> ``scores.jsonl`` / ``errors.jsonl`` in scan order."""
+    part_dir = os.path.join(out, "parts")
+    order = {s.scan_id: i for i, s in enumerate(scans)}
+    for name in ("scores", "errors"):
+        rows = []
+        for p in range(pcount):
+            rows += read_jsonl(os.path.join(part_dir, f"{name}-{p:05d}-of-{pcount:05d}.jsonl"))
+        rows.sort(key=lambda r: order.get(r.get("scan_id"), len(order)))
+        tmp = os.path.join(out, f"{name}.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, os.path.join(out, f"{name}.jsonl"))
+
+
+_SHARDS = flags.DEFINE_string("shards", None, "Glob of shard files, e.g. 'SHARDS/test-*.array_record'.")
+_DICOM = flags.DEFINE_string("dicom", None, "Folder searched for CT series (every series is scored).")
+_LABELS = flags.DEFINE_string("labels", None, "DICOM route: a mirrored tree of reference labels.")
+_SALT = flags.DEFINE_string("salt_file", None, "DICOM route: scan-id salt (e.g. SHARDS/salt.txt).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or one checkpoint step folder.")
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a workdir to use.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_RESUME = flags.DEFINE_bool("resume", False, "Skip scans already in OUT/scores.jsonl.")
+_SAVE_MASKS = flags.DEFINE_bool("save_masks", False, "Write OUT/masks/<scan_id>.nii.gz.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Slices per forward pass (0: 4 per local device).")
+_MASS = flags.DEFINE_float("mass_calibration", None, "mg per (HU x mm^3); mass is reported when given.")
+_KVP = flags.DEFINE_bool("kvp_specific_threshold", False, "Calcium threshold from the scan's kVp.")
+_BOOT = flags.DEFINE_integer("num_bootstrap", 1000, "Bootstrap resamples for the report's CIs.")
+
+
+def main(argv):
+    del argv
+    if _CHECKPOINT.value is None or _OUT.value is None:
+        raise app.UsageError("--checkpoint and --out are required")
+    if (_SHARDS.value is None) == (_DICOM.value is None):
+        raise app.UsageError("give exactly one of --shards and --dicom")
+    logging.set_verbosity(logging.WARNING)
+    sharding.initialize_distributed()
+    summary = score_cohort(
+        checkpoint_path=_CHECKPOINT.value,
+        out=_OUT.value,
+        shards=_SHARDS.value,
+        dicom_dir=_DICOM.value,
+        labels_dir=_LABELS.value,
+        salt_file=_SALT.value,
+        which=_WHICH.value,
+        resume=_RESUME.value,
+        save_masks=_SAVE_MASKS.value,
+        batch_size=_BATCH.value,
+        mass_calibration=_MASS.value,
+        kvp_specific_threshold=_KVP.value,
+        num_bootstrap=_BOOT.value,
+    )
+    if jax.process_index() == 0:
+        print(
+            f"scored {summary['scored']} scans ({summary['skipped_already_scored']} already scored, "
+            f"{summary['failed']} failed: see {os.path.join(_OUT.value, ERRORS)}) in {summary['seconds']} s, "
+            f"{summary['scans_per_min']:.1f} scans/min, {summary['slices_per_s']:.1f} slices/s "
+            f"on {summary['devices']} device(s); {summary['total_scores']} rows in "
+            f"{os.path.join(_OUT.value, SCORES)}"
+        )
+        if summary["report"]:
+            print(f"report: {summary['report']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,275 @@
+"""The batch scorer: shard route = DICOM route, bad inputs recorded, resume after SIGKILL, 8 devices = 1,
+and a report whose figures are calcjax.metrics on the same scans."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_prep import builder
+from data_prep.phantom.generator import generate_scan, write_scan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOLATILE = ("seconds", "source")  # per-run timing and where the scan came from
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Four labelled 64x64 phantoms (3 cardiac, 1 chest), their shards (one scan per shard), and a
+    checkpoint of a freshly initialised smoke model (its predictions are arbitrary but not empty)."""
+    base = tmp_path_factory.mktemp("score")
+    for i, (protocol, category) in enumerate((("cardiac", 2), ("cardiac", 3), ("chest", 4), ("cardiac", 1))):
+        scan = generate_scan(11, i, protocol, size=64, target_category=category)
+        write_scan(scan, str(base / "dicom"), seed=11, index=i)
+    shards = str(base / "shards")
+    builder.build(str(base / "dicom"), shards, split="test=1", records_per_shard=1, progress=False)
+    run = str(base / "run")
+    _fresh_checkpoint(run)
+    return {"dicom": str(base / "dicom"), "shards": shards, "run": run, "base": base}
+
+
+def _fresh_checkpoint(run: str) -> None:
+    import optax
+    from flax import nnx
+
+    from calcjax import checkpoint
+    from calcjax import model as model_lib
+    from calcjax import train_step as ts
+    from calcjax.train import _to_dict
+    from configs import smoke
+
+    config = smoke.get_config()
+    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(3))
+    _, state = ts.create_state(model, optax.sgd(0.1))
+    ckpt = checkpoint.Checkpointer(run, async_save=False)
+    ckpt.save_best(state, _to_dict(config), {"val_voxel_f1": 0.0})
+    ckpt.close()
+
+
+def _score(**kw):
+    from calcjax import score
+
+    return score.score_cohort(progress=False, num_bootstrap=50, **kw)
+
+
+def _rows(out: str) -> list[dict]:
+    with open(os.path.join(out, "scores.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _stable(rows):
+    return {r["scan_id"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "calcjax.score", *args]
+
+
+def test_shard_route_equals_dicom_route(cohort, tmp_path):
+    a, b = str(tmp_path / "shards_out"), str(tmp_path / "dicom_out")
+    sa = _score(checkpoint_path=cohort["run"], out=a, shards=cohort["shards"] + "/test-*", save_masks=True)
+    sb = _score(
+        checkpoint_path=cohort["run"],
+        out=b,
+        dicom_dir=cohort["dicom"],
+        salt_file=os.path.join(cohort["shards"], "salt.txt"),
+        save_masks=True,
+    )
+    assert sa["scored"] == sb["scored"] == 4 and sa["failed"] == sb["failed"] == 0
+    ra, rb = _stable(_rows(a)), _stable(_rows(b))
+    assert ra == rb
+    assert any(r["agatston"] > 0 for r in ra.values())  # the comparison is not between empty predictions
+    assert all("evaluation" in r and "reference_agatston" in r for r in ra.values())
+    for scan_id in ra:
+        ma, mb = (nib.load(os.path.join(o, "masks", f"{scan_id}.nii.gz")) for o in (a, b))
+        np.testing.assert_array_equal(ma.get_fdata(), mb.get_fdata())
+        np.testing.assert_allclose(ma.affine, mb.affine, atol=1e-6)
+    # The mask lies on the scan's grid: the same affine as the phantom's own reference label.
+    ref_affines = [nib.load(p).affine for p in glob.glob(os.path.join(cohort["dicom"], "*", "label.nii.gz"))]
+    for scan_id in ra:
+        affine = nib.load(os.path.join(b, "masks", f"{scan_id}.nii.gz")).affine
+        assert any(np.allclose(affine, r, atol=1e-4) for r in ref_affines)
+    with open(os.path.join(a, "scores.csv")) as f:
+        header = f.readline().strip().split(",")
+    for column in (
+        "scan_id",
+        "protocol",
+        "num_slices",
+        "slice_increment_mm",
+        "agatston",
+        "agatston_LAD",
+        "volume_mm3",
+        "mass_mg",
+        "risk_category",
+        "num_lesions",
+        "seconds",
+        "reference_agatston",
+    ):
+        assert column in header
+
+
+def test_stored_stacks_equal_the_rebuilt_ones(cohort):
+    """The shard route rebuilds stacks from centre slices: they must equal the records' own stacks."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from calcjax import scan_sources
+    from calcjax.io import records
+
+    scans, readers = scan_sources.shard_scans(cohort["shards"] + "/test-*", context=1)
+    try:
+        loaded = scans[0].load()
+    finally:
+        readers.close()
+    shard = os.path.join(cohort["shards"], scans[0].source)
+    r = ArrayRecordReader(shard)
+    stored = np.stack([np.moveaxis(records.decode(b)["image"], 0, -1) for b in r.read_all()])
+    r.close()
+    np.testing.assert_array_equal(loaded.stacks, stored)
+
+
+def test_a_corrupt_record_and_an_unreadable_series_are_recorded_and_the_rest_scored(cohort, tmp_path):
+    # Shard route: damage the middle of one scan's shard.
+    shards = str(tmp_path / "shards")
+    shutil.copytree(cohort["shards"], shards)
+    victim = sorted(glob.glob(shards + "/test-*"))[1]
+    data = bytearray(open(victim, "rb").read())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    open(victim, "wb").write(bytes(data))
+    out = str(tmp_path / "out_shards")
+    s = _score(checkpoint_path=cohort["run"], out=out, shards=shards + "/test-*")
+    assert s["scored"] == 3 and s["failed"] == 1
+    errors = [json.loads(line) for line in open(os.path.join(out, "errors.jsonl"))]
+    assert len(errors) == 1 and errors[0]["input"] == os.path.basename(victim)
+    assert "Corrupted" in errors[0]["reason"] or "CRC" in errors[0]["reason"]
+    assert os.path.isfile(os.path.join(out, "report.md"))
+
+    # DICOM route: one series with a truncated file, and a file that is not DICOM at all.
+    dicom = str(tmp_path / "dicom")
+    shutil.copytree(cohort["dicom"], dicom)
+    series = sorted(glob.glob(os.path.join(dicom, "*", "dicom")))
+    bad_file = sorted(glob.glob(os.path.join(series[2], "*.dcm")))[5]
+    with open(bad_file, "r+b") as f:
+        f.truncate(os.path.getsize(bad_file) // 2)
+    with open(os.path.join(dicom, "notes.dcm"), "wb") as f:
+        f.write(b"not a dicom file at all")
+    out = str(tmp_path / "out_dicom")
+    s = _score(checkpoint_path=cohort["run"], out=out, dicom_dir=dicom)
+    assert s["scored"] == 3 and s["failed"] == 1
+    errors = [json.loads(line) for line in open(os.path.join(out, "errors.jsonl"))]
+    stages = sorted(e["stage"] for e in errors)
+    assert stages == ["discover", "score"], errors
+    failed = next(e for e in errors if e["stage"] == "score")
+    assert os.path.basename(bad_file) in failed["reason"] and failed["kind"]
+    text = open(os.path.join(out, "errors.jsonl")).read() + open(os.path.join(out, "scores.jsonl")).read()
+    assert "PHANTOM" not in text.upper().replace("PHANTOM-S11", "")  # no phantom patient name leaks
+    assert len({r["scan_id"] for r in _rows(out)}) == 3
+
+
+def test_resume_after_sigkill_completes_without_duplicates(cohort, tmp_path):
+    whole = str(tmp_path / "whole")
+    _score(checkpoint_path=cohort["run"], out=whole, shards=cohort["shards"] + "/test-*")
+    out = str(tmp_path / "killed")
+    args = _cli(
+        "--shards",
+        cohort["shards"] + "/test-*",
+        "--checkpoint",
+        cohort["run"],
+        "--out",
+        out,
+        "--num_bootstrap",
+        "50",
+    )
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scores = os.path.join(out, "scores.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(scores) and open(scores).read().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = open(scores).read().count("\n")
+    assert 1 <= killed_after < 4, "the kill must land mid-run for this test to mean anything"
+    # Without --resume an OUT with scores is refused; with it, the run completes.
+    refused = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    done = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{killed_after} already scored" in done.stdout
+    rows = _rows(out)
+    assert len(rows) == 4 and len({r["scan_id"] for r in rows}) == 4
+    assert _stable(rows) == _stable(_rows(whole))
+
+
+def test_eight_devices_give_the_same_scores_as_one(cohort, tmp_path):
+    out1, out8 = str(tmp_path / "one"), str(tmp_path / "eight")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    for out, extra_env in ((out1, os.environ), (out8, env)):
+        p = subprocess.run(
+            _cli(
+                "--shards",
+                cohort["shards"] + "/test-*",
+                "--checkpoint",
+                cohort["run"],
+                "--out",
+                out,
+                "--num_bootstrap",
+                "50",
+            ),
+            cwd=ROOT,
+            env=extra_env,
+            capture_output=True,
+            text=True,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert "on 8 device(s)" in p.stdout
+    assert _stable(_rows(out1)) == _stable(_rows(out8))
+
+
+def test_report_figures_equal_calcjax_metrics(cohort, tmp_path):
+    from calcjax import metrics, scan_sources
+
+    out = str(tmp_path / "out")
+    s = _score(checkpoint_path=cohort["run"], out=out, shards=cohort["shards"] + "/test-*", save_masks=True)
+    assert s["report"] == os.path.join(out, "report.md")
+    # Independent route to the same figures: masks from disk, references from the shards.
+    scans, readers = scan_sources.shard_scans(cohort["shards"] + "/test-*", context=1)
+    summaries = []
+    try:
+        for scan in scans:
+            loaded = scan.load()
+            pred = np.asarray(nib.load(os.path.join(out, "masks", f"{scan.scan_id}.nii.gz")).dataobj)
+            pred = pred.transpose(2, 1, 0)
+            summaries.append(
+                metrics.summarize_scan(
+                    scan.scan_id, loaded.meta["protocol"], pred, loaded.labels, loaded.hu, loaded.grid.spacing
+                )
+            )
+    finally:
+        readers.close()
+    expected = metrics.evaluate(summaries, num_bootstrap=50)
+    with open(os.path.join(out, "report.json")) as f:
+        got = json.load(f)["results"]
+    assert set(got) == set(expected) == {"all", "cardiac", "chest"}
+    for group in expected:
+        for name, fig in expected[group]["figures"].items():
+            for k in ("value", "ci_low", "ci_high"):
+                np.testing.assert_allclose(got[group]["figures"][name][k], fig[k], rtol=1e-12, equal_nan=True)
+        assert got[group]["risk_confusion"] == expected[group]["risk_confusion"]
+    report = open(os.path.join(out, "report.md")).read()
+    f1 = expected["all"]["figures"]["voxel_f1"]
+    assert f"| Voxel F1 | {f1['value']:.3f} ({f1['ci_low']:.3f} to {f1['ci_high']:.3f})" in report
+    for png in ("bland_altman.png", "risk_confusion.png"):
+        with open(os.path.join(out, "figures", png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
