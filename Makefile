@@ -32,20 +32,25 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m 'not slow' $(PYTEST_ARGS)
 
+# The demo's phantoms hold no patient data, so a fixed salt is fine: it gives the same split every time
+# (10 train, 3 val, 3 test scans covering both protocols and risk categories 0-IV).
 demo: $(STAMP)
-	$(BIN)/python -m data_prep.phantom --out $(DEMO_OUT)/phantom --scans 10 --protocol mixed --seed 0 \
+	$(BIN)/python -m data_prep.phantom --out $(DEMO_OUT)/phantom --scans 16 --protocol mixed --seed 0 \
 		--workers 2 --preview $(DEMO_OUT)/phantom/preview.png --preview_scans 4,9
 	$(BIN)/python -m data_prep.build --input $(DEMO_OUT)/phantom --out $(DEMO_OUT)/shards --workers 2 \
-		--split train=0.6,val=0.2,test=0.2
-	$(BIN)/python -m calcjax.train --config configs/smoke.py --workdir $(DEMO_OUT)/run \
-		--config.data.shards=$(DEMO_OUT)/shards --config.train.steps=300 --config.train.eval_every=300 \
-		--config.train.eval_max_scans=1
+		--split train=0.6,val=0.2,test=0.2 --salt calcjax-demo-36
+	$(BIN)/python -m calcjax.train --config configs/demo.py --workdir $(DEMO_OUT)/run \
+		--config.data.shards=$(DEMO_OUT)/shards
+	$(BIN)/python -m calcjax.score --shards '$(DEMO_OUT)/shards/test-*.array_record' \
+		--checkpoint $(DEMO_OUT)/run --out $(DEMO_OUT)/score --resume
 	@echo "demo: phantoms in $(DEMO_OUT)/phantom, shards in $(DEMO_OUT)/shards, run in $(DEMO_OUT)/run"
+	@echo "demo: report in $(DEMO_OUT)/score/report.md (figures in $(DEMO_OUT)/score/figures)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py
 	$(BIN)/python bench/agatston.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/score.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

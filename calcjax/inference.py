@@ -7,12 +7,15 @@ by repeating its last slice, so one compilation serves every scan of a size); sl
 multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the labels cropped back.
 
 The mesh holds only this process's devices (``jax.local_devices()``): on several hosts each process
-scores its own scans with no cross-host collective. ``forward_seconds`` accumulates the time spent in the
-jitted forward (dispatch to the labels back on the host), for the scorer's overhead figure.
+scores its own scans with no cross-host collective. Up to ``max_in_flight`` batches are dispatched ahead
+of the one being read back, so host-to-device copies, compute and copies back overlap on accelerators.
+``forward_seconds`` accumulates the time from the first dispatch to the last labels back on the host
+(the jitted forward with its transfers), for the scorer's overhead figure.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 
 import jax
@@ -29,8 +32,11 @@ AIR_HU = -1000
 class Predictor:
     """Jitted eval-mode forward of a :class:`calcjax.model.DenseRAUnet` over local devices."""
 
-    def __init__(self, model: model_lib.DenseRAUnet, *, batch_size: int = 0, devices=None):
-        """``batch_size``: slices per forward (0: 4 per device); rounded up to a multiple of the devices."""
+    def __init__(
+        self, model: model_lib.DenseRAUnet, *, batch_size: int = 0, devices=None, max_in_flight: int = 4
+    ):
+        """``batch_size``: slices per forward (0: 4 per device), rounded up to a multiple of the devices;
+        ``max_in_flight``: batches dispatched ahead of the one being read back (bounds device memory)."""
         devices = list(devices if devices is not None else jax.local_devices())
         self.mesh = Mesh(np.asarray(devices), ("data",))
         n = len(devices)
@@ -48,6 +54,7 @@ class Predictor:
             return model_lib.labels_from_logits(m(images.astype(jnp.float32)))
 
         self._forward = jax.jit(forward, out_shardings=self._data)
+        self.max_in_flight = max_in_flight
         self.forward_seconds = 0.0
         self.slices = 0
 
@@ -61,15 +68,23 @@ class Predictor:
             stacks = np.pad(stacks, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=AIR_HU)
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
+        t0 = time.perf_counter()
+        pending: collections.deque = collections.deque()  # batches in flight (transfers and compute overlap)
+
+        def read_back():
+            start, real, labels = pending.popleft()
+            out[start : start + real] = np.asarray(labels)[:real, :h, :w]
+
         for start in range(0, z, b):
             chunk = stacks[start : start + b]
             real = len(chunk)
             if real < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
-            t0 = time.perf_counter()
-            labels = self._forward(self._state, jax.device_put(chunk, self._data))
-            labels = np.asarray(labels)
-            self.forward_seconds += time.perf_counter() - t0
-            out[start : start + real] = labels[:real, :h, :w]
+            pending.append((start, real, self._forward(self._state, jax.device_put(chunk, self._data))))
+            if len(pending) > self.max_in_flight:
+                read_back()
+        while pending:
+            read_back()
+        self.forward_seconds += time.perf_counter() - t0
         self.slices += z
         return out

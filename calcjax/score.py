@@ -231,8 +231,12 @@ def score_cohort(
     kvp_specific_threshold: bool = False,
     num_bootstrap: int = 1000,
     progress: bool = True,
+    predictor: inference.Predictor | None = None,
 ) -> dict:
     """Scores every scan of ``shards`` (a glob) or ``dicom_dir`` into ``out`` (module docstring).
+
+    ``predictor``: an already compiled :class:`calcjax.inference.Predictor` of this checkpoint, to score
+    several cohorts without recompiling (default: built from the checkpoint).
 
     Returns a summary dict: scans scored now, skipped (already scored), failed, seconds, scans/min,
     slices/s, the forward pass's share of the time, and the report path (or None).
@@ -251,9 +255,10 @@ def score_cohort(
     if not resume and (read_jsonl(scores_path) or read_jsonl(errors_path)):
         raise FileExistsError(f"{out} already holds scores: pass --resume to go on, or choose another --out")
 
-    config, model = checkpoint.load_for_inference(checkpoint_path, which)
-    context = (model.cfg.in_channels - 1) // 2
-    predictor = inference.Predictor(model, batch_size=batch_size)
+    if predictor is None:
+        _, model = checkpoint.load_for_inference(checkpoint_path, which)
+        predictor = inference.Predictor(model, batch_size=batch_size)
+    context = (predictor.in_channels - 1) // 2
     score_kw = dict(mass_calibration=mass_calibration, kvp_specific_threshold=kvp_specific_threshold)
 
     readers = None

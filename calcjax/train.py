@@ -28,7 +28,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax import checkpoint, input_pipeline, losses, metrics, sharding
+from calcjax import checkpoint, evaluation, input_pipeline, metrics, sharding
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 
@@ -77,81 +77,6 @@ def batch_fingerprint(batch: dict) -> str:
 
 def _to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
-
-
-class Evaluator:
-    """Whole-scan validation: eval-mode forward over each scan's slices (padded batches, sharded)."""
-
-    def __init__(self, graphdef, mesh, batch_size: int, loss_cfg: ts.LossConfig):
-        self.mesh = mesh
-        self.batch_size = batch_size
-        self.loss_cfg = loss_cfg
-
-        def forward(params, batch_stats, images, labels):
-            logits = ts.eval_logits(graphdef, params, batch_stats, images)
-            ce_loss = losses.bootstrap_iou_loss(
-                logits, labels, rho=1.0, k_min=1, lam=loss_cfg.lam, smooth=loss_cfg.smooth
-            )
-            pred = model_lib.labels_from_logits(logits)
-            return pred, ce_loss
-
-        self.forward = jax.jit(
-            forward, out_shardings=(sharding.data_sharding(mesh), sharding.replicated(mesh))
-        )
-
-    def predict_scan(self, state: ts.TrainState, images: np.ndarray, labels: np.ndarray | None):
-        """Predicted labels ``(Z, H, W)`` and the mean validation loss over the scan's batches."""
-        z = images.shape[0]
-        b = self.batch_size
-        preds, loss_sum, n = [], 0.0, 0
-        for start in range(0, z, b):
-            chunk = images[start : start + b].astype(np.float32)
-            lab = labels[start : start + b] if labels is not None else np.zeros(chunk.shape[:3], np.uint8)
-            real = len(chunk)
-            if real < b:  # pad to a fixed batch: one compilation
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
-                lab = np.concatenate([lab, np.repeat(lab[-1:], b - real, axis=0)])
-            g = sharding.to_global({"images": chunk, "labels": lab.astype(np.int32)}, self.mesh)
-            # The loss of a padded batch counts its repeated last slice: the scan loss is approximate there.
-            pred, loss = self.forward(state.params, state.batch_stats, g["images"], g["labels"])
-            preds.append(np.asarray(jax.device_get(pred))[:real])
-            loss_sum += float(loss) * real
-            n += real
-        return np.concatenate(preds), loss_sum / max(n, 1)
-
-    def evaluate(self, state: ts.TrainState, split: input_pipeline.ShardSplit, max_scans: int = 0) -> dict:
-        """Validation figures over the labelled scans of ``split`` (the first ``max_scans``; 0 = all)."""
-        summaries, losses_ = [], []
-        for item in input_pipeline.iter_scans(split):
-            if item["labels"] is None:
-                continue
-            if max_scans and len(summaries) >= max_scans:
-                break
-            pred, loss = self.predict_scan(state, item["images"], item["labels"])
-            scan = item["scan"]
-            summaries.append(
-                metrics.summarize_scan(
-                    scan["scan_id"],
-                    scan["protocol"],
-                    pred,
-                    item["labels"],
-                    item["hu"],
-                    tuple(scan["spacing"]),
-                )
-            )
-            losses_.append(loss)
-        if not summaries:
-            return {}
-        report = metrics.evaluate(summaries, num_bootstrap=0 if len(summaries) < 2 else 200)
-        fig = report["all"]["figures"]
-        return {
-            "val_loss": float(np.mean(losses_)),
-            "val_voxel_precision": fig["voxel_precision"]["value"],
-            "val_voxel_recall": fig["voxel_recall"]["value"],
-            "val_voxel_f1": fig["voxel_f1"]["value"],
-            "val_risk_accuracy": fig["risk_accuracy"]["value"],
-            "val_scans": len(summaries),
-        }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -210,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except ValueError:
         val_split = None
         logging.warning("no val split in %s: no validation", dcfg.shards)
-    evaluator = Evaluator(graphdef, mesh, tcfg.batch_size, loss_cfg)
+    evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg)
     writer = MetricWriter(workdir)
     nan_steps = set(dcfg.get("inject_nan_at_steps", ()) or ())
 

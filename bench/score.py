@@ -1,0 +1,112 @@
+"""Scorer throughput for configs/smoke.py and configs/default.py on this machine, and its overhead.
+
+  python bench/score.py [--scans 2] [--default_scans 1] [--size 512]
+
+For each config: a checkpoint of a freshly initialised model (speed does not depend on the weights), a
+shard folder of ``--scans`` cardiac phantoms at ``--size`` x ``--size`` (45-50 slices each), and
+``calcjax.score.score_cohort`` over it twice with one compiled predictor: the first run includes
+compilation, the second is the steady state. One JSON line per config with ``slices_per_s``,
+``scans_per_min``, ``forward_s`` (time inside the jitted forward: host -> device, forward, labels back),
+``total_s`` and ``outside_forward_fraction`` = 1 - forward_s / total_s (reading, stacking, Agatston,
+metrics, writing; the aim: under 0.25), all from the warm run, plus ``first_run_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_shards(tmp: str, scans: int, size: int) -> str:
+    from data_prep import builder
+    from data_prep.phantom.generator import generate_scan, write_scan
+
+    for i in range(scans):
+        scan = generate_scan(4, 2 * i, "cardiac", size=size, target_category=(i % 4) + 1)
+        write_scan(scan, os.path.join(tmp, "in"), seed=4, index=2 * i)
+    out = os.path.join(tmp, "shards")
+    builder.build(os.path.join(tmp, "in"), out, split="test=1", progress=False)
+    return out
+
+
+def fresh_checkpoint(run: str, config) -> None:
+    import optax
+    from flax import nnx
+
+    from calcjax import checkpoint
+    from calcjax import model as model_lib
+    from calcjax import train_step as ts
+    from calcjax.train import _to_dict
+
+    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    _, state = ts.create_state(model, optax.sgd(0.1))
+    ckpt = checkpoint.Checkpointer(run, async_save=False)
+    ckpt.save_best(state, _to_dict(config), {"val_voxel_f1": 0.0})
+    ckpt.close()
+
+
+def bench(name: str, config, tmp: str, scans: int, size: int, batch_size: int) -> dict:
+    import jax
+
+    from calcjax import checkpoint, inference, score
+
+    run = os.path.join(tmp, f"run_{name}")
+    fresh_checkpoint(run, config)
+    shards = make_shards(os.path.join(tmp, f"data_{name}"), scans, size)
+    _, model = checkpoint.load_for_inference(run, "best")
+    predictor = inference.Predictor(model, batch_size=batch_size)
+    kw = dict(
+        checkpoint_path=run, shards=shards + "/test-*", progress=False, predictor=predictor, num_bootstrap=0
+    )
+    first = score.score_cohort(out=os.path.join(tmp, f"out_{name}_1"), **kw)
+    f0 = predictor.forward_seconds
+    warm = score.score_cohort(out=os.path.join(tmp, f"out_{name}_2"), **kw)
+    forward = predictor.forward_seconds - f0
+    return {
+        "bench": "score",
+        "config": name,
+        "backend": jax.default_backend(),
+        "devices": predictor.mesh.size,
+        "size": size,
+        "scans": warm["scored"],
+        "slices": round(warm["slices_per_s"] * warm["seconds"]),
+        "batch_size": predictor.batch_size,
+        "compute_dtype": config.model.dtype,
+        "slices_per_s": round(warm["slices_per_s"], 3),
+        "scans_per_min": round(warm["scans_per_min"], 3),
+        "forward_s": round(forward, 3),
+        "total_s": warm["seconds"],
+        "outside_forward_fraction": round(1.0 - forward / warm["seconds"], 4),
+        "first_run_s": first["seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scans", type=int, default=2, help="phantom scans for configs/smoke.py")
+    parser.add_argument("--default_scans", type=int, default=1, help="phantom scans for configs/default.py")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=8)
+    args = parser.parse_args()
+    from absl import logging
+
+    from configs import default, smoke
+
+    logging.set_verbosity(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, config, scans in (
+            ("smoke", smoke.get_config(), args.scans),
+            ("default", default.get_config(), args.default_scans),
+        ):
+            if scans:
+                print(json.dumps(bench(name, config, tmp, scans, args.size, args.batch_size)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
