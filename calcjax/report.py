@@ -66,7 +66,7 @@ def summaries_of(rows: list[dict]) -> list[metrics.ScanSummary]:
     return out
 
 
-def _fmt(fig: dict) -> str:
+def format_figure(fig: dict) -> str:
     v, lo, hi = fig["value"], fig["ci_low"], fig["ci_high"]
     if not np.isfinite(v):
         return "n/a"
@@ -174,7 +174,10 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
         "|---|" + "---|" * len(groups),
     ]
     for key, name in TABLE:
-        cells = [_fmt(results[g]["figures"][key]) if key in results[g]["figures"] else "n/a" for g in groups]
+        cells = [
+            format_figure(results[g]["figures"][key]) if key in results[g]["figures"] else "n/a"
+            for g in groups
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [f"{g}: {results[g]['ci_note']}" for g in groups if results[g].get("ci_note")]
     if notes:

@@ -396,55 +396,59 @@ def _merge_parts(out: str, scans, pcount: int) -> None:
         os.replace(tmp, os.path.join(out, f"{name}.jsonl"))
 
 
-_SHARDS = flags.DEFINE_string("shards", None, "Glob of shard files, e.g. 'SHARDS/test-*.array_record'.")
-_DICOM = flags.DEFINE_string("dicom", None, "Folder searched for CT series (every series is scored).")
-_LABELS = flags.DEFINE_string("labels", None, "DICOM route: a mirrored tree of reference labels.")
-_SALT = flags.DEFINE_string("salt_file", None, "DICOM route: scan-id salt (e.g. SHARDS/salt.txt).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or one checkpoint step folder.")
-_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a workdir to use.")
-_OUT = flags.DEFINE_string("out", None, "Output folder.")
-_RESUME = flags.DEFINE_bool("resume", False, "Skip scans already in OUT/scores.jsonl.")
-_SAVE_MASKS = flags.DEFINE_bool("save_masks", False, "Write OUT/masks/<scan_id>.nii.gz.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Slices per forward pass (0: 4 per local device).")
-_MASS = flags.DEFINE_float("mass_calibration", None, "mg per (HU x mm^3); mass is reported when given.")
-_KVP = flags.DEFINE_bool("kvp_specific_threshold", False, "Calcium threshold from the scan's kVp.")
-_BOOT = flags.DEFINE_integer("num_bootstrap", 1000, "Bootstrap resamples for the report's CIs.")
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so modules import side by side)."""
+    flags.DEFINE_string("shards", None, "Glob of shard files, e.g. 'SHARDS/test-*.array_record'.")
+    flags.DEFINE_string("dicom", None, "Folder searched for CT series (every series is scored).")
+    flags.DEFINE_string("labels", None, "DICOM route: a mirrored tree of reference labels.")
+    flags.DEFINE_string("salt_file", None, "DICOM route: scan-id salt (e.g. SHARDS/salt.txt).")
+    flags.DEFINE_string("checkpoint", None, "Training workdir or one checkpoint step folder.")
+    flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a workdir to use.")
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.DEFINE_bool("resume", False, "Skip scans already in OUT/scores.jsonl.")
+    flags.DEFINE_bool("save_masks", False, "Write OUT/masks/<scan_id>.nii.gz.")
+    flags.DEFINE_integer("batch_size", 0, "Slices per forward pass (0: 4 per local device).")
+    flags.DEFINE_float("mass_calibration", None, "mg per (HU x mm^3); mass is reported when given.")
+    flags.DEFINE_bool("kvp_specific_threshold", False, "Calcium threshold from the scan's kVp.")
+    flags.DEFINE_integer("num_bootstrap", 1000, "Bootstrap resamples for the report's CIs.")
 
 
 def main(argv):
     del argv
-    if _CHECKPOINT.value is None or _OUT.value is None:
+    if flags.FLAGS.checkpoint is None or flags.FLAGS.out is None:
         raise app.UsageError("--checkpoint and --out are required")
-    if (_SHARDS.value is None) == (_DICOM.value is None):
+    if (flags.FLAGS.shards is None) == (flags.FLAGS.dicom is None):
         raise app.UsageError("give exactly one of --shards and --dicom")
     logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed()
     summary = score_cohort(
-        checkpoint_path=_CHECKPOINT.value,
-        out=_OUT.value,
-        shards=_SHARDS.value,
-        dicom_dir=_DICOM.value,
-        labels_dir=_LABELS.value,
-        salt_file=_SALT.value,
-        which=_WHICH.value,
-        resume=_RESUME.value,
-        save_masks=_SAVE_MASKS.value,
-        batch_size=_BATCH.value,
-        mass_calibration=_MASS.value,
-        kvp_specific_threshold=_KVP.value,
-        num_bootstrap=_BOOT.value,
+        checkpoint_path=flags.FLAGS.checkpoint,
+        out=flags.FLAGS.out,
+        shards=flags.FLAGS.shards,
+        dicom_dir=flags.FLAGS.dicom,
+        labels_dir=flags.FLAGS.labels,
+        salt_file=flags.FLAGS.salt_file,
+        which=flags.FLAGS.which,
+        resume=flags.FLAGS.resume,
+        save_masks=flags.FLAGS.save_masks,
+        batch_size=flags.FLAGS.batch_size,
+        mass_calibration=flags.FLAGS.mass_calibration,
+        kvp_specific_threshold=flags.FLAGS.kvp_specific_threshold,
+        num_bootstrap=flags.FLAGS.num_bootstrap,
     )
     if jax.process_index() == 0:
         print(
             f"scored {summary['scored']} scans ({summary['skipped_already_scored']} already scored, "
-            f"{summary['failed']} failed: see {os.path.join(_OUT.value, ERRORS)}) in {summary['seconds']} s, "
+            f"{summary['failed']} failed: see {os.path.join(flags.FLAGS.out, ERRORS)}) "
+            f"in {summary['seconds']} s, "
             f"{summary['scans_per_min']:.1f} scans/min, {summary['slices_per_s']:.1f} slices/s "
             f"on {summary['devices']} device(s); {summary['total_scores']} rows in "
-            f"{os.path.join(_OUT.value, SCORES)}"
+            f"{os.path.join(flags.FLAGS.out, SCORES)}"
         )
         if summary["report"]:
             print(f"report: {summary['report']}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -32,9 +32,6 @@ from calcjax import checkpoint, evaluation, input_pipeline, metrics, sharding
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, config.")
-
 
 class MetricWriter:
     """JSONL metrics (process 0) and TensorBoard events (tensorboardX, if importable)."""
@@ -206,15 +203,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return last
 
 
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so modules import side by side)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, config.")
+
+
 def main(argv):
     del argv
-    if _WORKDIR.value is None:
+    if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)

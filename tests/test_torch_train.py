@@ -105,3 +105,28 @@ def test_cli_writes_jax_compatible_metrics_and_a_scorable_checkpoint(shards, tmp
     np.testing.assert_array_equal(
         convert.jax_to_torch(model)["stem.weight"].numpy(), sd["stem.weight"].numpy()
     )
+
+
+def test_compare_writes_curves_metrics_and_framework_agreement(shards, tmp_path):
+    from calcjax import compare, train
+    from calcjax.torch_baseline import train as torch_train
+
+    c = _config(shards)
+    c.train.update(dict(steps=4, eval_every=4, log_every=2, warmup_steps=1, checkpoint_every=4))
+    train.train_and_evaluate(c, str(tmp_path / "jax"))
+    torch_train.train_and_evaluate(c, str(tmp_path / "torch"))
+    out = str(tmp_path / "cmp")
+    result = compare.compare(
+        str(tmp_path / "jax"), str(tmp_path / "torch"), out, shards=shards + "/val-*", num_bootstrap=20
+    )
+    with open(os.path.join(out, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    a = result["agreement"]
+    assert a["num_scans"] == 2
+    jax_rows = [json.loads(line) for line in open(os.path.join(out, "jax", "scores.jsonl"))]
+    torch_rows = [json.loads(line) for line in open(os.path.join(out, "torch", "scores.jsonl"))]
+    cats = [(j["risk_category"], t["risk_category"]) for j, t in zip(jax_rows, torch_rows, strict=True)]
+    assert a["risk_agreement"] == np.mean([x == y for x, y in cats])
+    assert set(result["test"]) == {"JAX", "PyTorch"}
+    text = open(os.path.join(out, "comparison.md")).read()
+    assert "Agatston ICC(2,1)" in text and "Voxel F1" in text

@@ -41,10 +41,6 @@ from calcjax.torch_baseline import convert
 from calcjax.torch_baseline import losses as torch_losses
 from calcjax.torch_baseline import model as torch_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder.")
-_DEVICE = flags.DEFINE_string("device", "cpu", "torch device: cpu or cuda.")
-
 
 def initial_models(config: ml_collections.ConfigDict, seed: int):
     """(JAX model, PyTorch twin with the same initial weights)."""
@@ -273,14 +269,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
     return last
 
 
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so modules import side by side)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run folder.")
+    flags.DEFINE_string("device", "cpu", "torch device: cpu or cuda.")
+
+
 def main(argv):
     del argv
-    if _WORKDIR.value is None:
+    if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DEVICE.value)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.device)
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)
