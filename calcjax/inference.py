@@ -1,7 +1,8 @@
 """Whole-scan inference: a jitted, batched forward pass sharded over this process's devices.
 
-``Predictor.predict(stacks)`` takes one scan's 2.5D stacks, int16 HU ``(Z, H, W, C)``, and returns its
-predicted labels, uint8 ``(Z, H, W)`` (0 background, 1 LM, 2 LAD, 3 LCX, 4 RCA; rule:
+``Predictor.predict(hu)`` takes one scan's int16 HU volume ``(Z, H, W)``, builds each batch's 2.5D stacks
+``(B, H, W, C)`` from it as it goes (``calcjax.io.preprocess.slice_stacks``: memory stays one volume), and
+returns its predicted labels, uint8 ``(Z, H, W)`` (0 background, 1 LM, 2 LAD, 3 LCX, 4 RCA; rule:
 ``model.labels_from_logits``). Slices go through in fixed batches of ``batch_size`` (the last one padded
 by repeating its last slice, so one compilation serves every scan of a size); slices whose H or W is not a
 multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the labels cropped back.
@@ -25,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from calcjax import model as model_lib
+from calcjax.io import preprocess
 
 AIR_HU = -1000
 
@@ -58,14 +60,15 @@ class Predictor:
         self.forward_seconds = 0.0
         self.slices = 0
 
-    def predict(self, stacks: np.ndarray) -> np.ndarray:
-        """Labels uint8 ``(Z, H, W)`` of one scan's int16 stacks ``(Z, H, W, C)``."""
-        if stacks.ndim != 4 or stacks.shape[-1] != self.in_channels:
-            raise ValueError(f"stacks must be (Z, H, W, {self.in_channels}), got {stacks.shape}")
-        z, h, w, _ = stacks.shape
+    def predict(self, hu: np.ndarray) -> np.ndarray:
+        """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``."""
+        if hu.ndim != 3:
+            raise ValueError(f"hu must be a (Z, H, W) volume, got {hu.shape}")
+        z, h, w = hu.shape
         ph, pw = -h % self.multiple, -w % self.multiple
         if ph or pw:
-            stacks = np.pad(stacks, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=AIR_HU)
+            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
+        context = (self.in_channels - 1) // 2
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
         t0 = time.perf_counter()
@@ -76,7 +79,7 @@ class Predictor:
             out[start : start + real] = np.asarray(labels)[:real, :h, :w]
 
         for start in range(0, z, b):
-            chunk = stacks[start : start + b]
+            chunk = preprocess.slice_stacks(hu, context, start, start + b)
             real = len(chunk)
             if real < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])

@@ -1,9 +1,10 @@
 """Where the scorer's scans come from: shard records or DICOM series, as one :class:`ScanInput` type.
 
-Both routes end in the same arrays: int16 HU ``hu`` ``(Z, H, W)``, its 2.5D ``stacks`` ``(Z, H, W, C)``
-(``calcjax.io.preprocess``), reference ``labels`` uint8 ``(Z, H, W)`` or None, the scan's grid and
-metadata. A scan is *listed* cheaply (ids and where it lies) and *loaded* one at a time by ``load()``,
-so the scorer never holds more than one scan; a scan that cannot be loaded raises an error naming it.
+Both routes end in the same arrays: int16 HU ``hu`` ``(Z, H, W)`` (``calcjax.io.preprocess``; the
+predictor builds the 2.5D stacks from it batch by batch, by the rule the records were written with),
+reference ``labels`` uint8 ``(Z, H, W)`` or None, the scan's grid and metadata. A scan is *listed*
+cheaply (ids and where it lies) and *loaded* one at a time by ``load()``, so the scorer never holds more
+than one scan; a scan that cannot be loaded raises an error naming it.
 
 - :func:`shard_scans`: the scans of the shard files matching a glob (their folder's ``manifest.json``
   says where each scan's records lie; a scan is contiguous in one shard, in z order).
@@ -30,7 +31,6 @@ class LoadedScan:
     """One scan in memory. ``meta``: protocol, kvp, slice thickness/increment (no identifying value)."""
 
     hu: np.ndarray
-    stacks: np.ndarray
     labels: np.ndarray | None
     grid: geometry.Grid
     meta: dict
@@ -99,16 +99,15 @@ def load_shard_scan(reader: ArrayRecordReader, scan: dict, context: int) -> Load
             labels[i] = rec["label"]
     if hu is None:
         raise records.RecordError(f"{scan['shard']}: scan has no records")
-    # The stacks are rebuilt from the centre slices with the same rule the records were written with, so
-    # a scan costs one HU volume in memory, not C of them; a test holds this equal to the stored stacks.
-    stacks = preprocess.slice_stacks(hu, context)
+    # Only the centre slices are kept: the stacks are rebuilt from them by the rule the records were written
+    # with, so a scan costs one HU volume in memory, not C; a test holds them equal to the stored ones.
     meta = {
         "protocol": scan.get("protocol", "unknown"),
         "kvp": scan.get("kvp"),
         "slice_thickness_mm": scan.get("slice_thickness_mm"),
         "slice_increment_mm": float(scan["spacing"][0]),
     }
-    return LoadedScan(hu, stacks, labels, preprocess.scan_grid(scan, hu.shape), meta)
+    return LoadedScan(hu, labels, preprocess.scan_grid(scan, hu.shape), meta)
 
 
 def shard_scans(pattern: str, *, context: int) -> tuple[list[ScanInput], _ShardReaders]:
@@ -155,7 +154,7 @@ def dicom_scans(
         )
         hu = preprocess.hu_int16(vol.hu)
         meta = {k: vol.meta.get(k) for k in ("protocol", "kvp", "slice_thickness_mm", "slice_increment_mm")}
-        return LoadedScan(hu, preprocess.slice_stacks(hu, context), lab, vol.grid, meta)
+        return LoadedScan(hu, lab, vol.grid, meta)
 
     scans = [ScanInput(j.scan_id, j.where, lambda j=j: load(j), j.identifiers) for j in jobs]
     return scans, errors

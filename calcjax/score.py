@@ -295,7 +295,7 @@ def score_cohort(
             t0 = time.perf_counter()
             try:
                 loaded = scan.load()
-                pred = predictor.predict(loaded.stacks)
+                pred = predictor.predict(loaded.hu)
                 row = score_row(scan, loaded, pred, **score_kw)
             except Exception as e:  # a cohort run records each bad scan and goes on
                 logging.warning("scan %s failed: %s", scan.scan_id, _error_line(scan, e)["reason"])

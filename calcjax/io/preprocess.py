@@ -5,8 +5,9 @@
   (NIfTI checked against the grid, or COCA XML rasterised on it);
 - ``hu_int16``: HU rounded and clipped to int16 (what a shard stores; the model sees exactly these values
   whichever route a scan takes);
-- ``slice_stacks``: every slice's 2.5D stack, ``(Z, H, W, C)`` with C = 2 * context + 1 adjacent slices
-  centred on each slice (edges replicate the first / last slice, ``records.stack_indices``);
+- ``slice_stacks``: the 2.5D stacks of a run of slices, ``(n, H, W, C)`` with C = 2 * context + 1
+  adjacent slices centred on each slice (edges replicate the first / last slice,
+  ``records.stack_indices``); the scorer builds them batch by batch from the HU volume;
 - ``scan_grid``: the manifest's geometry of a scan back as a :class:`calcjax.io.geometry.Grid`.
 
 No jax here: imported by the shard writer's processes.
@@ -39,10 +40,12 @@ def hu_int16(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
 
 
-def slice_stacks(hu: np.ndarray, context: int) -> np.ndarray:
-    """``(Z, H, W, 2*context+1)`` int16 stacks of an int16 ``(Z, H, W)`` volume (module docstring)."""
+def slice_stacks(hu: np.ndarray, context: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """``(stop - start, H, W, 2*context+1)`` int16 stacks of slices ``start..stop-1`` of an int16
+    ``(Z, H, W)`` volume (default: every slice; module docstring)."""
     nz = hu.shape[0]
-    index = np.stack([records.stack_indices(k, nz, context) for k in range(nz)])  # (Z, C)
+    stop = nz if stop is None else min(stop, nz)
+    index = np.stack([records.stack_indices(k, nz, context) for k in range(start, stop)])  # (n, C)
     return np.moveaxis(hu[index], 1, -1)
 
 
