@@ -163,9 +163,9 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
     lines = [
         "# calcjax scoring report",
         "",
-        f"Checkpoint: `{checkpoint}`. Scans scored: {len(rows)}; with reference labels: {len(labelled)} "
+        f"Checkpoint: `{checkpoint}`. Scans scored: {len(rows)}; with reference labels: {len(labelled)} ("
         + ", ".join(f"{g}: {results[g]['num_scans']}" for g in groups if g != "all")
-        + ".",
+        + ").",
         "",
         "Calcium = predicted (or reference) coronary label AND HU >= 130; Agatston per DESIGN.md. "
         f"Figures: value (95% bootstrap CI, {num_bootstrap} resamples of scans).",
