@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/agatston.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/score.py
+	$(BIN)/python bench/scaling.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -50,8 +50,8 @@ TABLE = (
 )
 NUM_OVERLAYS = 6
 COLOURS = np.array(
-    [[0, 0, 0, 0], [1, 0.9, 0, 1], [1, 0.2, 0.2, 1], [0.2, 0.6, 1, 1], [0.2, 1, 0.3, 1]], dtype=float
-)
+    [[0, 0, 0, 0], [1, 0.9, 0, 1], [1, 0.2, 0.2, 1], [0.2, 1, 0.3, 1], [0.2, 0.6, 1, 1]], dtype=float
+)  # background clear, LM yellow, LAD red, LCX green, RCA blue (as the phantom preview)
 
 
 def summaries_of(rows: list[dict]) -> list[metrics.ScanSummary]:
@@ -143,7 +143,7 @@ def overlay_figure(out: str, rows: list[dict], path: str) -> int:
             ax.imshow(COLOURS[np.clip(c[key], 0, 4)], interpolation="nearest", alpha=0.6)
             ax.set_title(f"{r['scan_id'][:13]} z={r['worst_slice']}: {title}", fontsize=7)
             ax.axis("off")
-    fig.suptitle("Largest disagreements (LM yellow, LAD red, LCX blue, RCA green)", fontsize=8)
+    fig.suptitle("Largest disagreements (LM yellow, LAD red, LCX green, RCA blue)", fontsize=8)
     _save(fig, path)
     return len(crops)
 

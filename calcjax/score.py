@@ -88,13 +88,13 @@ def score_row(scan: scan_sources.ScanInput, loaded: scan_sources.LoadedScan, pre
 
 
 def disagreement_crop(loaded: scan_sources.LoadedScan, pred: np.ndarray, threshold_hu: float = 130.0):
-    """The slice where prediction and reference differ most (candidate voxels), as a small crop.
+    """The slice where prediction and reference labels differ most (candidate voxels), as a small crop.
 
     Returns None when they agree everywhere, else ``(count, dict)`` with ``hu``, ``pred``, ``ref``
     ``(OVERLAY_CROP, OVERLAY_CROP)`` around the differing voxels' centre, and ``slice`` (index).
     """
     cand = loaded.hu >= threshold_hu
-    diff = ((pred > 0) != (loaded.labels > 0)) & cand
+    diff = (pred != loaded.labels) & cand  # missed, extra, or the wrong artery
     per_slice = diff.reshape(diff.shape[0], -1).sum(axis=1)
     k = int(per_slice.argmax())
     if per_slice[k] == 0:

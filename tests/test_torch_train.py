@@ -90,7 +90,7 @@ def test_cli_writes_jax_compatible_metrics_and_a_scorable_checkpoint(shards, tmp
     c = _config(shards)
     c.train.update(dict(steps=4, eval_every=4, log_every=2, warmup_steps=1))
     last = torch_train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert {"train_loss", "train_voxel_f1", "steps_per_s", "val_voxel_f1"} <= set(last)
+    assert {"train_loss", "train_voxel_f1", "steps_per_s", "val_loss", "val_voxel_f1"} <= set(last)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "train_loss" in r] == [2, 4]
     assert os.path.isfile(tmp_path / "run" / "torch" / "best.pt")

@@ -149,17 +149,43 @@ def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: input_pipeline.ShardSplit, batch_size: int, device) -> dict:
-    """Validation figures of the PyTorch model over the labelled scans of ``split`` (eval mode)."""
+def evaluate(
+    model: torch.nn.Module,
+    split: input_pipeline.ShardSplit,
+    batch_size: int,
+    device,
+    loss_cfg: ts.LossConfig,
+    max_scans: int = 0,
+) -> dict:
+    """Validation figures of the PyTorch model over the labelled scans of ``split`` (the first
+    ``max_scans``; 0 = all), in eval mode."""
     model.eval()
-    summaries = []
+    summaries, loss_sum, num_slices = [], 0.0, 0
     for item in input_pipeline.iter_scans(split):
         if item["labels"] is None:
             continue
+        if max_scans and len(summaries) >= max_scans:
+            break
         preds = []
         for start in range(0, len(item["images"]), batch_size):
             chunk = np.moveaxis(item["images"][start : start + batch_size], -1, 1).astype(np.float32)
-            preds.append(labels_from_logits(model(torch.from_numpy(chunk).to(device))).cpu().numpy())
+            logits = model(torch.from_numpy(chunk).to(device))
+            preds.append(labels_from_logits(logits).cpu().numpy())
+            lab = torch.from_numpy(np.asarray(item["labels"][start : start + batch_size], np.int64)).to(
+                device
+            )
+            for i in range(len(lab)):  # each slice's own loss with rho = 1, as calcjax.evaluation
+                loss_sum += float(
+                    torch_losses.bootstrap_iou_loss(
+                        logits[i : i + 1],
+                        lab[i : i + 1],
+                        rho=1.0,
+                        k_min=1,
+                        lam=loss_cfg.lam,
+                        smooth=loss_cfg.smooth,
+                    )
+                )
+            num_slices += len(lab)
         scan = item["scan"]
         summaries.append(
             metrics.summarize_scan(
@@ -176,6 +202,7 @@ def evaluate(model: torch.nn.Module, split: input_pipeline.ShardSplit, batch_siz
         return {}
     fig = metrics.evaluate(summaries, num_bootstrap=0)["all"]["figures"]
     return {
+        "val_loss": loss_sum / max(num_slices, 1),
         "val_voxel_precision": fig["voxel_precision"]["value"],
         "val_voxel_recall": fig["voxel_recall"]["value"],
         "val_voxel_f1": fig["voxel_f1"]["value"],
@@ -253,7 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
                 acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
                 t0 = time.time()
             if val_split is not None and (done % t.eval_every == 0 or done == t.steps):
-                val = evaluate(trainer.model, val_split, t.batch_size, trainer.device)
+                max_scans = 0 if done == t.steps else t.get("eval_max_scans", 0)
+                val = evaluate(
+                    trainer.model, val_split, t.batch_size, trainer.device, trainer.loss_cfg, max_scans
+                )
                 if val:
                     log.write(json.dumps({"step": done, **val}) + "\n")
                     log.flush()
