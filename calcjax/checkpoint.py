@@ -120,6 +120,25 @@ class Checkpointer:
         self.best.close()
 
 
+def save_for_inference(root: str, state: TrainState, config: dict) -> None:
+    """A params-only checkpoint ``root/<step>`` (params, batch_stats, config) that ``load_for_inference``
+    reads; for weights trained elsewhere (the PyTorch baseline), which have no optimizer or data state."""
+    manager = ocp.CheckpointManager(
+        os.path.abspath(root),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+    )
+    manager.save(
+        int(jax.device_get(state.step)),
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            batch_stats=ocp.args.StandardSave(state.batch_stats),
+            config=ocp.args.JsonSave(config),
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+
+
 def resolve(path: str, which: str = "best") -> str:
     """A checkpoint step folder from a workdir (``which`` = best / latest) or from a step folder itself."""
     path = os.path.abspath(path)

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from calcjax import metrics, report, score  # noqa: E402
 
@@ -188,6 +188,7 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) != 3 or flags.FLAGS.out is None:
         raise app.UsageError("usage: python -m calcjax.compare RUN_JAX RUN_TORCH --out DIR [--shards GLOB]")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     result = compare(
         argv[1],
         argv[2],

@@ -84,7 +84,10 @@ def test_first_20_losses_agree_with_jax(shards):
 
 
 def test_cli_writes_jax_compatible_metrics_and_a_scorable_checkpoint(shards, tmp_path):
+    import torch
+
     from calcjax import checkpoint
+    from calcjax.torch_baseline import convert
     from calcjax.torch_baseline import train as torch_train
 
     c = _config(shards)
@@ -96,12 +99,13 @@ def test_cli_writes_jax_compatible_metrics_and_a_scorable_checkpoint(shards, tmp
     assert os.path.isfile(tmp_path / "run" / "torch" / "best.pt")
     config, model = checkpoint.load_for_inference(str(tmp_path / "run"), "best")
     assert config["train"]["steps"] == 4
-    # The converted checkpoint holds the PyTorch-trained weights.
-    import torch
-
+    _, last_model = checkpoint.load_for_inference(str(tmp_path / "run"), "latest")
+    last = torch.load(tmp_path / "run" / "torch" / "last.pt", weights_only=True)["model"]
+    np.testing.assert_array_equal(
+        convert.jax_to_torch(last_model)["head.bias"].numpy(), last["head.bias"].numpy()
+    )
+    # The converted checkpoints hold the PyTorch-trained weights.
     sd = torch.load(tmp_path / "run" / "torch" / "best.pt", weights_only=True)
-    from calcjax.torch_baseline import convert
-
     np.testing.assert_array_equal(
         convert.jax_to_torch(model)["stem.weight"].numpy(), sd["stem.weight"].numpy()
     )

@@ -14,9 +14,10 @@ statistics restored, the update count not advanced). Validation runs whole val s
 through the PyTorch model.
 
 Writes ``WORKDIR/metrics.jsonl`` with the JAX trainer's keys, ``WORKDIR/config.json``,
-``WORKDIR/torch/last.pt`` and ``WORKDIR/torch/best.pt`` (state_dicts), and the best weights also as a
-calcjax checkpoint (``WORKDIR/best/<step>``, converted), so ``calcjax.score --checkpoint WORKDIR`` scores
-the PyTorch-trained model. Single process, CPU or one CUDA GPU (``--device``).
+``WORKDIR/torch/last.pt`` and ``WORKDIR/torch/best.pt`` (state_dicts), and both also as calcjax
+checkpoints (converted; ``WORKDIR/best/<step>`` and a params-only ``WORKDIR/checkpoints/<step>``), so
+``calcjax.score --checkpoint WORKDIR [--which latest]`` scores the PyTorch-trained model. Single process,
+CPU or one CUDA GPU (``--device``).
 """
 
 from __future__ import annotations
@@ -211,18 +212,33 @@ def evaluate(
     }
 
 
-def _save_best_as_calcjax(
-    workdir: str, twin: torch.nn.Module, config: ml_collections.ConfigDict, step: int, values: dict
-) -> None:
-    """The PyTorch weights as a calcjax best checkpoint (``WORKDIR/best/<step>``) for ``calcjax.score``."""
+def _jax_state(twin: torch.nn.Module, config: ml_collections.ConfigDict, step: int):
     mcfg = model_lib.ModelConfig.from_config(config.model)
     jax_model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
     convert.torch_to_jax({k: v.cpu() for k, v in twin.state_dict().items()}, jax_model)
     _, state = ts.create_state(jax_model, optax.identity())
-    state = state.replace(step=np.int32(step))
+    return state.replace(step=np.int32(step))
+
+
+def _save_best_as_calcjax(
+    workdir: str, twin: torch.nn.Module, config: ml_collections.ConfigDict, step: int, values: dict
+) -> None:
+    """The PyTorch weights as a calcjax best checkpoint (``WORKDIR/best/<step>``) for ``calcjax.score``."""
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    ckpt.save_best(state, json.loads(config.to_json_best_effort()), {**values, "step": step})
+    ckpt.save_best(
+        _jax_state(twin, config, step), json.loads(config.to_json_best_effort()), {**values, "step": step}
+    )
     ckpt.close()
+
+
+def _save_last_as_calcjax(workdir: str, twin: torch.nn.Module, config: ml_collections.ConfigDict, step: int):
+    """The final PyTorch weights as a params-only calcjax checkpoint (``WORKDIR/checkpoints/<step>``), so
+    ``calcjax.score --which latest`` and ``calcjax.compare --which latest`` score them."""
+    checkpoint.save_for_inference(
+        os.path.join(workdir, "checkpoints"),
+        _jax_state(twin, config, step),
+        json.loads(config.to_json_best_effort()),
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: str = "cpu") -> dict:
@@ -296,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
         {"model": twin.state_dict(), "optimizer": trainer.opt.state_dict(), "updates": trainer.updates},
         os.path.join(workdir, "torch", "last.pt"),
     )
+    _save_last_as_calcjax(workdir, twin, config, t.steps)
     return last
 
 
