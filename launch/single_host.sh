@@ -20,5 +20,6 @@ fi
 PY=$(python_bin)
 "$PY" -c "import jax; print('jax', jax.__version__, 'devices:', jax.devices())" \
   || die "jax does not start with $PY (install calcjax with a CUDA jax: pip install -e . 'jax[cuda12]')"
+CONFIG=$(realpath "$CONFIG"); WORKDIR=$(realpath -m "$WORKDIR"); SHARDS=$(realpath "$SHARDS")  # before cd
 cd "$REPO"
 exec "$PY" -m calcjax.train --config "$CONFIG" --workdir "$WORKDIR" --config.data.shards="$SHARDS" "$@"
