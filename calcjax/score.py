@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from calcjax import agatston, checkpoint, inference, metrics, report, scan_sources, sharding
-from calcjax.io import discover
+from calcjax.io import discover, labels
 
 SCORES = "scores.jsonl"
 ERRORS = "errors.jsonl"
@@ -111,20 +111,6 @@ def disagreement_crop(loaded: scan_sources.LoadedScan, pred: np.ndarray, thresho
         "ref": loaded.labels[win],
         "slice": k,
     }
-
-
-def write_mask(path: str, pred: np.ndarray, grid) -> None:
-    """Predicted labels ``(z, y, x)`` as NIfTI-1 ``(x, y, z)`` uint8 with the grid's RAS affine (atomic)."""
-    import nibabel as nib
-
-    affine = grid.affine_ras()
-    img = nib.Nifti1Image(np.ascontiguousarray(pred.transpose(2, 1, 0)).astype(np.uint8), affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    tmp = path + ".tmp.nii.gz"
-    nib.save(img, tmp)
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str, *, repair: bool = False) -> list[dict]:
@@ -304,7 +290,7 @@ def score_cohort(
                 continue
             if save_masks:
                 os.makedirs(mask_dir, exist_ok=True)
-                write_mask(os.path.join(mask_dir, f"{scan.scan_id}.nii.gz"), pred, loaded.grid)
+                labels.write_label_nifti(os.path.join(mask_dir, f"{scan.scan_id}.nii.gz"), pred, loaded.grid)
             if loaded.labels is not None:
                 crop = disagreement_crop(loaded, pred)
                 row["worst_slice_disagreement"] = 0 if crop is None else crop[0]

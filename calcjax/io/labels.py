@@ -15,6 +15,7 @@ Both readers return uint8 ``(z, y, x)`` labels on the image grid (0 background, 
 
 from __future__ import annotations
 
+import os
 import plistlib
 import re
 
@@ -52,6 +53,19 @@ def _describe(shape, affine) -> str:
         f"shape {tuple(int(s) for s in shape)}, spacing {tuple(round(float(z), 4) for z in zooms)} mm, "
         f"origin {tuple(round(float(o), 3) for o in affine[:3, 3])} mm"
     )
+
+
+def write_label_nifti(path: str, label: np.ndarray, grid: Grid) -> None:
+    """Writes labels ``(z, y, x)`` as NIfTI-1 ``(x, y, z)`` uint8 with the grid's RAS affine (qform and
+    sform), under a temporary name renamed into place: what :func:`read_nifti_label` reads back."""
+    affine = grid.affine_ras()
+    img = nib.Nifti1Image(np.ascontiguousarray(np.asarray(label).transpose(2, 1, 0)).astype(np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path + ".tmp.nii.gz"
+    nib.save(img, tmp)
+    os.replace(tmp, path)
 
 
 def read_nifti_label(path: str, grid: Grid) -> np.ndarray:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import plistlib
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -28,15 +27,6 @@ COCA_NAMES = {
     3: "Left Circumflex Artery",
     4: "Right Coronary Artery",
 }
-
-
-def write_label_nifti(path: str, label: np.ndarray, grid: Grid) -> None:
-    """Writes ``label`` ``(z, y, x)`` as NIfTI-1 ``(x, y, z)`` uint8 with the grid's RAS affine."""
-    img = nib.Nifti1Image(np.ascontiguousarray(label.transpose(2, 1, 0)).astype(np.uint8), grid.affine_ras())
-    img.header.set_xyzt_units("mm")
-    img.set_qform(grid.affine_ras(), code=1)
-    img.set_sform(grid.affine_ras(), code=1)
-    nib.save(img, path)
 
 
 def outline_loops(mask: np.ndarray) -> list[np.ndarray]:

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from calcjax import agatston
+from calcjax.io import labels
 from calcjax.io.geometry import Grid
 from data_prep.phantom import annotations, calcium, dicom_series
 from data_prep.phantom.acquisition import (
@@ -225,7 +226,7 @@ def write_scan(scan: PhantomScan, out_dir: str, *, seed: int, index: int) -> str
             patient_name=f"Phantom^Patient{index:04d}^S{seed}",
             patient_id=f"CJX-PID-{seed:03d}-{index:05d}",
         )
-        annotations.write_label_nifti(os.path.join(tmp, "label.nii.gz"), scan.label, scan.grid)
+        labels.write_label_nifti(os.path.join(tmp, "label.nii.gz"), scan.label, scan.grid)
         annotations.write_coca_xml(os.path.join(tmp, "calcium.xml"), scan.label, scan.hu, scan.grid)
         with open(os.path.join(tmp, "truth.json"), "w") as f:
             json.dump(scan.truth, f, indent=1)
