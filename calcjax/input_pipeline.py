@@ -3,8 +3,9 @@
 Training (``train_dataset``): an "epoch" is ``num_records`` slots; a seeded shuffle of the slots, repeated
 (a new permutation each epoch); a slot below ``calcium_fraction * num_records`` draws a random slice with
 calcium (from the manifest's index), any other slot a random slice without; decode; augmentation that keeps
-anatomy (random crop, biased to contain calcium; rotation within +-``rotate_deg``; scale within
-``1 +- scale``; HU noise and intensity jitter; never a left-right flip, which would swap the arteries);
+anatomy (random crop, biased to contain calcium or else a calcium-like bright object; rotation within
++-``rotate_deg``; scale within ``1 +- scale``; HU noise and intensity jitter; never a left-right flip, which
+would swap the arteries);
 batching. Each process takes every ``process_count``-th element, so hosts read disjoint data. Every random
 choice is a function of (seed, element index), so the stream is deterministic and its iterator state
 (a position) checkpoints with ``grain.checkpoint``.
@@ -29,6 +30,7 @@ from scipy import ndimage
 from calcjax.io import records
 
 AIR_HU = -1000.0
+CALCIUM_HU = 130.0  # the Agatston threshold: voxels below it are never calcium, whatever the label says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,16 @@ class AugmentConfig:
     noise_sd_hu: float = 10.0
     jitter: float = 0.03
     calcium_crop_probability: float = 0.9
+    # Of the crops not centred on calcium, the fraction centred on a bright (>= 130 HU) unlabelled object
+    # (picked uniformly over connected objects, so a rib or a valve nodule counts as much as the spine):
+    # hard negatives, the confounders (aortic wall and valve, mitral annulus, cartilage) a scorer must
+    # reject. Uniform crops alone rarely contain them and a model trained so calls them calcium.
+    bright_crop_probability: float = 0.5
+
+    @classmethod
+    def from_config(cls, data_cfg) -> AugmentConfig:
+        """Fields of ``data_cfg`` (the config's ``data`` block) with the same names; defaults otherwise."""
+        return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls) if f.name in data_cfg})
 
 
 class PickRecord(grain.transforms.RandomMap):
@@ -109,12 +121,25 @@ class Augment(grain.transforms.RandomMap):
         return augment(rec["image"], rec["label"], self.cfg, rng)
 
 
+def bright_objects(hu: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected (8-neighbour) objects of ``hu >= 130`` outside the calcium label in one ``(H, W)`` slice:
+    an int32 object-id map (0 none) and the number of objects."""
+    return ndimage.label((hu >= CALCIUM_HU) & (label == 0), structure=np.ones((3, 3)))
+
+
 def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator) -> dict:
-    """Crop (biased to calcium), rotation / scale about the crop centre, HU noise and jitter (module doc)."""
+    """Crop (biased to calcium, else to bright objects), rotation / scale about the crop centre, HU noise
+    and jitter (module doc; :class:`AugmentConfig`)."""
     c, h, w = image_chw.shape
     s = cfg.crop
     ys, xs = np.nonzero(label)
-    if ys.size and rng.uniform() < cfg.calcium_crop_probability:
+    if not (ys.size and rng.uniform() < cfg.calcium_crop_probability):
+        ys = xs = np.zeros(0, np.int64)
+        if rng.uniform() < cfg.bright_crop_probability:
+            objects, n = bright_objects(image_chw[c // 2], label)
+            if n:
+                ys, xs = np.nonzero(objects == rng.integers(1, n + 1))
+    if ys.size:
         i = rng.integers(0, ys.size)
         cy = ys[i] + rng.uniform(-0.3, 0.3) * s
         cx = xs[i] + rng.uniform(-0.3, 0.3) * s

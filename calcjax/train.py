@@ -104,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss_cfg = ts.LossConfig.from_config(config.loss)
 
     train_split = input_pipeline.ShardSplit.load(dcfg.shards, "train")
-    aug = input_pipeline.AugmentConfig(crop=dcfg.crop)
+    aug = input_pipeline.AugmentConfig.from_config(dcfg)
     data = input_pipeline.train_dataset(
         train_split,
         batch_size=local_batch,

@@ -39,6 +39,7 @@ class LossConfig:
     k_min: int = 512
     lam: float = 1.0
     smooth: float = 1.0
+    iou_classes: str = "present"  # see calcjax.losses
 
     @classmethod
     def from_config(cls, cfg) -> LossConfig:
@@ -85,7 +86,13 @@ def train_step(
         model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
         logits = model(images)
         loss = losses.bootstrap_iou_loss(
-            logits, labels, rho=loss_cfg.rho, k_min=loss_cfg.k_min, lam=loss_cfg.lam, smooth=loss_cfg.smooth
+            logits,
+            labels,
+            rho=loss_cfg.rho,
+            k_min=loss_cfg.k_min,
+            lam=loss_cfg.lam,
+            smooth=loss_cfg.smooth,
+            iou_classes=loss_cfg.iou_classes,
         )
         return loss, (nnx.state(model, nnx.BatchStat), logits)
 

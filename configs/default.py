@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
             dtype="bfloat16",
         )
     )
-    c.loss = ml_collections.ConfigDict(dict(rho=0.05, k_min=512, lam=1.0, smooth=1.0))
+    # iou_classes="present": the IoU term averages over the classes in the batch (calcjax.losses says why).
+    c.loss = ml_collections.ConfigDict(dict(rho=0.05, k_min=512, lam=1.0, smooth=1.0, iou_classes="present"))
     c.data = ml_collections.ConfigDict(
         dict(
             shards="",

@@ -10,8 +10,9 @@ import pytest
 from calcjax import losses
 
 
-def numpy_loss(logits, labels, rho, k_min, lam, smooth=1.0):
-    """The definition, written directly: sort each image's pixel CE, average the k largest; IoU by sums."""
+def numpy_loss(logits, labels, rho, k_min, lam, smooth=1.0, iou_classes="present"):
+    """The definition, written directly: sort each image's pixel CE, average the k largest; IoU by sums;
+    ``1 - IoU`` averaged over the classes in the labels ("present") or over all foreground classes."""
     b, h, w, k = logits.shape
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -25,19 +26,52 @@ def numpy_loss(logits, labels, rho, k_min, lam, smooth=1.0):
         inter = (p[..., c] * y).sum()
         union = (p[..., c] + y - p[..., c] * y).sum()
         ious.append((inter + smooth) / (union + smooth))
-    return bce + lam * (1 - np.mean(ious)), bce, np.array(ious)
+    ious = np.array(ious)
+    used = np.ones(k - 1, bool) if iou_classes == "all" else np.isin(np.arange(1, k), labels)
+    gap = (1 - ious[used]).mean() if used.any() else 0.0
+    return bce + lam * gap, bce, ious
 
 
-def test_matches_numpy_on_random_inputs():
+@pytest.mark.parametrize("iou_classes", ["present", "all"])
+def test_matches_numpy_on_random_inputs(iou_classes):
     rng = np.random.default_rng(0)
-    for rho, k_min in ((0.1, 4), (0.5, 1), (1.0, 1), (0.01, 20)):
+    for rho, k_min, num_labels in ((0.1, 4, 5), (0.5, 1, 5), (1.0, 1, 3), (0.01, 20, 2)):
         logits = rng.normal(size=(3, 8, 6, 5)).astype(np.float32) * 3
-        labels = rng.integers(0, 5, size=(3, 8, 6))
+        labels = rng.integers(0, num_labels, size=(3, 8, 6))  # num_labels < 5: classes absent
         got = float(
-            losses.bootstrap_iou_loss(jnp.asarray(logits), jnp.asarray(labels), rho=rho, k_min=k_min, lam=0.7)
+            losses.bootstrap_iou_loss(
+                jnp.asarray(logits),
+                jnp.asarray(labels),
+                rho=rho,
+                k_min=k_min,
+                lam=0.7,
+                iou_classes=iou_classes,
+            )
         )
-        want, _, _ = numpy_loss(logits.astype(np.float64), labels, rho, k_min, 0.7)
+        want, _, _ = numpy_loss(logits.astype(np.float64), labels, rho, k_min, 0.7, iou_classes=iou_classes)
         assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_present_classes_only_an_absent_class_adds_nothing():
+    # Class 4 absent from the labels: with "present", probability put on it changes only the CE part.
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=(2, 8, 8))
+    logits = rng.normal(size=(2, 8, 8, 5)).astype(np.float32)
+    bumped = logits.copy()
+    bumped[..., 4] += 2.0
+    for lg in (jnp.asarray(logits), jnp.asarray(bumped)):
+        lb = jnp.asarray(labels)
+        full = float(losses.bootstrap_iou_loss(lg, lb, rho=1.0, k_min=1, lam=1.0))
+        bce = float(losses.bootstrapped_cross_entropy(lg, lb, rho=1.0, k_min=1))
+        ious = np.asarray(losses.soft_iou(lg, lb))
+        assert full == pytest.approx(bce + np.mean(1 - ious[:3]), rel=1e-5)
+    # ...whereas "all" charges the absent class: its IoU 1 / (sum p_4 + 1) falls as p_4 grows.
+    all_iou = [
+        float(losses.iou_term(jnp.asarray(lg), jnp.asarray(labels), classes="all")) for lg in (logits, bumped)
+    ]
+    assert all_iou[1] > all_iou[0]
+    with pytest.raises(ValueError, match="iou_classes"):
+        losses.iou_term(jnp.asarray(logits), jnp.asarray(labels), classes="some")
 
 
 def test_hand_computed_bootstrap_with_ties_at_the_boundary():
@@ -71,8 +105,14 @@ def test_all_background_is_finite_and_jittable():
     value = f(logits, labels)
     grad = jax.grad(lambda lg: f(lg, labels))(logits)
     assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
-    want, _, ious = numpy_loss(np.asarray(logits, np.float64), np.asarray(labels), 0.1, 8, 1.0)
+    want, bce, ious = numpy_loss(np.asarray(logits, np.float64), np.asarray(labels), 0.1, 8, 1.0)
     assert float(value) == pytest.approx(want, rel=1e-5) and (ious > 0).all()
-    # A confident all-background prediction on an all-background batch: IoU terms ~1, loss ~0.
+    assert want == bce  # no foreground class present: the IoU term is 0
+    # A confident all-background prediction on an all-background batch: loss ~0 either way.
     sure = jnp.zeros((2, 16, 16, 5)).at[..., 0].set(40.0)
     assert float(f(sure, labels)) == pytest.approx(0.0, abs=1e-3)
+    f_all = jax.jit(
+        lambda lg, lb: losses.bootstrap_iou_loss(lg, lb, rho=0.1, k_min=8, lam=1.0, iou_classes="all")
+    )
+    assert float(f_all(sure, labels)) == pytest.approx(0.0, abs=1e-3)
+    assert np.isfinite(np.asarray(jax.grad(lambda lg: f_all(lg, labels))(logits))).all()

@@ -174,3 +174,16 @@ def test_bad_input_sizes_are_refused():
     with pytest.raises(ValueError, match="channels"):
         jm(jnp.zeros((1, 64, 64, 5)))
     assert jax.tree.leaves(nnx.state(jm, nnx.Param))
+
+
+@pytest.mark.parametrize("iou_classes", ["present", "all"])
+def test_loss_twins_agree_with_an_absent_class(iou_classes):
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(2, 12, 10, 5)).astype(np.float32) * 2
+    labels = rng.integers(0, 3, size=(2, 12, 10))  # classes 3 and 4 absent
+    args = dict(rho=0.2, k_min=8, lam=0.8, iou_classes=iou_classes)
+    lj = losses.bootstrap_iou_loss(jnp.asarray(logits), jnp.asarray(labels), **args)
+    lt = torch_losses.bootstrap_iou_loss(
+        torch.from_numpy(logits).permute(0, 3, 1, 2), torch.from_numpy(labels), **args
+    )
+    assert float(lj) == pytest.approx(lt.item(), rel=1e-5)

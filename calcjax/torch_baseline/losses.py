@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from calcjax.losses import num_hardest
 
 
-def bootstrap_iou_loss(logits, labels, *, rho: float, k_min: int, lam: float, smooth: float = 1.0):
+def bootstrap_iou_loss(
+    logits, labels, *, rho: float, k_min: int, lam: float, smooth: float = 1.0, iou_classes: str = "present"
+):
     b, k, h, w = logits.shape
     ce = F.cross_entropy(logits.float(), labels.long(), reduction="none").reshape(b, h * w)
     bce = torch.topk(ce, num_hardest(h * w, rho, k_min), dim=1).values.mean()
@@ -16,5 +18,10 @@ def bootstrap_iou_loss(logits, labels, *, rho: float, k_min: int, lam: float, sm
     y = F.one_hot(labels.long(), k).permute(0, 3, 1, 2).float()[:, 1:]
     inter = (p * y).sum(dim=(0, 2, 3))
     union = (p + y - p * y).sum(dim=(0, 2, 3))
-    iou = (inter + smooth) / (union + smooth)
-    return bce + lam * (1.0 - iou.mean())
+    gap = 1.0 - (inter + smooth) / (union + smooth)
+    if iou_classes == "all":
+        return bce + lam * gap.mean()
+    if iou_classes != "present":
+        raise ValueError(f"iou_classes must be 'present' or 'all', got {iou_classes!r}")
+    present = (y.sum(dim=(0, 2, 3)) > 0).float()
+    return bce + lam * (present * gap).sum() / present.sum().clamp(min=1.0)

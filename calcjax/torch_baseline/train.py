@@ -108,7 +108,7 @@ class TorchTrainer:
         logits = self.model(x)
         c = self.loss_cfg
         loss = torch_losses.bootstrap_iou_loss(
-            logits, y, rho=c.rho, k_min=c.k_min, lam=c.lam, smooth=c.smooth
+            logits, y, rho=c.rho, k_min=c.k_min, lam=c.lam, smooth=c.smooth, iou_classes=c.iou_classes
         )
         loss.backward()
         self._biased_running_var(buffers)  # after backward: autograd checks the buffers' versions
@@ -184,6 +184,7 @@ def evaluate(
                         k_min=1,
                         lam=loss_cfg.lam,
                         smooth=loss_cfg.smooth,
+                        iou_classes=loss_cfg.iou_classes,
                     )
                 )
             num_slices += len(lab)
@@ -253,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
     data = input_pipeline.train_dataset(
         split,
         batch_size=t.batch_size,
-        aug=input_pipeline.AugmentConfig(crop=d.crop),
+        aug=input_pipeline.AugmentConfig.from_config(d),
         calcium_fraction=d.calcium_fraction,
         seed=d.seed,
         worker_count=d.worker_count,
