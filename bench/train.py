@@ -29,7 +29,7 @@ from calcjax import model as M, train_step as ts, sharding, input_pipeline as ip
 from configs import smoke
 c = smoke.get_config()
 split = ip.ShardSplit.load(sys.argv[1], "train")
-it = iter(ip.train_dataset(split, batch_size=c.train.batch_size, aug=ip.AugmentConfig(crop=c.data.crop),
+it = iter(ip.train_dataset(split, batch_size=c.train.batch_size, aug=ip.AugmentConfig.from_config(c.data),
                            calcium_fraction=c.data.calcium_fraction, seed=0))
 batches = [next(it) for _ in range(4)]
 model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
@@ -102,7 +102,7 @@ def main() -> None:
             ip.train_dataset(
                 split,
                 batch_size=c.train.batch_size,
-                aug=ip.AugmentConfig(crop=c.data.crop),
+                aug=ip.AugmentConfig.from_config(c.data),
                 calcium_fraction=c.data.calcium_fraction,
                 seed=0,
             )

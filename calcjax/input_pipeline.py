@@ -73,7 +73,7 @@ class AugmentConfig:
     # (picked uniformly over connected objects, so a rib or a valve nodule counts as much as the spine):
     # hard negatives, the confounders (aortic wall and valve, mitral annulus, cartilage) a scorer must
     # reject. Uniform crops alone rarely contain them and a model trained so calls them calcium.
-    bright_crop_probability: float = 0.5
+    bright_crop_probability: float = 0.8
 
     @classmethod
     def from_config(cls, data_cfg) -> AugmentConfig:

@@ -17,8 +17,10 @@
   a whole present lesion right gains, while each voxel of a present lesion gains only 1 / (union + 1).
   On phantoms (calcium in ~1% of slices, the LAD in most batches, LM / LCX / RCA in few) a model trained
   with ``"all"`` settled on predicting the LAD only: LM, LCX and RCA voxels went to background on the
-  training scans themselves (the issue-6 notes). False positives of an absent class are still penalised
-  by the cross-entropy, whose hardest pixels they are.
+  training scans themselves. Measured (configs/smoke.py, 1600 steps on 22 training phantoms, scored on 13
+  test phantoms): ``"all"`` voxel F1 0.43 (LAD 0.74; LM, LCX, RCA 0.00); ``"present"`` 0.71 (LAD 0.81,
+  LCX 0.69, RCA 0.52, LM 0.00). False positives of an absent class are still penalised by the
+  cross-entropy, whose hardest pixels they are.
 
 Args everywhere: ``logits`` ``(B, H, W, K)`` float, ``labels`` ``(B, H, W)`` int in [0, K).
 """
@@ -69,8 +71,8 @@ def iou_term(
     gap = 1.0 - soft_iou(logits, labels, smooth=smooth)
     if classes == "all":
         return gap.mean()
-    k = logits.shape[-1]
-    present = (jnp.zeros((k,), jnp.int32).at[labels.reshape(-1)].add(1)[1:] > 0).astype(jnp.float32)
+    # K-1 any-reductions (no scatter): under a batch-sharded jit each is a local reduce + an all-reduce.
+    present = jnp.stack([jnp.any(labels == c) for c in range(1, logits.shape[-1])]).astype(jnp.float32)
     return jnp.sum(present * gap) / jnp.maximum(present.sum(), 1.0)
 
 

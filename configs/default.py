@@ -32,7 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             shards="",
             crop=512,
-            calcium_fraction=0.5,
+            # Slots drawing a slice with calcium; the others draw a slice without. On phantoms (1600 smoke
+            # steps, 64 training scans) 0.3 with bright_crop_probability 0.8 gave val voxel precision 0.75
+            # (recall 0.84) where 0.5 with 0.5 gave 0.60 (recall 0.83): fewer calls on confounders.
+            calcium_fraction=0.3,
+            # calcjax.input_pipeline.AugmentConfig: crops centred on calcium, else on bright objects.
+            calcium_crop_probability=0.9,
+            bright_crop_probability=0.8,
             seed=0,
             worker_count=4,
             inject_nan_at_steps=(),  # a debugging / test hook: steps whose batch gets a NaN
