@@ -135,7 +135,7 @@ def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator) -> d
     ys, xs = np.nonzero(label)
     if not (ys.size and rng.uniform() < cfg.calcium_crop_probability):
         ys = xs = np.zeros(0, np.int64)
-        if rng.uniform() < cfg.bright_crop_probability:
+        if cfg.bright_crop_probability > 0 and rng.uniform() < cfg.bright_crop_probability:
             objects, n = bright_objects(image_chw[c // 2], label)
             if n:
                 ys, xs = np.nonzero(objects == rng.integers(1, n + 1))

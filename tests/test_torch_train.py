@@ -41,6 +41,7 @@ def test_first_20_losses_agree_with_jax(shards):
     from calcjax.torch_baseline import train as torch_train
 
     c = _config(shards)
+    c.loss.iou_classes = "all"
     jax_model, twin = torch_train.initial_models(c, seed=0)
     t = c.train
     tx = ts.make_optimizer(
@@ -54,11 +55,14 @@ def test_first_20_losses_agree_with_jax(shards):
     step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(c.loss))
     trainer = torch_train.TorchTrainer(twin, c)
     split = input_pipeline.ShardSplit.load(shards, "train")
-    it = iter(
-        input_pipeline.train_dataset(
-            split, batch_size=4, aug=input_pipeline.AugmentConfig(crop=32), calcium_fraction=0.5, seed=0
-        )
-    )
+    # The trainers are compared on the batches and loss this test was measured on: uniform crops
+    # (bright_crop_probability 0 draws nothing, so the stream is unchanged) and the IoU term over all
+    # classes. On other streams the 20-step float32 drift (below) exceeded these tolerances: with
+    # bright-object crops and "present", losses 1.3e-3 apart by step 16 (the first 5 steps within 1e-5) and
+    # BatchNorm running variances 3-4% apart after 20 steps. The loss twins agree in both modes in
+    # test_torch_parity.py.
+    aug = input_pipeline.AugmentConfig(crop=32, bright_crop_probability=0.0)
+    it = iter(input_pipeline.train_dataset(split, batch_size=4, aug=aug, calcium_fraction=0.5, seed=0))
     jax_losses, torch_losses, clipped = [], [], 0
     for _ in range(20):
         b = next(it)
