@@ -67,13 +67,7 @@ class Evaluator:
             # The bootstrap-IoU loss of each slice alone (rho = 1: every pixel), summed over real slices.
             per_slice = jax.vmap(
                 lambda lg, lb: losses.bootstrap_iou_loss(
-                    lg[None],
-                    lb[None],
-                    rho=1.0,
-                    k_min=1,
-                    lam=loss_cfg.lam,
-                    smooth=loss_cfg.smooth,
-                    iou_classes=loss_cfg.iou_classes,
+                    lg[None], lb[None], **loss_cfg.kwargs(rho=1.0, k_min=1)
                 )
             )(logits, labels)
             return model_lib.labels_from_logits(logits), (per_slice * weights).sum()

@@ -41,6 +41,10 @@ class LossConfig:
     smooth: float = 1.0
     iou_classes: str = "present"  # see calcjax.losses
 
+    def kwargs(self, **overrides) -> dict:
+        """The keyword arguments of ``losses.bootstrap_iou_loss`` (and its PyTorch twin), with overrides."""
+        return {**dataclasses.asdict(self), **overrides}
+
     @classmethod
     def from_config(cls, cfg) -> LossConfig:
         return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg})
@@ -85,15 +89,7 @@ def train_step(
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
         logits = model(images)
-        loss = losses.bootstrap_iou_loss(
-            logits,
-            labels,
-            rho=loss_cfg.rho,
-            k_min=loss_cfg.k_min,
-            lam=loss_cfg.lam,
-            smooth=loss_cfg.smooth,
-            iou_classes=loss_cfg.iou_classes,
-        )
+        loss = losses.bootstrap_iou_loss(logits, labels, **loss_cfg.kwargs())
         return loss, (nnx.state(model, nnx.BatchStat), logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

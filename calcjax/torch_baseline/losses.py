@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from calcjax.losses import num_hardest
+from calcjax.losses import IOU_CLASSES, num_hardest
 
 
 def bootstrap_iou_loss(
@@ -21,7 +21,7 @@ def bootstrap_iou_loss(
     gap = 1.0 - (inter + smooth) / (union + smooth)
     if iou_classes == "all":
         return bce + lam * gap.mean()
-    if iou_classes != "present":
-        raise ValueError(f"iou_classes must be 'present' or 'all', got {iou_classes!r}")
+    if iou_classes not in IOU_CLASSES:
+        raise ValueError(f"iou_classes must be one of {IOU_CLASSES}, got {iou_classes!r}")
     present = (y.sum(dim=(0, 2, 3)) > 0).float()
     return bce + lam * (present * gap).sum() / present.sum().clamp(min=1.0)

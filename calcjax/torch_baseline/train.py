@@ -106,10 +106,7 @@ class TorchTrainer:
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         self.opt.zero_grad(set_to_none=True)
         logits = self.model(x)
-        c = self.loss_cfg
-        loss = torch_losses.bootstrap_iou_loss(
-            logits, y, rho=c.rho, k_min=c.k_min, lam=c.lam, smooth=c.smooth, iou_classes=c.iou_classes
-        )
+        loss = torch_losses.bootstrap_iou_loss(logits, y, **self.loss_cfg.kwargs())
         loss.backward()
         self._biased_running_var(buffers)  # after backward: autograd checks the buffers' versions
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -178,13 +175,7 @@ def evaluate(
             for i in range(len(lab)):  # each slice's own loss with rho = 1, as calcjax.evaluation
                 loss_sum += float(
                     torch_losses.bootstrap_iou_loss(
-                        logits[i : i + 1],
-                        lab[i : i + 1],
-                        rho=1.0,
-                        k_min=1,
-                        lam=loss_cfg.lam,
-                        smooth=loss_cfg.smooth,
-                        iou_classes=loss_cfg.iou_classes,
+                        logits[i : i + 1], lab[i : i + 1], **loss_cfg.kwargs(rho=1.0, k_min=1)
                     )
                 )
             num_slices += len(lab)
