@@ -44,6 +44,7 @@ class ScanInput:
     source: str
     load: Callable[[], LoadedScan]
     identifiers: frozenset[str] = frozenset()
+    folder: str | None = None  # DICOM route: the series folder (in memory only, for reference matching)
 
 
 def _manifest(folder: str) -> dict:
@@ -106,6 +107,7 @@ def load_shard_scan(reader: ArrayRecordReader, scan: dict, context: int) -> Load
         "kvp": scan.get("kvp"),
         "slice_thickness_mm": scan.get("slice_thickness_mm"),
         "slice_increment_mm": float(scan["spacing"][0]),
+        "series_grouping": scan.get("series_grouping", "uid"),
     }
     return LoadedScan(hu, labels, preprocess.scan_grid(scan, hu.shape), meta)
 
@@ -154,7 +156,17 @@ def dicom_scans(
         )
         hu = preprocess.hu_int16(vol.hu)
         meta = {k: vol.meta.get(k) for k in ("protocol", "kvp", "slice_thickness_mm", "slice_increment_mm")}
+        meta["series_grouping"] = job.grouping
         return LoadedScan(hu, lab, vol.grid, meta)
 
-    scans = [ScanInput(j.scan_id, j.where, lambda j=j: load(j), j.identifiers) for j in jobs]
+    scans = [
+        ScanInput(
+            j.scan_id,
+            j.where,
+            lambda j=j: load(j),
+            j.identifiers,
+            os.path.commonpath([os.path.dirname(f) for f in j.files]),
+        )
+        for j in jobs
+    ]
     return scans, errors

@@ -6,10 +6,11 @@ r"""Builds ArrayRecord shards of 2.5D stacks from folders of DICOM CT (+ NIfTI /
 
 Output (DESIGN.md "Shard folder"): ``{split}-{i:05d}-of-{n:05d}.array_record``, ``manifest.json``
 (schema version, settings, per-scan metadata with record ranges, indices of records with calcium) and
-``errors.jsonl`` (every skipped input and the reason). Scans are named by a salted hash; the salt lives in
-``SHARDS/salt.txt`` (created on the first build and reused so reruns and added scans keep their ids;
-keep it private, and remove it before sharing the shards). A rerun after a kill finishes the job: finished
-shards are kept, unfinished ones rebuilt, and the same inputs give the same shards.
+``errors.jsonl`` (every skipped input and the reason; a series that was built but whose files made pydicom
+warn gets one ``reader_warnings`` line with ``"severity": "warning"``). Scans are named by a salted hash;
+the salt lives in ``SHARDS/salt.txt`` (created on the first build and reused so reruns and added scans
+keep their ids; keep it private, and remove it before sharing the shards). A rerun after a kill finishes
+the job: finished shards are kept, unfinished ones rebuilt, and the same inputs give the same shards.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main(argv):
     per_split = ", ".join(f"{k}: {v['num_records']} records" for k, v in sorted(m["splits"].items()))
     print(
         f"built {m['num_scans']} scans, {m['num_records']} slices ({per_split}); "
-        f"skipped {m['num_errors']} inputs (see errors.jsonl); {m['seconds']:.1f} s "
+        f"skipped {m['num_errors']} inputs, {m['num_warnings']} series with reader warnings "
+        f"(see errors.jsonl); {m['seconds']:.1f} s "
         f"-> {os.path.abspath(_OUT.value)}"
     )
 

@@ -149,12 +149,14 @@ def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_f
             "split_seed": split_seed,
             "protocol_override": protocol,
             "label_format": label_format,
-            "scan_id": "salted SHA-256 of the SeriesInstanceUID",
+            "scan_id": "salted SHA-256 of the SeriesInstanceUID (of the folder and physical series key where "
+            "the files have no UID: the scan's series_grouping is then 'geometry')",
         },
         "splits": splits,
         "num_scans": len(scans),
         "num_records": sum(s["num_records"] for s in splits.values()),
-        "num_errors": len(all_errors),
+        "num_errors": sum(e.get("severity") != "warning" for e in all_errors),
+        "num_warnings": sum(e.get("severity") == "warning" for e in all_errors),
         "scans": scans,
     }
     _atomic_write(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))

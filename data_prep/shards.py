@@ -57,6 +57,7 @@ def scan_metadata(job: ScanJob, vol: dicom.Volume, lab: np.ndarray | None) -> di
     meta.update(scan_id=job.scan_id, split=job.split, spacing=list(vol.spacing), labelled=lab is not None)
     meta.update(preprocess.grid_metadata(vol.grid))
     meta["label_format"] = job.label_format
+    meta["series_grouping"] = job.grouping
     if lab is not None:
         ref = agatston.score(vol.hu, lab, vol.spacing)
         meta["calcium_slices"] = np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).tolist()

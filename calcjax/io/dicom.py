@@ -2,6 +2,10 @@
 
 - ``find_series(root)`` walks a folder tree, reads headers only, and groups files by SeriesInstanceUID
   (several series in one folder are normal); unreadable files come back as :class:`DicomError` entries.
+  Files without a SeriesInstanceUID (research exports such as the COCA non-gated release) are grouped by
+  what identifies a series physically (:func:`physical_series_key`) and marked ``grouping="geometry"``.
+- pydicom's per-file warnings (invalid UIDs, over-long values, ...) are never printed per file: they are
+  counted per series, with the offending values cut out (:class:`ReaderWarnings`).
 - ``read_series(files) -> Volume``: HU ``(z, y, x)`` with z ascending along the slice normal, spacing
   ``(dz, dy, dx)`` mm with dz from the real position differences, LPS origin and direction cosines, and
   non-identifying metadata (kVp, slice thickness, protocol guess, manufacturer, kernel).
@@ -19,8 +23,13 @@ No jax here.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import logging
 import os
+import re
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -94,7 +103,8 @@ class Volume:
       hu: ``(z, y, x)`` HU, int16 when every slice's rescale is integral (slope 1), else float32.
       grid: geometry (spacing ``(dz, dy, dx)`` mm, LPS origin of voxel (0, 0, 0), direction cosines).
       meta: non-identifying metadata: kvp, slice_thickness_mm, protocol (chest / cardiac / unknown),
-        gated, fov_mm, manufacturer, model, kernel, num_slices, dropped_localizers, enhanced.
+        gated, fov_mm, manufacturer, model, kernel, num_slices, dropped_localizers, enhanced,
+        reader_warnings (pydicom's warnings while reading, ``{value-free message: count}``).
       source: the files read, in z order (for error messages and label lookup only).
     """
 
@@ -110,13 +120,83 @@ class Volume:
 
 @dataclasses.dataclass(frozen=True)
 class SeriesFiles:
-    """Files of one series found by :func:`find_series` (``uid`` stays in memory; never log it)."""
+    """Files of one series found by :func:`find_series` (``uid`` stays in memory; never log it).
+
+    Attributes:
+      uid: the SeriesInstanceUID, or for a series grouped without one (``grouping == "geometry"``) a key
+        built from its folder (relative to the searched root) and :func:`physical_series_key`; either way
+        the input of the salted scan id, never written anywhere.
+      folder, files, modality: where the series lies, its files (sorted), its Modality.
+      identifiers: identifying header values to redact from messages about it.
+      grouping: ``uid`` (by SeriesInstanceUID) or ``geometry`` (no UID in the files).
+      reader_warnings: ``((message, count), ...)``: pydicom's warnings while reading its headers, the
+        offending values cut out.
+    """
 
     uid: str
     folder: str
     files: tuple[str, ...]
     modality: str
     identifiers: frozenset[str] = frozenset()
+    grouping: str = "uid"
+    reader_warnings: tuple[tuple[str, int], ...] = ()
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _warning_text(message: str) -> str:
+    """A pydicom warning without the values it quotes (they can be UIDs) or its documentation link."""
+    text = _QUOTED.sub("'...'", str(message).split("\n")[0])
+    return text.split(" Please see")[0].split(" See ")[0].strip().rstrip(".")[:160]
+
+
+class _DropPydicomRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+class ReaderWarnings:
+    """Counts pydicom's warnings (``warnings.warn`` and its logger) instead of letting them print.
+
+    Use as ``with counter.capture(): ...`` around header or pixel reads; ``counter.counts`` maps the
+    value-free message to how often it came. Not thread-safe (``warnings.catch_warnings`` is process-wide);
+    the readers run one file at a time per process.
+    """
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def capture(self):
+        drop = _DropPydicomRecords()
+        logger = logging.getLogger("pydicom")
+        logger.addFilter(drop)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield self
+        finally:
+            logger.removeFilter(drop)
+        for w in caught:
+            self.counts[_warning_text(w.message)] += 1
+
+    def items(self) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def summary(self) -> str:
+        """``"114 reader warnings: 114 x Invalid value for VR UI: '...'"`` (empty when none)."""
+        total = sum(self.counts.values())
+        if not total:
+            return ""
+        return f"{total} reader warning(s): " + "; ".join(f"{n} x {m}" for m, n in self.items())
+
+
+def warnings_summary(items) -> str:
+    """:meth:`ReaderWarnings.summary` of ``((message, count), ...)`` pairs."""
+    counter = ReaderWarnings()
+    counter.counts.update(dict(items))
+    return counter.summary()
 
 
 IDENTIFYING_TAGS = (
@@ -176,15 +256,83 @@ def _read(path: str, *, headers_only: bool) -> pydicom.Dataset:
         raise NotDicomError(path, f"unreadable DICOM ({e.__class__.__name__}: {reason})") from None
 
 
-def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
-    """Groups every DICOM file under ``root`` by SeriesInstanceUID (headers only).
+def physical_series_key(ds: pydicom.Dataset) -> tuple:
+    """What identifies a series without a SeriesInstanceUID: FrameOfReferenceUID (when present), series
+    number, orientation, pixel spacing, matrix, slice thickness and kernel (with the folder, which the
+    caller adds).
 
-    Returns the series (sorted by folder, then file list) and the files that could not be read as
-    DICOM. DICOMDIR index files are skipped silently.
+    AcquisitionNumber is *not* part of it: an ECG-gated sequential ("step-and-shoot") scan gives each table
+    position its own acquisition number inside one series (the COCA gated scans have 4-5 per series). It
+    only splits a group whose slices collide in position (:func:`_split_colliding_acquisitions`).
+    """
+
+    def text(tag):
+        value = ds.get(tag)
+        if isinstance(value, (list, pydicom.multival.MultiValue)):
+            return "\\".join(str(v) for v in value)
+        return "" if value is None else str(value).strip()
+
+    def rounded(tag, digits):
+        try:
+            return tuple(round(float(v), digits) for v in ds.get(tag) or ())
+        except (TypeError, ValueError):
+            return (text(tag),)
+
+    return (
+        text("FrameOfReferenceUID"),
+        text("SeriesNumber"),
+        rounded("ImageOrientationPatient", 3),
+        rounded("PixelSpacing", 4),
+        text("Rows"),
+        text("Columns"),
+        text("SliceThickness"),
+        text("ConvolutionKernel"),
+    )
+
+
+def _position_along_normal(ds: pydicom.Dataset) -> float | None:
+    try:
+        ori = np.asarray([float(v) for v in ds.ImageOrientationPatient], np.float64)
+        pos = np.asarray([float(v) for v in ds.ImagePositionPatient], np.float64)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if ori.size != 6 or pos.size != 3:
+        return None
+    return float(pos @ np.cross(ori[:3], ori[3:]))
+
+
+def _split_colliding_acquisitions(members: list[tuple[str, str, float | None]]) -> list[list[str]]:
+    """The files of one UID-less group, split by AcquisitionNumber only where that resolves slices at the
+    same position (two acquisitions of the same range); otherwise one series. ``members``: (path,
+    acquisition number, position along the normal)."""
+    positions = [round(p, 2) for _, _, p in members if p is not None]
+    if len(set(positions)) == len(positions):
+        return [[m[0] for m in members]]
+    by_acq: dict[str, list] = defaultdict(list)
+    for m in members:
+        by_acq[m[1]].append(m)
+    if len(by_acq) > 1 and all(
+        len({round(p, 2) for _, _, p in g if p is not None}) == sum(p is not None for _, _, p in g)
+        for g in by_acq.values()
+    ):
+        return [[m[0] for m in g] for _, g in sorted(by_acq.items())]
+    return [[m[0] for m in members]]  # read_series names the colliding slices
+
+
+def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
+    """Groups every DICOM file under ``root`` into series (headers only).
+
+    By SeriesInstanceUID; files without one, by folder and :func:`physical_series_key` (marked
+    ``grouping="geometry"``). Returns the series (sorted by folder, then file list) and the files that
+    could not be read as DICOM. DICOMDIR index files are skipped silently. pydicom's warnings are counted
+    per series (``SeriesFiles.reader_warnings``), never printed.
     """
     groups: dict[str, list[str]] = defaultdict(list)
     modality: dict[str, str] = {}
     identifiers: dict[str, set[str]] = defaultdict(set)
+    counters: dict[str, ReaderWarnings] = defaultdict(ReaderWarnings)
+    no_uid: dict[tuple, list[tuple[str, str, float | None]]] = defaultdict(list)
+    no_uid_info: dict[tuple, tuple[str, set[str], ReaderWarnings]] = {}
     bad: list[DicomError] = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
@@ -194,20 +342,39 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
             path = os.path.join(folder, name)
             if not _looks_like_dicom(path):
                 continue
-            try:
-                ds = _read(path, headers_only=True)
-            except DicomError as e:
-                bad.append(e)
-                continue
-            if str(ds.get("SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
-                continue  # a DICOMDIR index, not an image
-            uid = str(ds.get("SeriesInstanceUID", ""))
+            counter = ReaderWarnings()
+            with counter.capture():
+                try:
+                    ds = _read(path, headers_only=True)
+                except DicomError as e:
+                    bad.append(e)
+                    continue
+                if (
+                    str(ds.get("SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
+                    or "DirectoryRecordSequence" in ds
+                ):
+                    continue  # a DICOMDIR index, not an image
+                uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+                mod = str(ds.get("Modality", ""))
+                ids = identifying_values(ds)
+                if not uid:
+                    if "PixelData" not in ds and "SOPClassUID" not in ds and not mod:
+                        bad.append(
+                            NotDicomError(path, "no SeriesInstanceUID, Modality or image: not a DICOM image")
+                        )
+                        continue
+                    key = (os.path.relpath(folder, root), mod) + physical_series_key(ds)
+                    acq = str(ds.get("AcquisitionNumber", "") or "")
+                    no_uid[key].append((path, acq, _position_along_normal(ds)))
+                    info = no_uid_info.setdefault(key, (mod, set(), ReaderWarnings()))
+                    info[1].update(ids)
             if not uid:
-                bad.append(NotDicomError(path, "no SeriesInstanceUID: corrupt, or not a DICOM image"))
+                no_uid_info[key][2].counts.update(counter.counts)
                 continue
             groups[uid].append(path)
-            modality[uid] = str(ds.get("Modality", ""))
-            identifiers[uid] |= identifying_values(ds)
+            modality[uid] = mod
+            identifiers[uid] |= ids
+            counters[uid].counts.update(counter.counts)
     series = [
         SeriesFiles(
             uid,
@@ -215,9 +382,28 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
             tuple(files),
             modality[uid],
             frozenset(identifiers[uid]),
+            "uid",
+            counters[uid].items(),
         )
         for uid, files in groups.items()
     ]
+    for key, members in no_uid.items():
+        mod, ids, counter = no_uid_info[key]
+        parts = _split_colliding_acquisitions(members)
+        for i, files in enumerate(parts):
+            share = counter.counts if i == 0 else collections.Counter()
+            files = sorted(files)
+            series.append(
+                SeriesFiles(
+                    "nouid:" + repr(key) + (f"|acquisition-part-{i}" if len(parts) > 1 else ""),
+                    os.path.commonpath([os.path.dirname(f) for f in files]),
+                    tuple(files),
+                    mod,
+                    frozenset(ids),
+                    "geometry",
+                    tuple(sorted(share.items(), key=lambda kv: (-kv[1], kv[0]))),
+                )
+            )
     series.sort(key=lambda s: (s.folder, s.files))
     return series, bad
 
@@ -407,23 +593,28 @@ def read_series(files: str | list[str] | tuple[str, ...], *, protocol: str | Non
     frames: list[_Frame] = []
     first = None
     localizers = 0
+    counter = ReaderWarnings()
     for path in files:
-        ds = _read(path, headers_only=False)
-        _check_ct(ds, path)
-        if _is_localizer(ds):
-            localizers += 1
-            continue
-        if first is None:
-            first = ds
-        enhanced = "PerFrameFunctionalGroupsSequence" in ds
-        frames.extend(_enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path))
+        with counter.capture():
+            ds = _read(path, headers_only=False)
+            _check_ct(ds, path)
+            if _is_localizer(ds):
+                localizers += 1
+                continue
+            if first is None:
+                first = ds
+            enhanced = "PerFrameFunctionalGroupsSequence" in ds
+            frames.extend(_enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path))
     if first is None:
         raise SingleSliceError(files[0], f"only localizer images ({localizers}) in this series")
     frames, dropped = _drop_other_orientations(frames)
     localizers += dropped
     if len(frames) < 2:
         raise SingleSliceError(frames[0].path, "one slice only; a volume needs at least two")
-    return _assemble(frames, first, localizers, protocol)
+    with counter.capture():
+        vol = _assemble(frames, first, localizers, protocol)
+    vol.meta["reader_warnings"] = dict(counter.items())
+    return vol
 
 
 def _drop_other_orientations(frames: list[_Frame]) -> tuple[list[_Frame], int]:

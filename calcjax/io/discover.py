@@ -3,7 +3,12 @@
 - Series: every DICOM series under the input (``calcjax.io.dicom.find_series``); non-CT series and
   unreadable files become error entries.
 - Scan id: ``scan-`` + the first 16 hex digits of SHA-256(salt + SeriesInstanceUID): stable for a salt,
-  not reversible without it. The UID itself never leaves memory.
+  not reversible without it. The UID itself never leaves memory. A series without a UID is hashed from
+  its grouping key (folder relative to the input + ``dicom.physical_series_key``) and marked
+  ``grouping="geometry"`` in its job, the manifest and the score row.
+- Reader warnings: pydicom's per-file warnings are counted per series and reported once, as a
+  ``reader_warnings`` line (``"severity": "warning"``; the scan is still built) in the errors list and
+  one log line.
 - Split: by scan, from SHA-256(split seed + scan id) mapped to [0, 1) and cut at the cumulative ratios,
   so a scan keeps its split when other scans are added.
 - Labels, first found wins: a mirrored ``--labels`` tree (``<labels>/<series folder>.nii.gz``,
@@ -17,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 
 from calcjax.io import dicom
 
 REDACTED = "<redacted>"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,7 @@ class ScanJob:
       num_files: file count (an estimate of the slice count before localizers are dropped).
       identifiers: identifying header values to redact from any message about this scan.
       shared_folder: how many series share the series folder (a label there must match this one).
+      grouping: ``uid`` (by SeriesInstanceUID) or ``geometry`` (the files carry no SeriesInstanceUID).
     """
 
     scan_id: str
@@ -49,6 +57,7 @@ class ScanJob:
     num_files: int
     identifiers: frozenset[str]
     shared_folder: int = 1
+    grouping: str = "uid"
 
 
 def redact(text: str, identifiers) -> str:
@@ -160,6 +169,19 @@ def discover(
             )
             continue
         seen[scan_id] = where
+        if s.reader_warnings:
+            summary = redact(dicom.warnings_summary(s.reader_warnings), s.identifiers)
+            log.warning("%s (%s, %d files): %s", scan_id, where, len(s.files), summary)
+            errors.append(
+                {
+                    "input": where,
+                    "stage": "discover",
+                    "kind": "reader_warnings",
+                    "severity": "warning",
+                    "reason": f"{summary} (over {len(s.files)} files; the scan is still read)",
+                    "scan_id": scan_id,
+                }
+            )
         label_path, fmt = find_label(s.folder, root, labels_dir, label_format)
         jobs.append(
             ScanJob(
@@ -172,6 +194,7 @@ def discover(
                 num_files=len(s.files),
                 identifiers=s.identifiers,
                 shared_folder=per_folder[s.folder],
+                grouping=s.grouping,
             )
         )
     jobs.sort(key=lambda j: (j.split, j.scan_id))
