@@ -42,6 +42,7 @@ WEIGHT_LOWER_HU: tuple[float, ...] = (130.0, 200.0, 300.0, 400.0)
 """Peak-HU lower bounds of density weights 1-4 (the first is replaced by the threshold in use)."""
 
 KVP_THRESHOLD_HU: dict[int, float] = {100: 147.0, 120: 130.0}
+CALCIUM_THRESHOLD_HU = KVP_THRESHOLD_HU[120]  # the standard (120 kVp) candidate-calcium threshold
 """kVp-specific calcium thresholds (HU); 100 kVp ~145-147 HU in the literature (shared/FACTS.md)."""
 
 REFERENCE_INCREMENT_MM = 3.0
