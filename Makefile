@@ -7,8 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# The real sample (never copied into the repository): $CALCJAX_REAL_DATA, else ../shared/data.
+REAL_DATA ?= $(or $(CALCJAX_REAL_DATA),../shared/data)
+REAL_OUT ?= real_eval
+CHECKPOINT ?=
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench clean real-eval
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +50,16 @@ demo: $(STAMP)
 	@echo "demo: phantoms in $(DEMO_OUT)/phantom, shards in $(DEMO_OUT)/shards, run in $(DEMO_OUT)/run"
 	@echo "demo: report in $(DEMO_OUT)/score/report.md (figures in $(DEMO_OUT)/score/figures)"
 
+# Scores the real COCA sample with the shipped model (or CHECKPOINT=RUN): gated scans against their
+# calcium masks, chest scans against the release's sheet of physician scores -> $(REAL_OUT)/report.md.
+real-eval: $(STAMP)
+	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-eval: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
+	rm -rf $(REAL_OUT)
+	$(BIN)/python -m calcjax.score --dicom "$(REAL_DATA)/coca-sample" --out $(REAL_OUT) \
+		--reference_scores "$(REAL_DATA)/coca-sample/deidentified_nongated/scores.xlsx" --reference_key_suffix A \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	@cat $(REAL_OUT)/report.md
+
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py
 	$(BIN)/python bench/agatston.py
@@ -54,4 +68,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/scaling.py
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_OUT) $(REAL_OUT) .pytest_cache .ruff_cache

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from calcjax import model as model_lib
+from calcjax import model_file
 from calcjax.train_step import TrainState
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "counters")
@@ -156,8 +157,15 @@ def resolve(path: str, which: str = "best") -> str:
     return os.path.join(root, str(steps[0]))
 
 
-def load_for_inference(path: str, which: str = "best"):
-    """(config dict, eval-mode model) from a workdir or a step folder; the config is the checkpoint's own."""
+def load_for_inference(path: str | None, which: str = "best"):
+    """(config dict, eval-mode model) from a workdir, a step folder or a one-file model
+    (``calcjax.model_file``, digest checked); ``None`` is the shipped model. The config is the checkpoint's
+    own."""
+    if path is None:
+        path = model_file.DEFAULT_MODEL
+    if os.path.isfile(path):
+        config, model, _ = model_file.load(path)
+        return config, model
     folder = resolve(path, which)
     with open(os.path.join(folder, "config", "metadata")) as f:
         config = json.load(f)

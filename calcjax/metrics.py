@@ -229,6 +229,13 @@ def _figures(s: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
         lesion_f1=np.where(sens + ppv > 0, 2 * sens * ppv / np.where(sens + ppv > 0, sens + ppv, 1), 0.0),
         fp_lesions_per_scan=fp_l / idx.shape[1],
     )
+    out.update(_agreement_figures(s, idx))
+    return out
+
+
+def _agreement_figures(s: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Agatston ICC / Bland-Altman and risk-category figures for each row of ``idx`` ``(B, n)``."""
+    out = {}
     pairs = np.stack([s["agatston_pred"][idx], s["agatston_ref"][idx]], axis=-1)
     out["agatston_icc"] = icc_2_1(pairs) if idx.shape[1] >= 2 else np.full(idx.shape[0], np.nan)
     d = pairs[..., 0] - pairs[..., 1]
@@ -259,20 +266,49 @@ def evaluate(
     return {name: _evaluate_group(group, num_bootstrap, seed, confidence) for name, group in groups.items()}
 
 
-def _evaluate_group(summaries, num_bootstrap, seed, confidence) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ScoreSummary:
+    """Scan-level agreement inputs: a scan whose reference is a score (e.g. a physician's sheet), not a
+    mask. ``agatston_*``: total Agatston; ``category_*``: risk categories 0-4."""
+
+    scan_id: str
+    protocol: str
+    agatston_pred: float
+    agatston_ref: float
+    category_pred: int
+    category_ref: int
+
+
+def evaluate_scores(
+    summaries: list[ScoreSummary], *, num_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict:
+    """Like :func:`evaluate`, with the scan-level figures only (Agatston ICC(2,1), Bland-Altman, risk
+    accuracy, weighted kappa, confusion matrix): for scans whose reference has no voxels."""
+    groups = {"all": summaries}
+    for protocol in sorted({s.protocol for s in summaries}):
+        groups[protocol] = [s for s in summaries if s.protocol == protocol]
+    return {
+        name: _evaluate_group(group, num_bootstrap, seed, confidence, ScoreSummary, _agreement_figures)
+        for name, group in groups.items()
+    }
+
+
+def _evaluate_group(
+    summaries, num_bootstrap, seed, confidence, kind=ScanSummary, figures_fn=_figures
+) -> dict:
     n = len(summaries)
     if n == 0:
         return {"num_scans": 0, "figures": {}, "ci_note": "no scans", "risk_confusion": None}
-    fields = [f.name for f in dataclasses.fields(ScanSummary) if f.name not in ("scan_id", "protocol")]
+    fields = [f.name for f in dataclasses.fields(kind) if f.name not in ("scan_id", "protocol")]
     s = {name: np.asarray([getattr(x, name) for x in summaries]) for name in fields}
-    point = {k: float(v[0]) for k, v in _figures(s, np.arange(n)[None]).items()}
+    point = {k: float(v[0]) for k, v in figures_fn(s, np.arange(n)[None]).items()}
     note = None
     if n < 2:
         note = f"no bootstrap CI from {n} scan; need at least 2"
         boot = None
     else:
         idx = np.random.default_rng(seed).integers(0, n, size=(num_bootstrap, n))
-        boot = _figures(s, idx)
+        boot = figures_fn(s, idx)
     alpha = (1.0 - confidence) / 2
     figures = {}
     for k, v in point.items():

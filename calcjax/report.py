@@ -1,15 +1,16 @@
 """The evaluation report of a scoring run: ``OUT/report.md`` and PNG figures in ``OUT/figures/``.
 
-Input: the rows of ``OUT/scores.jsonl`` (``calcjax.score.score_row``); only rows with reference labels
-(an ``evaluation`` entry) count. Every figure comes from ``calcjax.metrics.evaluate`` over the rows'
-:class:`calcjax.metrics.ScanSummary` values, for all scans and per protocol, with bootstrap CIs:
+Input: the rows of ``OUT/scores.jsonl`` (``calcjax.score.score_row``). Voxel and lesion figures come from
+``calcjax.metrics.evaluate`` over the rows with reference labels (an ``evaluation`` entry); Agatston and
+risk-category agreement from ``calcjax.metrics.evaluate_scores`` over every row with a reference Agatston
+(labels or a sheet of scan-level scores). For all scans and per protocol, with bootstrap CIs:
 
 - table of voxel, lesion, Agatston-agreement and risk-category figures;
 - ``figures/bland_altman.png``: Bland-Altman of predicted vs reference Agatston (all scans, per protocol
   marker), with the mean difference and the 95% limits of agreement;
 - ``figures/risk_confusion.png``: the 5x5 risk-category confusion matrix (reference rows, predicted columns);
-- ``figures/overlays.png``: prediction vs reference on the slices with the largest disagreement (the
-  crops the scorer keeps in ``OUT/overlays/``), HU window [-200, 800].
+- ``figures/overlays.png``: prediction vs reference around the largest missed, extra and wrong-artery
+  components (the crops the scorer keeps in ``OUT/overlays/``), HU window [-200, 800].
 
 - ``report.json``: the ``calcjax.metrics.evaluate`` results the tables are printed from.
 
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from calcjax import agatston, metrics  # noqa: E402
 
-TABLE = (
+SEGMENTATION_TABLE = (  # scans with reference masks only
     ("voxel_precision", "Voxel precision"),
     ("voxel_recall", "Voxel recall"),
     ("voxel_f1", "Voxel F1"),
@@ -41,6 +42,8 @@ TABLE = (
     ("lesion_ppv", "Lesion PPV"),
     ("lesion_f1", "Lesion F1"),
     ("fp_lesions_per_scan", "False-positive lesions / scan"),
+)
+AGREEMENT_TABLE = (  # every scan with a reference Agatston (mask or sheet)
     ("agatston_icc", "Agatston ICC(2,1)"),
     ("bland_altman_mean_difference", "Agatston mean difference (pred - ref)"),
     ("bland_altman_lower_limit", "Lower limit of agreement"),
@@ -48,6 +51,7 @@ TABLE = (
     ("risk_accuracy", "Risk category accuracy"),
     ("risk_kappa", "Risk category linear weighted kappa"),
 )
+TABLE = SEGMENTATION_TABLE + AGREEMENT_TABLE
 NUM_OVERLAYS = 6
 COLOURS = np.array(
     [[0, 0, 0, 0], [1, 0.9, 0, 1], [1, 0.2, 0.2, 1], [0.2, 1, 0.3, 1], [0.2, 0.6, 1, 1]], dtype=float
@@ -120,60 +124,59 @@ def confusion_figure(confusion: list[list[int]], path: str) -> None:
 
 
 def overlay_figure(out: str, rows: list[dict], path: str) -> int:
-    """Reference | prediction on the ``NUM_OVERLAYS`` worst slices; returns how many were drawn."""
-    worst = sorted(
-        (r for r in rows if r.get("worst_slice_disagreement")),
-        key=lambda r: r["worst_slice_disagreement"],
-        reverse=True,
-    )
-    crops = []
-    for r in worst:
-        f = os.path.join(out, "overlays", f"{r['scan_id']}.npz")
-        if os.path.isfile(f):
-            with np.load(f) as z:
-                crops.append((r, {k: z[k] for k in ("hu", "pred", "ref")}))
-        if len(crops) == NUM_OVERLAYS:
-            break
-    if not crops:
+    """Reference | prediction crops of the ``NUM_OVERLAYS`` largest disagreement components over all
+    scans (each crop centred on one missed, extra or wrong-artery component: ``score.disagreement_crops``);
+    returns how many were drawn."""
+    panels = [
+        (d["voxels"], r, i, d)
+        for r in rows
+        for i, d in enumerate(r.get("disagreements") or [])
+        if os.path.isfile(os.path.join(out, "overlays", f"{r['scan_id']}.npz"))
+    ]
+    panels.sort(key=lambda p: -p[0])
+    panels = panels[:NUM_OVERLAYS]
+    if not panels:
         return 0
-    fig, axes = plt.subplots(len(crops), 2, figsize=(5, 2.5 * len(crops)), squeeze=False)
-    for (r, c), row_axes in zip(crops, axes, strict=True):
+    fig, axes = plt.subplots(
+        len(panels), 2, figsize=(5, 2.5 * len(panels)), squeeze=False, layout="constrained"
+    )
+    for (_, r, i, d), row_axes in zip(panels, axes, strict=True):
+        with np.load(os.path.join(out, "overlays", f"{r['scan_id']}.npz")) as z:
+            c = {k: z[f"{i}_{k}"] for k in ("hu", "pred", "ref")}
         for ax, key, title in zip(row_axes, ("ref", "pred"), ("reference", "prediction"), strict=True):
             ax.imshow(np.clip(c["hu"], -200, 800), cmap="gray", vmin=-200, vmax=800)
             ax.imshow(COLOURS[np.clip(c[key], 0, 4)], interpolation="nearest", alpha=0.6)
-            ax.set_title(f"{r['scan_id'][:13]} z={r['worst_slice']}: {title}", fontsize=7)
+            ax.set_title(
+                f"{r['scan_id'][:13]} z={d['slice']} {d['kind']} ({d['voxels']} vx): {title}", fontsize=6
+            )
             ax.axis("off")
     fig.suptitle("Largest disagreements (LM yellow, LAD red, LCX green, RCA blue)", fontsize=8)
     _save(fig, path)
-    return len(crops)
+    return len(panels)
 
 
-def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootstrap: int = 1000) -> str:
-    """Writes ``out/report.md`` and ``out/figures/*.png`` from scored rows; returns the report path."""
-    labelled = [r for r in rows if "evaluation" in r]
-    summaries = summaries_of(labelled)
-    results = metrics.evaluate(summaries, num_bootstrap=num_bootstrap)
-    fig_dir = os.path.join(out, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    bland_altman_figure(labelled, os.path.join(fig_dir, "bland_altman.png"))
-    confusion_figure(results["all"]["risk_confusion"], os.path.join(fig_dir, "risk_confusion.png"))
-    n_overlays = overlay_figure(out, labelled, os.path.join(fig_dir, "overlays.png"))
+def score_summaries_of(rows: list[dict]) -> list[metrics.ScoreSummary]:
+    """The scan-level :class:`ScoreSummary` of every row with a reference Agatston (mask or sheet)."""
+    return [
+        metrics.ScoreSummary(
+            scan_id=r["scan_id"],
+            protocol=r["protocol"],
+            agatston_pred=float(r["agatston"]),
+            agatston_ref=float(r["reference_agatston"]),
+            category_pred=int(r["risk_category"]),
+            category_ref=int(r["reference_risk_category"]),
+        )
+        for r in rows
+        if r.get("reference_agatston") is not None
+    ]
 
-    groups = list(results)
+
+def _table(results: dict, table, groups: list[str]) -> list[str]:
     lines = [
-        "# calcjax scoring report",
-        "",
-        f"Checkpoint: `{checkpoint}`. Scans scored: {len(rows)}; with reference labels: {len(labelled)} ("
-        + ", ".join(f"{g}: {results[g]['num_scans']}" for g in groups if g != "all")
-        + ").",
-        "",
-        "Calcium = predicted (or reference) coronary label AND HU >= 130; Agatston per DESIGN.md. "
-        f"Figures: value (95% bootstrap CI, {num_bootstrap} resamples of scans).",
-        "",
         "| Figure | " + " | ".join(f"{g} (n={results[g]['num_scans']})" for g in groups) + " |",
         "|---|" + "---|" * len(groups),
     ]
-    for key, name in TABLE:
+    for key, name in table:
         cells = [
             format_figure(results[g]["figures"][key]) if key in results[g]["figures"] else "n/a"
             for g in groups
@@ -182,14 +185,65 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
     notes = [f"{g}: {results[g]['ci_note']}" for g in groups if results[g].get("ci_note")]
     if notes:
         lines += ["", "CI notes: " + "; ".join(notes) + "."]
+    return lines
+
+
+def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootstrap: int = 1000) -> str:
+    """Writes ``out/report.md``, ``out/report.json`` and ``out/figures/*.png`` from scored rows; returns
+    the report path.
+
+    Two kinds of reference, two sections: voxel and lesion figures over the scans with reference masks
+    (``evaluation`` entries; ``report.json["results"]``), and the scan-level figures (Agatston ICC,
+    Bland-Altman, risk accuracy, weighted kappa, confusion matrix) over every scan with a reference
+    Agatston, from a mask or from a sheet of scores (``report.json["scan_level"]``).
+    """
+    labelled = [r for r in rows if "evaluation" in r]
+    referenced = [r for r in rows if r.get("reference_agatston") is not None]
+    sheet_rows = [r for r in referenced if r.get("reference_source") == "sheet"]
+    results = metrics.evaluate(summaries_of(labelled), num_bootstrap=num_bootstrap) if labelled else {}
+    scan_level = metrics.evaluate_scores(score_summaries_of(referenced), num_bootstrap=num_bootstrap)
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    bland_altman_figure(referenced, os.path.join(fig_dir, "bland_altman.png"))
+    confusion_figure(scan_level["all"]["risk_confusion"], os.path.join(fig_dir, "risk_confusion.png"))
+    n_overlays = overlay_figure(out, labelled, os.path.join(fig_dir, "overlays.png"))
+
+    lines = [
+        "# calcjax scoring report",
+        "",
+        f"Checkpoint: `{checkpoint}`. Scans scored: {len(rows)}; with reference masks: {len(labelled)}; "
+        f"with a scan-level reference score only (sheet): {len(sheet_rows)}.",
+        "",
+        "Calcium = predicted (or reference) coronary label AND HU >= 130; Agatston per DESIGN.md. "
+        f"Figures: value (95% bootstrap CI, {num_bootstrap} resamples of scans).",
+        "",
+    ]
+    if labelled:
+        groups = list(results)
+        lines += ["## Voxels and lesions (scans with reference masks)", ""]
+        lines += _table(results, SEGMENTATION_TABLE, groups)
+        lines.append("")
+    groups = list(scan_level)
+    lines += [
+        "## Agatston and risk category (every scan with a reference: masks or sheet)",
+        "",
+    ]
+    lines += _table(scan_level, AGREEMENT_TABLE, groups)
+    if sheet_rows:
+        lines += [
+            "",
+            "Sheet references: the risk category comes from the sheet's total, which is what the reader "
+            "reported; a sheet's per-artery figures need not add up to it (their sum is kept as "
+            "`reference_artery_sum` in scores.jsonl).",
+        ]
     lines += [
         "",
-        "## Risk categories (all scans; rows reference, columns predicted)",
+        "## Risk categories (every scan with a reference; rows reference, columns predicted)",
         "",
         "| ref \\ pred | " + " | ".join(agatston.RISK_CATEGORY_NAMES) + " |",
         "|---|" + "---|" * 5,
     ]
-    for i, row in enumerate(results["all"]["risk_confusion"]):
+    for i, row in enumerate(scan_level["all"]["risk_confusion"]):
         lines.append(f"| {agatston.RISK_CATEGORY_NAMES[i]} | " + " | ".join(str(v) for v in row) + " |")
     lines += [
         "",
@@ -205,16 +259,27 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
     lines += [
         "## Per scan",
         "",
-        "| scan | protocol | slices | Agatston pred | Agatston ref | category pred | category ref |",
-        "|---|---|---|---|---|---|---|",
+        "| scan | protocol | reference | slices | Agatston pred | Agatston ref | category pred "
+        "| category ref |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in labelled:
+    for r in referenced:
         lines.append(
-            f"| {r['scan_id']} | {r['protocol']} | {r['num_slices']} | {r['agatston']:.1f} | "
-            f"{r['reference_agatston']:.1f} | {r['risk_category']} | {r['reference_risk_category']} |"
+            f"| {r['scan_id']} | {r['protocol']} | {r.get('reference_source', 'mask')} | {r['num_slices']} | "
+            f"{r['agatston']:.1f} | {r['reference_agatston']:.1f} | {r['risk_category']} | "
+            f"{r['reference_risk_category']} |"
         )
     with open(os.path.join(out, "report.json.tmp"), "w") as f:
-        json.dump({"checkpoint": checkpoint, "num_bootstrap": num_bootstrap, "results": results}, f, indent=1)
+        json.dump(
+            {
+                "checkpoint": checkpoint,
+                "num_bootstrap": num_bootstrap,
+                "results": results,
+                "scan_level": scan_level,
+            },
+            f,
+            indent=1,
+        )
     os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
     path = os.path.join(out, "report.md")
     with open(path + ".tmp", "w") as f:

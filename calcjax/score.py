@@ -1,12 +1,16 @@
 r"""Batch scoring of a cohort with a trained checkpoint: ``python -m calcjax.score``.
 
+  python -m calcjax.score --dicom DIR --out OUT      # the shipped model (calcjax/models/)
   python -m calcjax.score --shards 'SHARDS/test-*.array_record' --checkpoint RUN --out OUT
-  python -m calcjax.score --dicom DIR --checkpoint RUN --out OUT [--labels LABELS] [--save_masks]
+  python -m calcjax.score --dicom DIR --checkpoint RUN --out OUT [--labels LABELS] [--save_masks] \
+      [--reference_scores SHEET.xlsx --reference_key_suffix A]
 
-``--checkpoint`` is a training workdir (its ``best`` or ``latest`` checkpoint, ``--which``) or one step
-folder; the model's config comes from the checkpoint. Scans stream one at a time (memory is bounded by
-the largest scan, not the cohort): load -> jitted, batched forward sharded over this process's devices
-(``calcjax.inference``) -> predicted labels -> ``calcjax.agatston`` (HU >= 130 inside the prediction).
+``--checkpoint`` is a training workdir (its ``best`` or ``latest`` checkpoint, ``--which``), one step
+folder or a one-file model (``calcjax.model_file``, SHA-256 checked); without it, the shipped model
+(``calcjax.model_file.DEFAULT_MODEL``). The model's config comes from the checkpoint. Scans stream one
+at a time (memory is bounded by the largest scan, not the cohort): load -> jitted, batched forward
+sharded over this process's devices (``calcjax.inference``) -> predicted labels -> ``calcjax.agatston``
+(HU >= 130 inside the prediction).
 
 Outputs in OUT:
 - ``scores.jsonl``: one JSON line per scan, appended and flushed as each scan finishes (see ``score_row``);
@@ -29,6 +33,7 @@ import csv
 import json
 import os
 import secrets
+import sys
 import time
 
 import jax
@@ -36,22 +41,32 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from calcjax import agatston, checkpoint, inference, metrics, report, scan_sources, sharding
-from calcjax.io import discover, labels
+from calcjax import agatston, checkpoint, inference, metrics, model_file, report, scan_sources, sharding
+from calcjax.io import discover, labels, reference_scores
 
 SCORES = "scores.jsonl"
 ERRORS = "errors.jsonl"
 OVERLAY_CROP = 96  # pixels: the side of the disagreement crop kept for the report's overlays
 
 
-def score_row(scan: scan_sources.ScanInput, loaded: scan_sources.LoadedScan, pred: np.ndarray, **kw) -> dict:
+def score_row(
+    scan: scan_sources.ScanInput,
+    loaded: scan_sources.LoadedScan,
+    pred: np.ndarray,
+    reference: reference_scores.ReferenceScore | None = None,
+    **kw,
+) -> dict:
     """The output line of one scan (its keys are the CSV's columns, per-artery dicts flattened).
 
-    Keys: scan_id, source, protocol, num_slices, slice_increment_mm, slice_thickness_mm, kvp, agatston,
+    Keys: scan_id, source, protocol, num_slices, slice_increment_mm, slice_thickness_mm, kvp,
+    series_grouping (``uid``, or ``geometry`` for a series grouped without a SeriesInstanceUID), agatston,
     agatston_per_artery {LM, LAD, LCX, RCA}, volume_mm3, mass_mg (None unless ``mass_calibration``),
     risk_category (0-4), risk_category_name, num_lesions (counted 2D lesions); with reference labels also
     reference_agatston, reference_agatston_per_artery, reference_volume_mm3, reference_risk_category and
     ``evaluation`` (the :class:`calcjax.metrics.ScanSummary` fields, from which the report's figures come).
+    ``reference_source`` says where the reference came from: ``mask`` (labels; wins when both exist) or
+    ``sheet`` (``reference``: a scan-level score; its total gives the category, ``reference_artery_sum``
+    keeps the sum of its per-artery figures, which need not equal the total).
     """
     spacing = loaded.grid.spacing
     kvp = loaded.meta.get("kvp") or 120.0
@@ -64,6 +79,7 @@ def score_row(scan: scan_sources.ScanInput, loaded: scan_sources.LoadedScan, pre
         "slice_increment_mm": float(spacing[0]),
         "slice_thickness_mm": loaded.meta.get("slice_thickness_mm"),
         "kvp": loaded.meta.get("kvp"),
+        "series_grouping": loaded.meta.get("series_grouping", "uid"),
         "agatston": s["agatston"],
         "agatston_per_artery": s["agatston_per_artery"],
         "volume_mm3": s["volume_mm3"],
@@ -84,33 +100,74 @@ def score_row(scan: scan_sources.ScanInput, loaded: scan_sources.LoadedScan, pre
             scan.scan_id, row["protocol"], pred, loaded.labels, loaded.hu, spacing, kvp=kvp, **kw
         )
         row["evaluation"] = {k: v for k, v in vars(summary).items() if k not in ("scan_id", "protocol")}
+        row["reference_source"] = "mask"
+    elif reference is not None:
+        row.update(
+            reference_agatston=reference.total,
+            reference_agatston_per_artery={a: reference.per_artery.get(a) for a in agatston.ARTERIES},
+            reference_risk_category=reference.risk_category,
+            reference_source="sheet",
+            reference_total_from=reference.total_from,
+            reference_artery_sum=reference.artery_sum,
+        )
     return row
 
 
-def disagreement_crop(loaded: scan_sources.LoadedScan, pred: np.ndarray, threshold_hu: float = 130.0):
-    """The slice where prediction and reference labels differ most (candidate voxels), as a small crop.
+DISAGREEMENT_KINDS = ("missed", "extra", "wrong artery")
+_IN_PLANE_8 = np.zeros((3, 3, 3), bool)
+_IN_PLANE_8[1] = True  # 8-connected within a slice, never across slices (as Agatston's lesions)
 
-    Returns None when they agree everywhere, else ``(count, dict)`` with ``hu``, ``pred``, ``ref``
-    ``(OVERLAY_CROP, OVERLAY_CROP)`` around the differing voxels' centre, and ``slice`` (index).
+
+def disagreement_crops(
+    loaded: scan_sources.LoadedScan, pred: np.ndarray, threshold_hu: float = 130.0
+) -> list[dict]:
+    """One crop per kind of disagreement, centred on that kind's largest in-plane component.
+
+    Kinds (candidate voxels, HU >= ``threshold_hu``): ``missed`` (reference calcium predicted background),
+    ``extra`` (predicted calcium the reference calls background), ``wrong artery`` (both calcium, other
+    labels). Centring on the largest component, not on the mean of all differing voxels, keeps the crop
+    on something when the differences are scattered (ribs on both sides and a plaque in the middle).
+
+    Returns ``[{"kind", "voxels" (component size), "slice", "hu", "pred", "ref"}]`` with
+    ``(OVERLAY_CROP, OVERLAY_CROP)`` crops, largest component first; [] when they agree.
     """
+    from scipy import ndimage
+
     cand = loaded.hu >= threshold_hu
-    diff = (pred != loaded.labels) & cand  # missed, extra, or the wrong artery
-    per_slice = diff.reshape(diff.shape[0], -1).sum(axis=1)
-    k = int(per_slice.argmax())
-    if per_slice[k] == 0:
-        return None
-    ys, xs = np.nonzero(diff[k])
-    h, w = diff.shape[1:]
-    half = OVERLAY_CROP // 2
-    cy = int(np.clip(int(ys.mean()), half, max(h - half, half)))
-    cx = int(np.clip(int(xs.mean()), half, max(w - half, half)))
-    win = (k, slice(max(cy - half, 0), cy + half), slice(max(cx - half, 0), cx + half))
-    return int(per_slice[k]), {
-        "hu": loaded.hu[win],
-        "pred": pred[win],
-        "ref": loaded.labels[win],
-        "slice": k,
+    ref = np.where(cand, loaded.labels, 0)
+    p = np.where(cand, pred, 0)
+    masks = {
+        "missed": (ref > 0) & (p == 0),
+        "extra": (p > 0) & (ref == 0),
+        "wrong artery": (p > 0) & (ref > 0) & (p != ref),
     }
+    h, w = ref.shape[1:]
+    half = OVERLAY_CROP // 2
+    out = []
+    for kind, mask in masks.items():
+        if not mask.any():
+            continue
+        components, _ = ndimage.label(mask, structure=_IN_PLANE_8)
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        biggest = int(sizes.argmax())
+        zs, ys, xs = np.nonzero(components == biggest)  # one slice: components never cross slices
+        k = int(zs[0])
+        cy = int(np.clip(int(round(ys.mean())), half, max(h - half, half)))
+        cx = int(np.clip(int(round(xs.mean())), half, max(w - half, half)))
+        win = (k, slice(max(cy - half, 0), cy + half), slice(max(cx - half, 0), cx + half))
+        out.append(
+            {
+                "kind": kind,
+                "voxels": int(sizes[biggest]),
+                "slice": k,
+                "hu": loaded.hu[win],
+                "pred": pred[win],
+                "ref": loaded.labels[win],
+            }
+        )
+    out.sort(key=lambda c: -c["voxels"])
+    return out
 
 
 def read_jsonl(path: str, *, repair: bool = False) -> list[dict]:
@@ -145,7 +202,7 @@ def append_jsonl(path: str, row: dict) -> None:
 def _flatten(row: dict) -> dict:
     out = {}
     for k, v in row.items():
-        if k == "evaluation":
+        if k in ("evaluation", "disagreements"):
             continue
         if isinstance(v, dict):
             out.update({f"{k.replace('_per_artery', '')}_{a}": x for a, x in v.items()})
@@ -203,7 +260,7 @@ def _error_line(scan: scan_sources.ScanInput, e: Exception) -> dict:
 
 def score_cohort(
     *,
-    checkpoint_path: str,
+    checkpoint_path: str | None,
     out: str,
     shards: str | None = None,
     dicom_dir: str | None = None,
@@ -218,11 +275,17 @@ def score_cohort(
     num_bootstrap: int = 1000,
     progress: bool = True,
     predictor: inference.Predictor | None = None,
+    reference_scores_path: str | None = None,
+    reference_key_column: str | None = None,
+    reference_key_suffix: str = "",
 ) -> dict:
     """Scores every scan of ``shards`` (a glob) or ``dicom_dir`` into ``out`` (module docstring).
 
     ``predictor``: an already compiled :class:`calcjax.inference.Predictor` of this checkpoint, to score
     several cohorts without recompiling (default: built from the checkpoint).
+    ``reference_scores_path``: a sheet of scan-level reference scores (``calcjax.io.reference_scores``:
+    CSV or .xlsx, rows matched to scans by folder name + ``reference_key_suffix`` or by scan id) for the
+    scans without reference labels.
 
     Returns a summary dict: scans scored now, skipped (already scored), failed, seconds, scans/min,
     slices/s, the forward pass's share of the time, and the report path (or None).
@@ -241,6 +304,11 @@ def score_cohort(
     if not resume and (read_jsonl(scores_path) or read_jsonl(errors_path)):
         raise FileExistsError(f"{out} already holds scores: pass --resume to go on, or choose another --out")
 
+    sheet, sheet_base = None, None
+    if reference_scores_path is not None:
+        sheet = reference_scores.read_reference_scores(reference_scores_path, reference_key_column)
+        sheet_base = reference_scores.match_base(reference_scores_path, dicom_dir or ".")
+    checkpoint_label = _checkpoint_name(checkpoint_path, which)  # before loading: a run may move on
     if predictor is None:
         _, model = checkpoint.load_for_inference(checkpoint_path, which)
         predictor = inference.Predictor(model, batch_size=batch_size)
@@ -282,7 +350,16 @@ def score_cohort(
             try:
                 loaded = scan.load()
                 pred = predictor.predict(loaded.hu)
-                row = score_row(scan, loaded, pred, **score_kw)
+                ref_score = None
+                if sheet is not None:
+                    ref_score = reference_scores.match(
+                        sheet,
+                        scan_id=scan.scan_id,
+                        scan_folder=scan.folder,
+                        base=sheet_base,
+                        key_suffix=reference_key_suffix,
+                    )
+                row = score_row(scan, loaded, pred, ref_score, **score_kw)
             except Exception as e:  # a cohort run records each bad scan and goes on
                 logging.warning("scan %s failed: %s", scan.scan_id, _error_line(scan, e)["reason"])
                 record_error(_error_line(scan, e))
@@ -292,13 +369,13 @@ def score_cohort(
                 os.makedirs(mask_dir, exist_ok=True)
                 labels.write_label_nifti(os.path.join(mask_dir, f"{scan.scan_id}.nii.gz"), pred, loaded.grid)
             if loaded.labels is not None:
-                crop = disagreement_crop(loaded, pred)
-                row["worst_slice_disagreement"] = 0 if crop is None else crop[0]
-                if crop is not None:
+                crops = disagreement_crops(loaded, pred)
+                row["disagreements"] = [{k: c[k] for k in ("kind", "voxels", "slice")} for c in crops]
+                if crops:
                     os.makedirs(overlay_dir, exist_ok=True)
-                    row["worst_slice"] = crop[1]["slice"]
                     tmp = os.path.join(overlay_dir, f"{scan.scan_id}.tmp.npz")
-                    np.savez_compressed(tmp, **{k: v for k, v in crop[1].items() if k != "slice"})
+                    arrays = {f"{i}_{k}": c[k] for i, c in enumerate(crops) for k in ("hu", "pred", "ref")}
+                    np.savez_compressed(tmp, **arrays)
                     os.replace(tmp, os.path.join(overlay_dir, f"{scan.scan_id}.npz"))
             row["seconds"] = round(time.perf_counter() - t0, 3)
             append_jsonl(scores_path, row)
@@ -332,19 +409,33 @@ def score_cohort(
         order = {s.scan_id: i for i, s in enumerate(scans)}
         rows.sort(key=lambda r: order.get(r["scan_id"], len(order)))
         write_csv(os.path.join(out, "scores.csv"), rows)
-        if any("evaluation" in r for r in rows):
+        if sheet is not None:
+            matched = sum(r.get("reference_source") == "sheet" for r in rows)
+            summary["sheet_rows"], summary["sheet_rows_matched"] = len(sheet), matched
+            if matched < len(sheet):
+                logging.warning(
+                    "%d of %d reference-score rows matched no scored scan "
+                    "(check the key column and --reference_key_suffix)",
+                    len(sheet) - matched,
+                    len(sheet),
+                )
+        if any("reference_agatston" in r for r in rows):
             summary["report"] = report.write_report(
                 out,
                 rows,
-                checkpoint=_checkpoint_name(checkpoint_path, which),
+                checkpoint=checkpoint_label,
                 num_bootstrap=num_bootstrap,
             )
     summary["total_scores"] = len(read_jsonl(os.path.join(out, SCORES))) if pid == 0 else None
     return summary
 
 
-def _checkpoint_name(path: str, which: str) -> str:
-    """``<run folder>/<best|checkpoints>/<step>`` of the checkpoint used (for the report)."""
+def _checkpoint_name(path: str | None, which: str) -> str:
+    """``<run folder>/<best|checkpoints>/<step>`` of the checkpoint used, or a model file's name and
+    SHA-256 (for the report)."""
+    if path is None or os.path.isfile(path):
+        path = path or model_file.DEFAULT_MODEL
+        return f"{os.path.basename(path)} (sha256 {model_file.sha256_of(path)})"
     folder = checkpoint.resolve(path, which)
     return os.sep.join(folder.rstrip(os.sep).split(os.sep)[-3:])
 
@@ -388,7 +479,11 @@ def define_flags() -> None:
     flags.DEFINE_string("dicom", None, "Folder searched for CT series (every series is scored).")
     flags.DEFINE_string("labels", None, "DICOM route: a mirrored tree of reference labels.")
     flags.DEFINE_string("salt_file", None, "DICOM route: scan-id salt (e.g. SHARDS/salt.txt).")
-    flags.DEFINE_string("checkpoint", None, "Training workdir or one checkpoint step folder.")
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Training workdir, checkpoint step folder or model file (.msgpack); default: the shipped model.",
+    )
     flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a workdir to use.")
     flags.DEFINE_string("out", None, "Output folder.")
     flags.DEFINE_bool("resume", False, "Skip scans already in OUT/scores.jsonl.")
@@ -397,17 +492,43 @@ def define_flags() -> None:
     flags.DEFINE_float("mass_calibration", None, "mg per (HU x mm^3); mass is reported when given.")
     flags.DEFINE_bool("kvp_specific_threshold", False, "Calcium threshold from the scan's kVp.")
     flags.DEFINE_integer("num_bootstrap", 1000, "Bootstrap resamples for the report's CIs.")
+    flags.DEFINE_string(
+        "reference_scores", None, "CSV or .xlsx of scan-level reference Agatston (one row per scan)."
+    )
+    flags.DEFINE_string("reference_key_column", None, "Key column of --reference_scores (default: auto).")
+    flags.DEFINE_string(
+        "reference_key_suffix", "", "Sheet key = scan folder name + this suffix (COCA's chest sheet: 'A')."
+    )
 
 
 def main(argv):
     del argv
-    if flags.FLAGS.checkpoint is None or flags.FLAGS.out is None:
-        raise app.UsageError("--checkpoint and --out are required")
+    if flags.FLAGS.out is None:
+        raise app.UsageError("--out is required")
     if (flags.FLAGS.shards is None) == (flags.FLAGS.dicom is None):
         raise app.UsageError("give exactly one of --shards and --dicom")
     logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed()
-    summary = score_cohort(
+    try:
+        summary = _score_from_flags()
+    except (model_file.ModelFileError, reference_scores.ReferenceScoresError, FileNotFoundError) as e:
+        print(f"calcjax.score: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(
+            f"scored {summary['scored']} scans ({summary['skipped_already_scored']} already scored, "
+            f"{summary['failed']} failed: see {os.path.join(flags.FLAGS.out, ERRORS)}) "
+            f"in {summary['seconds']} s, "
+            f"{summary['scans_per_min']:.1f} scans/min, {summary['slices_per_s']:.1f} slices/s "
+            f"on {summary['devices']} device(s); {summary['total_scores']} rows in "
+            f"{os.path.join(flags.FLAGS.out, SCORES)}"
+        )
+        if summary["report"]:
+            print(f"report: {summary['report']}")
+
+
+def _score_from_flags() -> dict:
+    return score_cohort(
         checkpoint_path=flags.FLAGS.checkpoint,
         out=flags.FLAGS.out,
         shards=flags.FLAGS.shards,
@@ -421,18 +542,10 @@ def main(argv):
         mass_calibration=flags.FLAGS.mass_calibration,
         kvp_specific_threshold=flags.FLAGS.kvp_specific_threshold,
         num_bootstrap=flags.FLAGS.num_bootstrap,
+        reference_scores_path=flags.FLAGS.reference_scores,
+        reference_key_column=flags.FLAGS.reference_key_column,
+        reference_key_suffix=flags.FLAGS.reference_key_suffix,
     )
-    if jax.process_index() == 0:
-        print(
-            f"scored {summary['scored']} scans ({summary['skipped_already_scored']} already scored, "
-            f"{summary['failed']} failed: see {os.path.join(flags.FLAGS.out, ERRORS)}) "
-            f"in {summary['seconds']} s, "
-            f"{summary['scans_per_min']:.1f} scans/min, {summary['slices_per_s']:.1f} slices/s "
-            f"on {summary['devices']} device(s); {summary['total_scores']} rows in "
-            f"{os.path.join(flags.FLAGS.out, SCORES)}"
-        )
-        if summary["report"]:
-            print(f"report: {summary['report']}")
 
 
 if __name__ == "__main__":

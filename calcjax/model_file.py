@@ -1,0 +1,129 @@
+r"""One-file models for scoring: the shipped model and ``python -m calcjax.model_file`` to export one.
+
+A model file (``NAME.msgpack``) is flax's msgpack of ``{"format", "config" (the training config as JSON
+text), "params", "batch_stats"}`` (float32 arrays, pure dicts of ``nnx.State``); beside it,
+``NAME.msgpack.sha256`` holds the SHA-256 of the file's bytes. :func:`load` recomputes it and refuses a
+file whose digest differs (a damaged download or a flipped byte gives an error, never a silently wrong
+model), and refuses non-finite parameters.
+
+The shipped model lives in the package (``calcjax/models/``, model card ``calcjax/models/README.md``) so
+an installed calcjax finds it: :data:`DEFAULT_MODEL`. ``calcjax.score`` uses it when ``--checkpoint`` is
+not given.
+
+  python -m calcjax.model_file --checkpoint RUN [--which best|latest] --out calcjax/models/NAME.msgpack
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx, serialization
+
+from calcjax import model as model_lib
+
+FORMAT = "calcjax-model-v1"
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+DEFAULT_MODEL = os.path.join(MODELS_DIR, "calcjax-smoke-phantom-v1.msgpack")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used, naming the file and the reason."""
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save(path: str, config: dict, model: nnx.Module) -> str:
+    """Writes ``model``'s parameters and batch statistics with ``config`` to ``path`` (+ ``.sha256``);
+    returns the digest."""
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    payload = {
+        "format": FORMAT,
+        "config": json.dumps(config, sort_keys=True),
+        "params": jax.tree.map(np.asarray, params.to_pure_dict()),
+        "batch_stats": jax.tree.map(np.asarray, batch_stats.to_pure_dict()),
+    }
+    _atomic_write(path, serialization.msgpack_serialize(payload))
+    digest = sha256_of(path)
+    _atomic_write(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+    return digest
+
+
+def expected_sha256(path: str) -> str:
+    side = path + ".sha256"
+    if not os.path.isfile(side):
+        raise ModelFileError(f"{path}: no {os.path.basename(side)} beside it; cannot check the file")
+    with open(side) as f:
+        return f.read().split()[0].strip().lower()
+
+
+def load(path: str):
+    """``(config dict, eval-mode DenseRAUnet, sha256)`` of a model file, after checking its digest and
+    that every parameter is finite. Raises :class:`ModelFileError` naming the file and the reason."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such model file")
+    want, got = expected_sha256(path), sha256_of(path)
+    if want != got:
+        raise ModelFileError(
+            f"{path}: SHA-256 {got[:16]}... does not match {want[:16]}... in its .sha256 file: the file is "
+            "damaged or was replaced; restore it (git checkout / reinstall) or export it again"
+        )
+    with open(path, "rb") as f:
+        try:
+            payload = serialization.msgpack_restore(f.read())
+        except Exception as e:  # msgpack raises several types on malformed data
+            raise ModelFileError(f"{path}: not a calcjax model file ({e.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a {FORMAT} file")
+    config = json.loads(payload["config"])
+    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(0))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    try:
+        nnx.replace_by_pure_dict(params, payload["params"])
+        nnx.replace_by_pure_dict(batch_stats, payload["batch_stats"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelFileError(f"{path}: parameters do not fit the model its config describes ({e})") from None
+    for name, tree in (("params", params), ("batch_stats", batch_stats)):
+        for leaf in jax.tree.leaves(tree):
+            if not np.all(np.isfinite(np.asarray(leaf))):
+                raise ModelFileError(f"{path}: non-finite values in {name}")
+    model = nnx.merge(graphdef, params, batch_stats)
+    model.eval()
+    return config, model, got
+
+
+def main(argv):  # pragma: no cover - exercised through the test's subprocess
+    from absl import flags
+
+    from calcjax import checkpoint
+
+    del argv
+    config, model = checkpoint.load_for_inference(flags.FLAGS.checkpoint, flags.FLAGS.which)
+    digest = save(flags.FLAGS.out, config, model)
+    size = os.path.getsize(flags.FLAGS.out)
+    print(f"wrote {flags.FLAGS.out} ({size / 1e6:.2f} MB, sha256 {digest})")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint step folder.", required=True)
+    flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a workdir to export.")
+    flags.DEFINE_string("out", None, "Model file to write (NAME.msgpack).", required=True)
+    app.run(main)
