@@ -1,0 +1,128 @@
+"""One-file models: the shipped model loads and is checked; a damaged file is refused, never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from calcjax import model as model_lib
+from calcjax import model_file
+from configs import smoke
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small_model():
+    config = smoke.get_config().to_dict()
+    return config, model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(5))
+
+
+def test_save_then_load_gives_the_same_logits(tmp_path):
+    config, model = _small_model()
+    model.eval()
+    path = str(tmp_path / "m.msgpack")
+    digest = model_file.save(path, config, model)
+    assert open(path + ".sha256").read().split()[0] == digest == model_file.sha256_of(path)
+    loaded_config, loaded, got = model_file.load(path)
+    assert got == digest and loaded_config == json.loads(json.dumps(config))
+    x = np.random.default_rng(0).normal(0, 300, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(loaded(x)))
+
+
+def test_a_flipped_byte_or_a_missing_digest_is_refused(tmp_path):
+    config, model = _small_model()
+    path = str(tmp_path / "m.msgpack")
+    model_file.save(path, config, model)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(model_file.ModelFileError, match="does not match"):
+        model_file.load(path)
+    os.remove(path + ".sha256")
+    with pytest.raises(model_file.ModelFileError, match="no m.msgpack.sha256"):
+        model_file.load(path)
+
+
+def test_non_finite_parameters_are_refused_even_with_a_matching_digest(tmp_path):
+    config, model = _small_model()
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state.to_pure_dict())
+    leaves[0] = np.array(leaves[0])
+    leaves[0].flat[0] = np.nan
+    nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, leaves))
+    nnx.update(model, state)
+    path = str(tmp_path / "nan.msgpack")
+    model_file.save(path, config, model)
+    with pytest.raises(model_file.ModelFileError, match="non-finite values in params"):
+        model_file.load(path)
+
+
+def test_the_shipped_model_loads_and_matches_its_digest():
+    assert os.path.isfile(model_file.DEFAULT_MODEL), "the shipped model is part of the repository"
+    config, model, digest = model_file.load(model_file.DEFAULT_MODEL)
+    assert digest == model_file.expected_sha256(model_file.DEFAULT_MODEL)
+    assert os.path.getsize(model_file.DEFAULT_MODEL) < 8e6
+    card = open(os.path.join(model_file.MODELS_DIR, "README.md")).read()
+    assert digest in card  # the model card names the file it describes
+
+
+def test_score_cli_without_checkpoint_uses_the_shipped_model(tmp_path):
+    from data_prep.phantom.generator import generate_scan, write_scan
+
+    scan = generate_scan(17, 0, "cardiac", size=64, target_category=2)
+    write_scan(scan, str(tmp_path / "in"), seed=17, index=0)
+    out = str(tmp_path / "out")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "calcjax.score",
+            "--dicom",
+            str(tmp_path / "in"),
+            "--out",
+            out,
+            "--num_bootstrap",
+            "20",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "scored 1 scans" in p.stdout
+    report = open(os.path.join(out, "report.md")).read()
+    assert f"sha256 {model_file.sha256_of(model_file.DEFAULT_MODEL)}" in report
+    # A damaged shipped model is refused by the same command, with the reason.
+    broken = tmp_path / "broken.msgpack"
+    shutil.copy(model_file.DEFAULT_MODEL, broken)
+    shutil.copy(model_file.DEFAULT_MODEL + ".sha256", str(broken) + ".sha256")
+    with open(broken, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "calcjax.score",
+            "--dicom",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--checkpoint",
+            str(broken),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode != 0 and "does not match" in p.stderr
