@@ -39,6 +39,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from scipy import ndimage
 from tqdm import tqdm
 
 from calcjax import agatston, checkpoint, inference, metrics, model_file, report, scan_sources, sharding
@@ -131,8 +132,6 @@ def disagreement_crops(
     Returns ``[{"kind", "voxels" (component size), "slice", "hu", "pred", "ref"}]`` with
     ``(OVERLAY_CROP, OVERLAY_CROP)`` crops, largest component first; [] when they agree.
     """
-    from scipy import ndimage
-
     cand = loaded.hu >= threshold_hu
     ref = np.where(cand, loaded.labels, 0)
     p = np.where(cand, pred, 0)
@@ -144,7 +143,8 @@ def disagreement_crops(
     h, w = ref.shape[1:]
     half = OVERLAY_CROP // 2
     out = []
-    for kind, mask in masks.items():
+    for kind in DISAGREEMENT_KINDS:
+        mask = masks[kind]
         if not mask.any():
             continue
         components, _ = ndimage.label(mask, structure=_IN_PLANE_8)

@@ -115,6 +115,9 @@ def test_score_route_lists_uidless_series_with_their_grouping(two_series, tmp_pa
     again, _ = scan_sources.dicom_scans(str(tmp_path / "nouid"), context=1, salt=SALT)
     assert [s.scan_id for s in scans] == [s.scan_id for s in again]
     assert len({s.scan_id for s in scans}) == 2
+    # The id does not depend on which folder above the series is searched (the instances' UIDs name it).
+    from_parent, _ = scan_sources.dicom_scans(str(tmp_path), context=1, salt=SALT)
+    assert {s.scan_id for s in from_parent} == {s.scan_id for s in scans}
 
 
 def test_gated_sequential_acquisition_numbers_stay_one_series(two_series, tmp_path):

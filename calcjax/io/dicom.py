@@ -332,7 +332,7 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
     identifiers: dict[str, set[str]] = defaultdict(set)
     counters: dict[str, ReaderWarnings] = defaultdict(ReaderWarnings)
     no_uid: dict[tuple, list[tuple[str, str, float | None]]] = defaultdict(list)
-    no_uid_info: dict[tuple, tuple[str, set[str], ReaderWarnings]] = {}
+    no_uid_info: dict[tuple, tuple[str, set[str], ReaderWarnings, dict[str, str]]] = {}
     bad: list[DicomError] = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
@@ -358,16 +358,17 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
                 mod = str(ds.get("Modality", ""))
                 ids = identifying_values(ds)
                 if not uid:
-                    if "PixelData" not in ds and "SOPClassUID" not in ds and not mod:
+                    if "SOPClassUID" not in ds and not mod:
                         bad.append(
-                            NotDicomError(path, "no SeriesInstanceUID, Modality or image: not a DICOM image")
+                            NotDicomError(path, "no SeriesInstanceUID, SOPClassUID or Modality: not an image")
                         )
                         continue
                     key = (os.path.relpath(folder, root), mod) + physical_series_key(ds)
                     acq = str(ds.get("AcquisitionNumber", "") or "")
                     no_uid[key].append((path, acq, _position_along_normal(ds)))
-                    info = no_uid_info.setdefault(key, (mod, set(), ReaderWarnings()))
+                    info = no_uid_info.setdefault(key, (mod, set(), ReaderWarnings(), {}))
                     info[1].update(ids)
+                    info[3][path] = str(ds.get("SOPInstanceUID", "") or "").strip()
             if not uid:
                 no_uid_info[key][2].counts.update(counter.counts)
                 continue
@@ -388,14 +389,21 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
         for uid, files in groups.items()
     ]
     for key, members in no_uid.items():
-        mod, ids, counter = no_uid_info[key]
+        mod, ids, counter, sop_uids = no_uid_info[key]
         parts = _split_colliding_acquisitions(members)
         for i, files in enumerate(parts):
             share = counter.counts if i == 0 else collections.Counter()
             files = sorted(files)
+            sops = sorted(sop_uids[f] for f in files)
+            # The grouping key (the scan id's input): the instances' own UIDs when every file has one, so a
+            # scan keeps its id whichever folder above it is searched; else the folder-relative key.
+            if all(sops):
+                group_key = "nouid-instances:" + "|".join(sops)
+            else:
+                group_key = "nouid:" + repr(key) + (f"|acquisition-part-{i}" if len(parts) > 1 else "")
             series.append(
                 SeriesFiles(
-                    "nouid:" + repr(key) + (f"|acquisition-part-{i}" if len(parts) > 1 else ""),
+                    group_key,
                     os.path.commonpath([os.path.dirname(f) for f in files]),
                     tuple(files),
                     mod,

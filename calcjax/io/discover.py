@@ -4,8 +4,9 @@
   unreadable files become error entries.
 - Scan id: ``scan-`` + the first 16 hex digits of SHA-256(salt + SeriesInstanceUID): stable for a salt,
   not reversible without it. The UID itself never leaves memory. A series without a UID is hashed from
-  its grouping key (folder relative to the input + ``dicom.physical_series_key``) and marked
-  ``grouping="geometry"`` in its job, the manifest and the score row.
+  its instances' SOPInstanceUIDs (or, where a file lacks one, its folder relative to the input and
+  ``dicom.physical_series_key``) and marked ``grouping="geometry"`` in its job, the manifest and the
+  score row.
 - Reader warnings: pydicom's per-file warnings are counted per series and reported once, as a
   ``reader_warnings`` line (``"severity": "warning"``; the scan is still built) in the errors list and
   one log line.
