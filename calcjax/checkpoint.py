@@ -16,6 +16,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -24,6 +25,12 @@ from calcjax import model_file
 from calcjax.train_step import TrainState
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "counters")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be used, naming the folder and the reason."""
+
+
 BEST_METRIC = "val_voxel_f1"
 
 
@@ -176,6 +183,14 @@ def load_for_inference(path: str | None, which: str = "best"):
     abstract = ocp.utils.to_shape_dtype_struct
     params = ckptr.restore(os.path.join(folder, "params"), jax.tree.map(abstract, params))
     batch_stats = ckptr.restore(os.path.join(folder, "batch_stats"), jax.tree.map(abstract, batch_stats))
+    for name, tree in (("params", params), ("batch_stats", batch_stats)):
+        leaves = jax.tree.leaves(tree)
+        bad = sum(int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))) for x in leaves)
+        if bad:
+            raise CheckpointError(
+                f"{folder}: {bad} non-finite values in {name}: the checkpoint is damaged (a flipped byte "
+                "or a diverged run); it would score every scan as no calcium"
+            )
     model = nnx.merge(graphdef, params, batch_stats)
     model.eval()
     return config, model

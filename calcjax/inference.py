@@ -10,9 +10,10 @@ multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the la
 The mesh holds only this process's devices (``jax.local_devices()``): on several hosts each process
 scores its own scans with no cross-host collective. Up to ``max_in_flight`` batches are dispatched ahead
 of the one being read back, so host-to-device copies, compute and copies back overlap on accelerators.
-``forward_seconds`` accumulates the time from the first dispatch to the last labels back on the host
-(the jitted forward with its transfers) less the time spent building stacks on the host, for the
-scorer's overhead figure.
+A NaN or infinite logit anywhere in a scan raises :class:`NonFiniteOutputError` (the scorer records an
+error row for the scan). ``forward_seconds`` accumulates the time from the first dispatch to the last
+labels back on the host (the jitted forward with its transfers) less the time spent building stacks on
+the host, for the scorer's overhead figure.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from calcjax import model as model_lib
 from calcjax.io import preprocess
 
 AIR_HU = -1000
+
+
+class NonFiniteOutputError(ValueError):
+    """The forward pass gave a NaN or infinite logit on a scan: its labels would be arbitrary (a NaN
+    background probability reads as "no calcium"), so the scan is an error, never a score."""
+
+    kind = "non_finite_logits"
 
 
 class Predictor:
@@ -54,15 +62,20 @@ class Predictor:
 
         def forward(state, images):
             m = nnx.merge(graphdef, state, copy=True)
-            return model_lib.labels_from_logits(m(images.astype(jnp.float32)))
+            logits = m(images.astype(jnp.float32))
+            finite = jnp.all(jnp.isfinite(logits), axis=(1, 2, 3))  # (B,) per slice
+            return model_lib.labels_from_logits(logits), finite
 
-        self._forward = jax.jit(forward, out_shardings=self._data)
+        self._forward = jax.jit(forward, out_shardings=(self._data, self._data))
         self.max_in_flight = max_in_flight
         self.forward_seconds = 0.0
         self.slices = 0
 
     def predict(self, hu: np.ndarray) -> np.ndarray:
-        """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``."""
+        """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``.
+
+        Raises :class:`NonFiniteOutputError` (naming the slices) when any logit of the scan is not finite.
+        """
         if hu.ndim != 3:
             raise ValueError(f"hu must be a (Z, H, W) volume, got {hu.shape}")
         z, h, w = hu.shape
@@ -75,9 +88,12 @@ class Predictor:
         t0 = time.perf_counter()
         pending: collections.deque = collections.deque()  # batches in flight (transfers and compute overlap)
 
+        bad_slices: list[int] = []
+
         def read_back():
-            start, real, labels = pending.popleft()
+            start, real, (labels, finite) = pending.popleft()
             out[start : start + real] = np.asarray(labels)[:real, :h, :w]
+            bad_slices.extend(start + int(i) for i in np.flatnonzero(~np.asarray(finite)[:real]))
 
         stacking = 0.0
         for start in range(0, z, b):
@@ -94,4 +110,9 @@ class Predictor:
             read_back()
         self.forward_seconds += time.perf_counter() - t0 - stacking  # stacking counts as host work
         self.slices += z
+        if bad_slices:
+            raise NonFiniteOutputError(
+                f"non-finite logits on {len(bad_slices)} of {z} slices (first: slice {bad_slices[0]}): "
+                "damaged weights or input; the scan is not scored"
+            )
         return out

@@ -511,7 +511,12 @@ def main(argv):
     sharding.initialize_distributed()
     try:
         summary = _score_from_flags()
-    except (model_file.ModelFileError, reference_scores.ReferenceScoresError, FileNotFoundError) as e:
+    except (
+        model_file.ModelFileError,
+        checkpoint.CheckpointError,
+        reference_scores.ReferenceScoresError,
+        FileNotFoundError,
+    ) as e:
         print(f"calcjax.score: error: {e}", file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:

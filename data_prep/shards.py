@@ -90,18 +90,22 @@ def write_shard(shard_path: str, jobs: list[ScanJob], *, context: int, protocol:
     writer = ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
     try:
         for job in jobs:
+            # Every stage that can fail on one scan (reading, labels, the reference Agatston, encoding)
+            # runs before any of its records is written, so a failure leaves the shard without a trace of
+            # the scan and becomes its errors line; the build goes on.
             try:
                 vol, lab = preprocess.read_scan(
                     job.files, label_path=job.label_path, label_format=job.label_format, protocol=protocol
                 )
+                meta = scan_metadata(job, vol, lab)
+                encoded = list(scan_records(job.scan_id, vol, lab, context))
             except Exception as e:  # a batch job records every bad scan and goes on
                 errors.append(_error(job, e))
                 continue
             start = count
-            for rec in scan_records(job.scan_id, vol, lab, context):
+            for rec in encoded:
                 writer.write(rec)
                 count += 1
-            meta = scan_metadata(job, vol, lab)
             meta.update(shard=os.path.basename(shard_path), record_start=start, num_records=count - start)
             scans.append(meta)
     finally:

@@ -95,6 +95,40 @@ class MissingCodecError(DicomError):
     kind = "missing_codec"
 
 
+class RescaleError(DicomError):
+    kind = "bad_rescale"
+
+
+MAX_ABS_RESCALE_SLOPE = 100.0  # CT slopes are 1 (sometimes 0.5 or 2); beyond this a header is damaged
+MAX_ABS_RESCALE_INTERCEPT = 100_000.0  # CT intercepts are -1024, -8192, 0 ...
+
+
+def _rescale(slope, intercept, path: str) -> tuple[float, float]:
+    """``(slope, intercept)`` as floats; missing values default to 1 and 0. A non-numeric, non-finite,
+    zero or absurd value (beyond ``MAX_ABS_RESCALE_*``) is refused: it would turn every pixel into a wrong
+    HU (NaN reads as 0 HU, 1e30 as 32767 HU) and a wrong score, never an error."""
+    out = []
+    for name, value, default in (("RescaleSlope", slope, 1.0), ("RescaleIntercept", intercept, 0.0)):
+        if value in (None, ""):
+            out.append(default)
+            continue
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise RescaleError(path, f"{name} {str(value)[:40]!r} is not a number") from None
+        out.append(x)
+    s, i = out
+    if not (np.isfinite(s) and np.isfinite(i)):
+        raise RescaleError(path, f"non-finite rescale (RescaleSlope {s}, RescaleIntercept {i})")
+    if s == 0 or abs(s) > MAX_ABS_RESCALE_SLOPE or abs(i) > MAX_ABS_RESCALE_INTERCEPT:
+        raise RescaleError(
+            path,
+            f"implausible rescale for CT (RescaleSlope {s:g}, RescaleIntercept {i:g}; expected a slope in "
+            f"(0, {MAX_ABS_RESCALE_SLOPE:g}] and |intercept| <= {MAX_ABS_RESCALE_INTERCEPT:g})",
+        )
+    return s, i
+
+
 @dataclasses.dataclass
 class Volume:
     """A CT volume.
@@ -514,6 +548,7 @@ def _is_localizer(ds) -> bool:
 
 
 def _classic_frames(ds: pydicom.Dataset, path: str) -> list[_Frame]:
+    slope, intercept = _rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), path)
     return [
         _Frame(
             path=path,
@@ -521,8 +556,8 @@ def _classic_frames(ds: pydicom.Dataset, path: str) -> list[_Frame]:
             orientation=_float_list(ds.get("ImageOrientationPatient"), 6, path, "ImageOrientationPatient"),
             pixel_spacing=_float_list(ds.get("PixelSpacing"), 2, path, "PixelSpacing"),
             thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
-            slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-            intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+            slope=slope,
+            intercept=intercept,
             pixels=_pixels(ds, path),
             padding=_padding(ds),
         )
@@ -553,6 +588,11 @@ def _enhanced_frames(ds: pydicom.Dataset, path: str) -> list[_Frame]:
             group(fg, "PixelMeasuresSequence"),
         )
         trans = group(fg, "PixelValueTransformationSequence")
+        slope, intercept = _rescale(
+            None if trans is None else trans.get("RescaleSlope"),
+            None if trans is None else trans.get("RescaleIntercept"),
+            path,
+        )
         if pos is None or ori is None or meas is None:
             raise GeometryError(path, f"frame {i + 1}: plane position, orientation or pixel measures missing")
         frames.append(
@@ -566,8 +606,8 @@ def _enhanced_frames(ds: pydicom.Dataset, path: str) -> list[_Frame]:
                 thickness=float(meas.SliceThickness)
                 if meas.get("SliceThickness") not in (None, "")
                 else None,
-                slope=float(trans.get("RescaleSlope", 1.0)) if trans is not None else 1.0,
-                intercept=float(trans.get("RescaleIntercept", 0.0)) if trans is not None else 0.0,
+                slope=slope,
+                intercept=intercept,
                 pixels=pixels[i],
                 padding=_padding(ds),
             )

@@ -1,0 +1,137 @@
+"""No silent wrong number (issue 15, point 1): a damaged rescale, a damaged checkpoint or a non-finite
+forward pass is an error for that file or scan, never a score of 0; one failing scan never stops a build."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pydicom
+import pytest
+from flax import nnx
+
+from calcjax import checkpoint, inference, scan_sources, score
+from calcjax import model as model_lib
+from calcjax import train_step as ts
+from calcjax.io import dicom
+from configs import smoke
+from data_prep import builder
+from data_prep.phantom.generator import generate_scan, write_scan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SALT = "non-finite-salt"
+
+
+@pytest.fixture(scope="module")
+def two_scans(tmp_path_factory):
+    """Two labelled 64x64 phantoms (cardiac, chest) in one input folder."""
+    base = tmp_path_factory.mktemp("nonfinite")
+    for i, protocol in enumerate(("cardiac", "chest")):
+        write_scan(
+            generate_scan(19, i, protocol, size=64, target_category=3), str(base / "in"), seed=19, index=i
+        )
+    return base / "in"
+
+
+def _copy_with_rescale(src, dst, slope, intercept="-1024"):
+    """``src`` copied to ``dst`` with one file of its first series given the rescale values."""
+    shutil.copytree(src, dst)
+    victim = sorted(glob.glob(os.path.join(dst, "*", "dicom", "*.dcm")))[3]
+    ds = pydicom.dcmread(victim)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.save_as(victim)
+    return victim
+
+
+@pytest.mark.parametrize("slope", ["NaN", "inf", "1e30", "0"])
+def test_damaged_rescale_is_refused_naming_the_file(two_scans, tmp_path, slope):
+    victim = _copy_with_rescale(two_scans, tmp_path / "in", slope)
+    folder = os.path.dirname(victim)
+    with pytest.raises(dicom.RescaleError, match=r"rescale") as info:
+        dicom.read_series(sorted(glob.glob(os.path.join(folder, "*.dcm"))))
+    assert info.value.path == victim and info.value.kind == "bad_rescale"
+
+
+def test_build_records_the_bad_scan_and_builds_the_other(two_scans, tmp_path):
+    _copy_with_rescale(two_scans, tmp_path / "in", "NaN")
+    out = str(tmp_path / "shards")
+    m = builder.build(str(tmp_path / "in"), out, split="all=1", salt=SALT, progress=False)
+    assert m["num_scans"] == 1 and m["num_errors"] == 1
+    (err,) = [json.loads(x) for x in open(os.path.join(out, "errors.jsonl"))]
+    assert err["kind"] == "bad_rescale" and "non-finite rescale" in err["reason"]
+
+
+def test_a_failure_at_any_later_stage_of_one_scan_is_its_error_line(two_scans, tmp_path, monkeypatch):
+    """The reference Agatston (or anything after reading) failing on one scan: the build goes on, the
+    shard holds the other scan's records only, and the manifest is written."""
+    from data_prep import shards
+
+    real = shards.scan_metadata
+    calls = []
+
+    def failing_once(job, vol, lab):
+        calls.append(job.scan_id)
+        if len(calls) == 1:
+            raise ValueError("non-finite HU in the reference Agatston check")
+        return real(job, vol, lab)
+
+    monkeypatch.setattr(shards, "scan_metadata", failing_once)
+    out = str(tmp_path / "shards")
+    m = builder.build(str(two_scans), out, split="all=1", salt=SALT, progress=False)
+    assert len(calls) == 2 and m["num_scans"] == 1 and m["num_errors"] == 1
+    (err,) = [json.loads(x) for x in open(os.path.join(out, "errors.jsonl"))]
+    assert err["scan_id"] == calls[0] and "non-finite HU" in err["reason"]
+    (scan,) = m["scans"]
+    assert scan["scan_id"] == calls[1] and scan["record_start"] == 0
+    assert m["num_records"] == scan["num_records"]  # nothing of the failed scan reached the shard
+
+
+def _nan_model():
+    config = smoke.get_config()
+    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state.to_pure_dict())
+    leaves[0] = np.array(leaves[0])
+    leaves[0].flat[0] = np.nan
+    nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, leaves))
+    nnx.update(model, state)
+    return config, model
+
+
+def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path):
+    from calcjax.train import _to_dict
+
+    config, model = _nan_model()
+    _, state = ts.create_state(model, optax.sgd(0.1))
+    checkpoint.save_for_inference(str(tmp_path / "ckpt"), state, _to_dict(config))
+    with pytest.raises(checkpoint.CheckpointError, match="non-finite values in params"):
+        checkpoint.load_for_inference(str(tmp_path / "ckpt" / "0"))
+    p = subprocess.run(
+        [sys.executable, "-m", "calcjax.score", "--dicom", str(tmp_path), "--out", str(tmp_path / "o"),
+         "--checkpoint", str(tmp_path / "ckpt" / "0")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode == 2 and "non-finite values in params" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_non_finite_logits_make_an_error_row_not_a_zero_score(two_scans, tmp_path):
+    _, model = _nan_model()
+    predictor = inference.Predictor(model)
+    scans, _ = scan_sources.dicom_scans(str(two_scans), context=1, salt=SALT)
+    with pytest.raises(inference.NonFiniteOutputError, match="non-finite logits"):
+        predictor.predict(scans[0].load().hu)
+    out = str(tmp_path / "out")
+    s = score.score_cohort(
+        checkpoint_path=None, out=out, dicom_dir=str(two_scans), predictor=predictor, progress=False
+    )
+    assert s["scored"] == 0 and s["failed"] == 2
+    assert score.read_jsonl(os.path.join(out, "scores.jsonl")) == []
+    errors = score.read_jsonl(os.path.join(out, "errors.jsonl"))
+    assert [e["kind"] for e in errors] == ["non_finite_logits"] * 2
