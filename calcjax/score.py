@@ -337,6 +337,8 @@ def score_cohort(
     if pid == 0:
         for e in listing_errors:
             record_error(e)
+    if not scans:
+        raise discover.no_scans_error(dicom_dir, listing_errors)
     overlay_dir = os.path.join(out, "overlays")
     mask_dir = os.path.join(out, "masks")
     todo = [s for s in mine if s.scan_id not in done]
@@ -514,6 +516,7 @@ def main(argv):
     except (
         model_file.ModelFileError,
         checkpoint.CheckpointError,
+        discover.NoScansError,
         reference_scores.ReferenceScoresError,
         FileNotFoundError,
     ) as e:

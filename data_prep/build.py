@@ -16,9 +16,11 @@ the job: finished shards are kept, unfinished ones rebuilt, and the same inputs 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags
 
+from calcjax.io.discover import NoScansError
 from data_prep.builder import build
 
 _INPUT = flags.DEFINE_string("input", None, "Folder tree holding DICOM series (and labels).", required=True)
@@ -42,7 +44,22 @@ _SALT = flags.DEFINE_string(
 
 def main(argv):
     del argv
-    m = build(
+    try:
+        m = _build_from_flags()
+    except NoScansError as e:
+        print(f"data_prep.build: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    per_split = ", ".join(f"{k}: {v['num_records']} records" for k, v in sorted(m["splits"].items()))
+    print(
+        f"built {m['num_scans']} scans, {m['num_records']} slices ({per_split}); "
+        f"skipped {m['num_errors']} inputs, {m['num_warnings']} series with reader warnings "
+        f"(see errors.jsonl); {m['seconds']:.1f} s "
+        f"-> {os.path.abspath(_OUT.value)}"
+    )
+
+
+def _build_from_flags() -> dict:
+    return build(
         _INPUT.value,
         _OUT.value,
         split=_SPLIT.value,
@@ -54,13 +71,6 @@ def main(argv):
         protocol=_PROTOCOL.value,
         records_per_shard=_RECORDS_PER_SHARD.value,
         salt=_SALT.value,
-    )
-    per_split = ", ".join(f"{k}: {v['num_records']} records" for k, v in sorted(m["splits"].items()))
-    print(
-        f"built {m['num_scans']} scans, {m['num_records']} slices ({per_split}); "
-        f"skipped {m['num_errors']} inputs, {m['num_warnings']} series with reader warnings "
-        f"(see errors.jsonl); {m['seconds']:.1f} s "
-        f"-> {os.path.abspath(_OUT.value)}"
     )
 
 

@@ -13,6 +13,7 @@ import time
 
 from tqdm import tqdm
 
+from calcjax.io import discover as discover_lib
 from calcjax.io import records
 from calcjax.io.discover import discover, parse_split
 from data_prep.shards import shard_done, sidecar_path, write_shard
@@ -94,6 +95,9 @@ def build(
         label_format=label_format,
     )
     _remove_stale_temporaries(out)
+    if not jobs:
+        _atomic_write(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
+        raise discover_lib.no_scans_error(input_dir, errors)
     plan = plan_shards(jobs, records_per_shard)
     tasks = []
     for name, shards in plan.items():

@@ -357,9 +357,10 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
     """Groups every DICOM file under ``root`` into series (headers only).
 
     By SeriesInstanceUID; files without one, by folder and :func:`physical_series_key` (marked
-    ``grouping="geometry"``). Returns the series (sorted by folder, then file list) and the files that
-    could not be read as DICOM. DICOMDIR index files are skipped silently. pydicom's warnings are counted
-    per series (``SeriesFiles.reader_warnings``), never printed.
+    ``grouping="geometry"``). Folder links are followed, each real folder searched once. Returns the
+    series (sorted by folder, then file list) and the files that could not be read as DICOM. DICOMDIR
+    index files are skipped silently. pydicom's warnings are counted per series
+    (``SeriesFiles.reader_warnings``), never printed.
     """
     groups: dict[str, list[str]] = defaultdict(list)
     modality: dict[str, str] = {}
@@ -368,7 +369,15 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
     no_uid: dict[tuple, list[tuple[str, str, float | None]]] = defaultdict(list)
     no_uid_info: dict[tuple, tuple[str, set[str], ReaderWarnings, dict[str, str]]] = {}
     bad: list[DicomError] = []
-    for folder, dirs, files in os.walk(root):
+    seen_dirs: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        # Folder links are followed (a cohort is often assembled from links to patient folders); a folder
+        # reached twice, through a link loop or two links to one place, is searched once.
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
         dirs.sort()
         for name in sorted(files):
             if name.upper() == "DICOMDIR" or name.startswith("."):

@@ -29,6 +29,22 @@ import os
 from calcjax.io import dicom
 
 REDACTED = "<redacted>"
+
+
+class NoScansError(ValueError):
+    """A search that found no CT series at all: an error for a batch job, never an empty success."""
+
+    kind = "no_scans"
+
+
+def no_scans_error(root: str, errors: list[dict]) -> NoScansError:
+    bad = sum(e.get("severity") != "warning" for e in errors)
+    return NoScansError(
+        f"no CT series found under {root} (folder links followed; {bad} input(s) could not be read as CT: "
+        "see errors.jsonl)"
+    )
+
+
 log = logging.getLogger(__name__)
 
 
