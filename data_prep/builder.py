@@ -153,8 +153,8 @@ def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_f
             "split_seed": split_seed,
             "protocol_override": protocol,
             "label_format": label_format,
-            "scan_id": "salted SHA-256 of the SeriesInstanceUID (of the folder and physical series key where "
-            "the files have no UID: the scan's series_grouping is then 'geometry')",
+            "scan_id": "salted SHA-256 of the SeriesInstanceUID (where the files have none, of their "
+            "SOPInstanceUIDs, else of the folder and physical series key; series_grouping: 'geometry')",
         },
         "splits": splits,
         "num_scans": len(scans),

@@ -85,6 +85,7 @@ def _score_cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_score_cli_without_checkpoint_uses_the_shipped_model(tmp_path):
     from data_prep.phantom.generator import generate_scan, write_scan
 

@@ -18,7 +18,7 @@ from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,7 @@ def _nan_model():
     return config, model
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path):
     from calcjax.train import _to_dict
 

@@ -179,6 +179,7 @@ def test_a_corrupt_record_and_an_unreadable_series_are_recorded_and_the_rest_sco
     assert len({r["scan_id"] for r in _rows(out)}) == 3
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_completes_without_duplicates(cohort, tmp_path):
     whole = str(tmp_path / "whole")
     _score(checkpoint_path=cohort["run"], out=whole, shards=cohort["shards"] + "/test-*")
@@ -215,6 +216,7 @@ def test_resume_after_sigkill_completes_without_duplicates(cohort, tmp_path):
     assert _stable(rows) == _stable(_rows(whole))
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_scores_as_one(cohort, tmp_path):
     out1, out8 = str(tmp_path / "one"), str(tmp_path / "eight")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")

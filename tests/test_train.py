@@ -83,6 +83,7 @@ def batches(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(shards, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     ref = tmp_path / "ref"
@@ -179,6 +180,7 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_one_step_on_8_devices_equals_1_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT}
     out = subprocess.run(
