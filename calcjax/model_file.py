@@ -108,7 +108,7 @@ def load(path: str):
     return config, model, got
 
 
-def main(argv):  # pragma: no cover - exercised through the test's subprocess
+def main(argv):  # pragma: no cover - run by hand: it exported the shipped model
     from absl import flags
 
     from calcjax import checkpoint

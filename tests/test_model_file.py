@@ -56,14 +56,9 @@ def test_a_flipped_byte_or_a_missing_digest_is_refused(tmp_path):
         model_file.load(path)
 
 
-def test_non_finite_parameters_are_refused_even_with_a_matching_digest(tmp_path):
+def test_non_finite_parameters_are_refused_even_with_a_matching_digest(tmp_path, poison_first_param):
     config, model = _small_model()
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state.to_pure_dict())
-    leaves[0] = np.array(leaves[0])
-    leaves[0].flat[0] = np.nan
-    nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, leaves))
-    nnx.update(model, state)
+    poison_first_param(model)
     path = str(tmp_path / "nan.msgpack")
     model_file.save(path, config, model)
     with pytest.raises(model_file.ModelFileError, match="non-finite values in params"):

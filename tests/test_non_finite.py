@@ -10,8 +10,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import optax
 import pydicom
 import pytest
@@ -93,23 +91,17 @@ def test_a_failure_at_any_later_stage_of_one_scan_is_its_error_line(two_scans, t
     assert m["num_records"] == scan["num_records"]  # nothing of the failed scan reached the shard
 
 
-def _nan_model():
+def _nan_model(poison):
     config = smoke.get_config()
     model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state.to_pure_dict())
-    leaves[0] = np.array(leaves[0])
-    leaves[0].flat[0] = np.nan
-    nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, leaves))
-    nnx.update(model, state)
-    return config, model
+    return config, poison(model)
 
 
 @pytest.mark.slow
-def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path):
+def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path, poison_first_param):
     from calcjax.train import _to_dict
 
-    config, model = _nan_model()
+    config, model = _nan_model(poison_first_param)
     _, state = ts.create_state(model, optax.sgd(0.1))
     checkpoint.save_for_inference(str(tmp_path / "ckpt"), state, _to_dict(config))
     with pytest.raises(checkpoint.CheckpointError, match="non-finite values in params"):
@@ -122,8 +114,8 @@ def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path):
     assert p.returncode == 2 and "non-finite values in params" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_non_finite_logits_make_an_error_row_not_a_zero_score(two_scans, tmp_path):
-    _, model = _nan_model()
+def test_non_finite_logits_make_an_error_row_not_a_zero_score(two_scans, tmp_path, poison_first_param):
+    _, model = _nan_model(poison_first_param)
     predictor = inference.Predictor(model)
     scans, _ = scan_sources.dicom_scans(str(two_scans), context=1, salt=SALT)
     with pytest.raises(inference.NonFiniteOutputError, match="non-finite logits"):
