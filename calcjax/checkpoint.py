@@ -16,7 +16,6 @@ import os
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -184,8 +183,7 @@ def load_for_inference(path: str | None, which: str = "best"):
     params = ckptr.restore(os.path.join(folder, "params"), jax.tree.map(abstract, params))
     batch_stats = ckptr.restore(os.path.join(folder, "batch_stats"), jax.tree.map(abstract, batch_stats))
     for name, tree in (("params", params), ("batch_stats", batch_stats)):
-        leaves = jax.tree.leaves(tree)
-        bad = sum(int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))) for x in leaves)
+        bad = model_file.count_non_finite(tree)
         if bad:
             raise CheckpointError(
                 f"{folder}: {bad} non-finite values in {name}: the checkpoint is damaged (a flipped byte "

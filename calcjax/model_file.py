@@ -42,6 +42,11 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+def count_non_finite(tree) -> int:
+    """How many values of a pytree of arrays (parameters, batch statistics) are NaN or infinite."""
+    return sum(int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -100,9 +105,9 @@ def load(path: str):
     except (KeyError, ValueError, TypeError) as e:
         raise ModelFileError(f"{path}: parameters do not fit the model its config describes ({e})") from None
     for name, tree in (("params", params), ("batch_stats", batch_stats)):
-        for leaf in jax.tree.leaves(tree):
-            if not np.all(np.isfinite(np.asarray(leaf))):
-                raise ModelFileError(f"{path}: non-finite values in {name}")
+        bad = count_non_finite(tree)
+        if bad:
+            raise ModelFileError(f"{path}: {bad} non-finite values in {name}")
     model = nnx.merge(graphdef, params, batch_stats)
     model.eval()
     return config, model, got
