@@ -43,7 +43,13 @@ def main() -> None:
             out = os.path.join(tmp, f"out{workers}")
             t0 = time.perf_counter()
             m = builder.build(
-                src, out, split="train=1", workers=workers, salt="bench", records_per_shard=48, progress=False
+                src,
+                out,
+                split="train=1",
+                workers=workers,
+                salt="bench-ingest-salt",
+                records_per_shard=48,
+                progress=False,
             )
             dt = time.perf_counter() - t0
             print(

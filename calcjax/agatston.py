@@ -42,8 +42,10 @@ WEIGHT_LOWER_HU: tuple[float, ...] = (130.0, 200.0, 300.0, 400.0)
 """Peak-HU lower bounds of density weights 1-4 (the first is replaced by the threshold in use)."""
 
 KVP_THRESHOLD_HU: dict[int, float] = {100: 147.0, 120: 130.0}
-CALCIUM_THRESHOLD_HU = KVP_THRESHOLD_HU[120]  # the standard (120 kVp) candidate-calcium threshold
-"""kVp-specific calcium thresholds (HU); 100 kVp ~145-147 HU in the literature (shared/FACTS.md)."""
+"""kVp-specific calcium thresholds (HU); 100 kVp ~145-147 HU in the literature (kVp-adapted
+thresholds of low-voltage calcium-scoring studies)."""
+CALCIUM_THRESHOLD_HU = KVP_THRESHOLD_HU[120]
+"""The standard (120 kVp) candidate-calcium threshold: the one home of the 130 HU every module uses."""
 
 REFERENCE_INCREMENT_MM = 3.0
 
@@ -53,14 +55,23 @@ def risk_category(total: float) -> int:
     return int(np.searchsorted(RISK_UPPER_BOUNDS, float(total), side="left"))
 
 
-def density_weight(peak_hu: np.ndarray | float, threshold_hu: float = 130.0) -> np.ndarray:
+def candidate_mask(hu: np.ndarray, threshold_hu: float = CALCIUM_THRESHOLD_HU) -> np.ndarray:
+    """Voxels that may be calcium: HU >= ``threshold_hu`` (the one definition every figure uses)."""
+    return np.asarray(hu) >= threshold_hu
+
+
+def density_weight(peak_hu: np.ndarray | float, threshold_hu: float = CALCIUM_THRESHOLD_HU) -> np.ndarray:
     """Agatston density weight 1-4 of a lesion's peak HU (0 below ``threshold_hu``)."""
     peak = np.asarray(peak_hu, dtype=np.float64)
     bounds = np.array((threshold_hu,) + WEIGHT_LOWER_HU[1:])
     return np.searchsorted(bounds, peak, side="right").astype(np.int64)
 
 
-def _threshold(kvp: float, threshold_hu: float, kvp_specific_threshold: bool) -> float:
+def threshold_for(
+    kvp: float | None, threshold_hu: float = CALCIUM_THRESHOLD_HU, kvp_specific_threshold: bool = False
+) -> float:
+    """The calcium threshold (HU) of a scan: ``threshold_hu``, or with ``kvp_specific_threshold`` the one
+    of :data:`KVP_THRESHOLD_HU` for its tube voltage (ValueError for an unknown one)."""
     if not kvp_specific_threshold:
         return float(threshold_hu)
     key = int(round(kvp))
@@ -77,7 +88,7 @@ def score(
     spacing: tuple[float, float, float],
     *,
     kvp: float = 120.0,
-    threshold_hu: float = 130.0,
+    threshold_hu: float = CALCIUM_THRESHOLD_HU,
     kvp_specific_threshold: bool = False,
     min_area_mm2: float = 1.0,
     mass_calibration: float | None = None,
@@ -109,7 +120,7 @@ def score(
     dz, dy, dx = (float(s) for s in spacing)
     if min(dz, dy, dx) <= 0:
         raise ValueError(f"spacing must be positive mm, got {spacing}")
-    thr = _threshold(kvp, threshold_hu, kvp_specific_threshold)
+    thr = threshold_for(kvp, threshold_hu, kvp_specific_threshold)
 
     _check_finite(hu)
     if labels.size and (labels.max() > len(ARTERIES) or labels.min() < 0):

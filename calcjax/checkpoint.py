@@ -7,10 +7,17 @@ through ``grain.checkpoint``) and ``config`` (the resolved config, JSON). ``WORK
 Restores go against abstract targets (``ocp.utils.to_shape_dtype_struct``), so optax states come back as
 their own types. ``load_for_inference`` needs nothing but a checkpoint folder: the model config is read
 from the checkpoint itself.
+
+Every finished step folder gets a ``sha256.txt`` (:func:`folder_sha256` of its files) once Orbax has
+finalised it (before the next save, and at ``wait`` / ``close``); loading for inference and resuming verify
+it and refuse a folder whose bytes changed since (a flipped byte in a parameter chunk). A step folder
+without one (a run killed before sealing its last save, or written by an older calcjax) still loads;
+its parameters are checked for finiteness in any case.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -31,6 +38,59 @@ class CheckpointError(ValueError):
 
 
 BEST_METRIC = "val_voxel_f1"
+CHECKSUM_FILE = "sha256.txt"
+
+
+def folder_sha256(folder: str) -> str:
+    """SHA-256 over a checkpoint step folder: every file's relative path and bytes, in sorted order
+    (``sha256.txt`` itself left out)."""
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if dirpath == folder and name == CHECKSUM_FILE:
+                continue
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(chunk)
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def seal_finished(root: str) -> None:
+    """Writes ``sha256.txt`` into every finished step folder under ``root`` that has none (Orbax's
+    unfinished folders carry a temporary suffix, not a bare step number)."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        if (
+            name.isdigit()
+            and os.path.isdir(folder)
+            and not os.path.isfile(os.path.join(folder, CHECKSUM_FILE))
+        ):
+            digest = folder_sha256(folder)  # before the temporary file exists in the folder
+            tmp = os.path.join(folder, f".{CHECKSUM_FILE}.tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                f.write(digest + "\n")
+            os.replace(tmp, os.path.join(folder, CHECKSUM_FILE))
+
+
+def verify(folder: str) -> str:
+    """The folder's SHA-256; CheckpointError when it differs from the ``sha256.txt`` kept in it."""
+    digest = folder_sha256(folder)
+    path = os.path.join(folder, CHECKSUM_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = f.read().strip()
+        if kept != digest:
+            raise CheckpointError(
+                f"{folder}: its files no longer match the sha256.txt written when it was saved "
+                f"({digest[:12]}... now, {kept[:12]}... then): the checkpoint is damaged"
+            )
+    return digest
 
 
 class Checkpointer:
@@ -57,8 +117,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    def _seal(self) -> None:
+        """Checksums every finished step folder (waits for a save in flight, as Orbax's next save would)."""
+        for manager in (self.latest, self.best):
+            manager.wait_until_finished()
+            seal_finished(str(manager.directory))
+
     def save(self, state: TrainState, data_iter, config: dict) -> None:
         step = int(jax.device_get(state.step))
+        self._seal()
         self.latest.save(
             step,
             args=ocp.args.Composite(
@@ -75,6 +142,7 @@ class Checkpointer:
 
     def save_best(self, state: TrainState, config: dict, metrics: dict) -> None:
         step = int(jax.device_get(state.step))
+        self._seal()
         self.best.save(
             step,
             args=ocp.args.Composite(
@@ -96,6 +164,7 @@ class Checkpointer:
     def restore(self, state: TrainState, data_iter) -> TrainState:
         """Restores the latest checkpoint into (a state shaped like) ``state`` and the data iterator."""
         step = self.latest.latest_step()
+        verify(os.path.join(str(self.latest.directory), str(step)))
         abstract = ocp.utils.to_shape_dtype_struct
         counters = {"step": state.step, "skipped": state.skipped, "bad_in_a_row": state.bad_in_a_row}
         out = self.latest.restore(
@@ -119,10 +188,10 @@ class Checkpointer:
         )
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
+        self._seal()
         self.latest.close()
         self.best.close()
 
@@ -144,6 +213,7 @@ def save_for_inference(root: str, state: TrainState, config: dict) -> None:
     )
     manager.wait_until_finished()
     manager.close()
+    seal_finished(os.path.abspath(root))
 
 
 def resolve(path: str, which: str = "best") -> str:
@@ -173,15 +243,26 @@ def load_for_inference(path: str | None, which: str = "best"):
         config, model, _ = model_file.load(path)
         return config, model
     folder = resolve(path, which)
-    with open(os.path.join(folder, "config", "metadata")) as f:
-        config = json.load(f)
+    verify(folder)
+    try:
+        with open(os.path.join(folder, "config", "metadata")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{folder}: no readable config in the checkpoint ({e.__class__.__name__})"
+        ) from None
     mcfg = model_lib.ModelConfig.from_config(config["model"])
     model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     ckptr = ocp.StandardCheckpointer()
     abstract = ocp.utils.to_shape_dtype_struct
-    params = ckptr.restore(os.path.join(folder, "params"), jax.tree.map(abstract, params))
-    batch_stats = ckptr.restore(os.path.join(folder, "batch_stats"), jax.tree.map(abstract, batch_stats))
+    try:
+        params = ckptr.restore(os.path.join(folder, "params"), jax.tree.map(abstract, params))
+        batch_stats = ckptr.restore(os.path.join(folder, "batch_stats"), jax.tree.map(abstract, batch_stats))
+    except Exception as e:  # Orbax / TensorStore raise many types for damaged or missing files
+        raise CheckpointError(
+            f"{folder}: cannot be read as a calcjax checkpoint ({e.__class__.__name__}: {str(e)[:200]})"
+        ) from None
     for name, tree in (("params", params), ("batch_stats", batch_stats)):
         bad = model_file.count_non_finite(tree)
         if bad:
@@ -192,3 +273,12 @@ def load_for_inference(path: str | None, which: str = "best"):
     model = nnx.merge(graphdef, params, batch_stats)
     model.eval()
     return config, model
+
+
+def content_sha256(path: str | None, which: str = "best") -> str:
+    """The SHA-256 of the model a scorer would load from ``path`` (a model file's bytes, or a step
+    folder's :func:`folder_sha256`); ``None`` is the shipped model."""
+    path = path or model_file.DEFAULT_MODEL
+    if os.path.isfile(path):
+        return model_file.sha256_of(path)
+    return folder_sha256(resolve(path, which))

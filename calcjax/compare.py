@@ -25,11 +25,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from calcjax import metrics, report, score  # noqa: E402
+from calcjax import metrics, outputs, report, score  # noqa: E402
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    return score.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return outputs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +117,7 @@ def compare(
                 num_bootstrap=num_bootstrap,
                 progress=False,
             )
-            scored[name] = score.read_jsonl(os.path.join(folder, score.SCORES))
+            scored[name] = outputs.read_jsonl(os.path.join(folder, outputs.SCORES))
         result["test"] = {}
         for name, rows in scored.items():
             summaries = report.summaries_of(rows)

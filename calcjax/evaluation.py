@@ -21,34 +21,10 @@ from calcjax import input_pipeline, losses, metrics
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 
-_COUNT_FIELDS = [
-    f.name for f in dataclasses.fields(metrics.ScanSummary) if f.name not in ("scan_id", "protocol")
-]
-
 
 def _local_copy(tree, sharding: NamedSharding):
     """A replicated global pytree -> the same values replicated on this process's devices only."""
     return jax.tree.map(lambda x: jax.device_put(x.addressable_data(0), sharding), tree)
-
-
-def _summary_vector(s: metrics.ScanSummary) -> np.ndarray:
-    parts = []
-    for name in _COUNT_FIELDS:
-        v = getattr(s, name)
-        parts += list(v) if isinstance(v, tuple) else [v]
-    return np.asarray(parts, np.float64)
-
-
-def _summary_from_vector(v: np.ndarray, scan: dict) -> metrics.ScanSummary:
-    fields, i = {}, 0
-    for name in _COUNT_FIELDS:
-        if name.startswith("artery_"):
-            fields[name] = tuple(int(x) for x in v[i : i + metrics.NUM_ARTERIES])
-            i += metrics.NUM_ARTERIES
-        else:
-            fields[name] = float(v[i]) if name.startswith("agatston") else int(v[i])
-            i += 1
-    return metrics.ScanSummary(scan_id=scan["scan_id"], protocol=scan["protocol"], **fields)
 
 
 class Evaluator:
@@ -117,8 +93,8 @@ class Evaluator:
                 scan["scan_id"], scan["protocol"], pred, item["labels"], item["hu"], tuple(scan["spacing"])
             )
             index = pid + k * pcount
-            rows.append(np.concatenate([[index, loss_sum, len(pred)], _summary_vector(s)]))
-        width = 3 + sum(metrics.NUM_ARTERIES if n.startswith("artery_") else 1 for n in _COUNT_FIELDS)
+            rows.append(np.concatenate([[index, loss_sum, len(pred)], s.to_vector()]))
+        width = 3 + metrics.VECTOR_SIZE
         per_process = -(-len(scans) // pcount)
         table = np.full((per_process, width), -1.0)
         if rows:
@@ -129,7 +105,10 @@ class Evaluator:
             table = np.asarray(multihost_utils.process_allgather(table)).reshape(-1, width)
         table = table[table[:, 0] >= 0]
         table = table[np.argsort(table[:, 0])]
-        summaries = [_summary_from_vector(r[3:], scans[int(r[0])]) for r in table]
+        summaries = [
+            metrics.ScanSummary.from_vector(r[3:], scans[int(r[0])]["scan_id"], scans[int(r[0])]["protocol"])
+            for r in table
+        ]
         report = metrics.evaluate(summaries, num_bootstrap=0 if len(summaries) < 2 else 200)
         fig = report["all"]["figures"]
         return {

@@ -27,10 +27,11 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 from scipy import ndimage
 
+from calcjax import agatston
 from calcjax.io import records
 
 AIR_HU = -1000.0
-CALCIUM_HU = 130.0  # the Agatston threshold: voxels below it are never calcium, whatever the label says
+CALCIUM_HU = agatston.CALCIUM_THRESHOLD_HU  # voxels below it are never calcium, whatever the label says
 
 
 @dataclasses.dataclass(frozen=True)

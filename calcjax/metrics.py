@@ -5,8 +5,8 @@ challenge's (lesion-level detection with 3D 6-connected lesions, ICC and Bland-A
 et al., Med Phys 2016) and what the paper's referee asked for (per-protocol figures, confidence intervals).
 
 Conventions:
-- Calcium voxels: label > 0 (any artery); per artery: label == a. When ``hu`` is given, both masks are
-  restricted to HU >= ``threshold_hu`` first (the candidate definition of :mod:`calcjax.agatston`).
+- Calcium voxels: label > 0 (any artery); per artery: label == a. Both masks are restricted to the
+  candidate voxels (``calcjax.agatston.candidate_mask`` at the threshold the scan's Agatston used) first.
 - Ratios with a zero denominator are defined, never NaN: ``0/0 := 1`` for precision, recall, sensitivity
   and PPV (nothing to find, or nothing claimed, is no error) and F1 = 2 TP / (2 TP + FP + FN) with
   ``0/0 := 1``. So all-zero predictions on a scan with calcium give precision 1, recall 0, F1 0, and
@@ -81,6 +81,44 @@ class ScanSummary:
     category_pred: int
     category_ref: int
 
+    def counts(self) -> dict:
+        """The fields but ``scan_id`` and ``protocol`` (a score row's ``evaluation``; JSON-ready)."""
+        return {f: getattr(self, f) for f in COUNT_FIELDS}
+
+    @classmethod
+    def from_counts(cls, counts: dict, scan_id: str, protocol: str) -> ScanSummary:
+        """The inverse of :meth:`counts` (lists from JSON become tuples)."""
+        fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in counts.items()}
+        return cls(scan_id=scan_id, protocol=protocol, **fields)
+
+    def to_vector(self) -> np.ndarray:
+        """The counts as one float64 vector of :data:`VECTOR_SIZE` (per-artery fields expanded), for
+        gathering across processes."""
+        parts = []
+        for name in COUNT_FIELDS:
+            v = getattr(self, name)
+            parts += list(v) if isinstance(v, tuple) else [v]
+        return np.asarray(parts, np.float64)
+
+    @classmethod
+    def from_vector(cls, v: np.ndarray, scan_id: str, protocol: str) -> ScanSummary:
+        """The inverse of :meth:`to_vector`."""
+        fields, i = {}, 0
+        for name in COUNT_FIELDS:
+            if name.startswith("artery_"):
+                fields[name] = tuple(int(x) for x in v[i : i + NUM_ARTERIES])
+                i += NUM_ARTERIES
+            else:
+                fields[name] = float(v[i]) if name.startswith("agatston") else int(v[i])
+                i += 1
+        return cls(scan_id=scan_id, protocol=protocol, **fields)
+
+
+COUNT_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(ScanSummary) if f.name not in ("scan_id", "protocol")
+)
+VECTOR_SIZE = sum(NUM_ARTERIES if n.startswith("artery_") else 1 for n in COUNT_FIELDS)
+
 
 def summarize_scan(
     scan_id: str,
@@ -88,25 +126,39 @@ def summarize_scan(
     pred: np.ndarray,
     ref: np.ndarray,
     hu: np.ndarray,
-    spacing: tuple[float, float, float],
+    spacing: tuple[float, float, float] | None = None,
     *,
-    threshold_hu: float = 130.0,
+    pred_score: dict | None = None,
+    ref_score: dict | None = None,
     **score_kwargs,
 ) -> ScanSummary:
-    """Counts and scores of one scan; ``pred`` and ``ref``: ``(z, y, x)`` labels 0-4 on the grid of ``hu``."""
+    """Counts and scores of one scan; ``pred`` and ``ref``: ``(z, y, x)`` labels 0-4 on the grid of ``hu``.
+
+    ``pred_score`` / ``ref_score``: the :func:`calcjax.agatston.score` results of ``pred`` and ``ref`` when
+    the caller has them (the scorer does), else they are computed here from ``spacing`` and
+    ``score_kwargs``. Voxel and lesion counts use the candidate mask of the threshold those results used
+    (``agatston.candidate_mask``), so a kVp-specific threshold applies to every figure of the row.
+    """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape or pred.shape != np.shape(hu):
         raise ValueError(
             f"{scan_id}: prediction {pred.shape}, reference {ref.shape} and HU {np.shape(hu)} differ"
         )
-    candidate = np.asarray(hu) >= threshold_hu
+    if pred_score is None:
+        pred_score = agatston.score(hu, pred, spacing, **score_kwargs)
+    if ref_score is None:
+        ref_score = agatston.score(hu, ref, spacing, **score_kwargs)
+    if pred_score["threshold_hu"] != ref_score["threshold_hu"]:
+        raise ValueError(
+            f"{scan_id}: prediction scored at {pred_score['threshold_hu']} HU, reference at "
+            f"{ref_score['threshold_hu']} HU: one calcium definition per scan"
+        )
+    candidate = agatston.candidate_mask(hu, pred_score["threshold_hu"])
     p = np.where(candidate, pred, 0)
     r = np.where(candidate, ref, 0)
     tp, fp, fn = voxel_counts(p, r)
     a_tp, a_fp, a_fn = zip(*(voxel_counts(p == a, r == a) for a in range(1, NUM_ARTERIES + 1)), strict=True)
     lesions = lesion_counts(p > 0, r > 0)
-    sp = agatston.score(hu, pred, spacing, threshold_hu=threshold_hu, **score_kwargs)
-    sr = agatston.score(hu, ref, spacing, threshold_hu=threshold_hu, **score_kwargs)
     return ScanSummary(
         scan_id=scan_id,
         protocol=protocol,
@@ -117,10 +169,10 @@ def summarize_scan(
         artery_fp=tuple(a_fp),
         artery_fn=tuple(a_fn),
         **lesions,
-        agatston_pred=sp["agatston"],
-        agatston_ref=sr["agatston"],
-        category_pred=sp["risk_category"],
-        category_ref=sr["risk_category"],
+        agatston_pred=pred_score["agatston"],
+        agatston_ref=ref_score["agatston"],
+        category_pred=pred_score["risk_category"],
+        category_ref=ref_score["risk_category"],
     )
 
 
@@ -277,6 +329,44 @@ class ScoreSummary:
     agatston_ref: float
     category_pred: int
     category_ref: int
+
+    def counts(self) -> dict:
+        """The fields but ``scan_id`` and ``protocol`` (a score row's ``evaluation``; JSON-ready)."""
+        return {f: getattr(self, f) for f in COUNT_FIELDS}
+
+    @classmethod
+    def from_counts(cls, counts: dict, scan_id: str, protocol: str) -> ScanSummary:
+        """The inverse of :meth:`counts` (lists from JSON become tuples)."""
+        fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in counts.items()}
+        return cls(scan_id=scan_id, protocol=protocol, **fields)
+
+    def to_vector(self) -> np.ndarray:
+        """The counts as one float64 vector of :data:`VECTOR_SIZE` (per-artery fields expanded), for
+        gathering across processes."""
+        parts = []
+        for name in COUNT_FIELDS:
+            v = getattr(self, name)
+            parts += list(v) if isinstance(v, tuple) else [v]
+        return np.asarray(parts, np.float64)
+
+    @classmethod
+    def from_vector(cls, v: np.ndarray, scan_id: str, protocol: str) -> ScanSummary:
+        """The inverse of :meth:`to_vector`."""
+        fields, i = {}, 0
+        for name in COUNT_FIELDS:
+            if name.startswith("artery_"):
+                fields[name] = tuple(int(x) for x in v[i : i + NUM_ARTERIES])
+                i += NUM_ARTERIES
+            else:
+                fields[name] = float(v[i]) if name.startswith("agatston") else int(v[i])
+                i += 1
+        return cls(scan_id=scan_id, protocol=protocol, **fields)
+
+
+COUNT_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(ScanSummary) if f.name not in ("scan_id", "protocol")
+)
+VECTOR_SIZE = sum(NUM_ARTERIES if n.startswith("artery_") else 1 for n in COUNT_FIELDS)
 
 
 def evaluate_scores(

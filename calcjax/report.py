@@ -1,6 +1,6 @@
 """The evaluation report of a scoring run: ``OUT/report.md`` and PNG figures in ``OUT/figures/``.
 
-Input: the rows of ``OUT/scores.jsonl`` (``calcjax.score.score_row``). Voxel and lesion figures come from
+Input: the rows of ``OUT/scores.jsonl`` (``calcjax.score_rows.score_row``). Voxel and lesion figures come from
 ``calcjax.metrics.evaluate`` over the rows with reference labels (an ``evaluation`` entry); Agatston and
 risk-category agreement from ``calcjax.metrics.evaluate_scores`` over every row with a reference Agatston
 (labels or a sheet of scan-level scores). For all scans and per protocol, with bootstrap CIs:
@@ -65,8 +65,7 @@ def summaries_of(rows: list[dict]) -> list[metrics.ScanSummary]:
         ev = r.get("evaluation")
         if ev is None:
             continue
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in ev.items()}
-        out.append(metrics.ScanSummary(scan_id=r["scan_id"], protocol=r["protocol"], **fields))
+        out.append(metrics.ScanSummary.from_counts(ev, r["scan_id"], r["protocol"]))
     return out
 
 
@@ -125,8 +124,8 @@ def confusion_figure(confusion: list[list[int]], path: str) -> None:
 
 def overlay_figure(out: str, rows: list[dict], path: str) -> int:
     """Reference | prediction crops of the ``NUM_OVERLAYS`` largest disagreement components over all
-    scans (each crop centred on one missed, extra or wrong-artery component: ``score.disagreement_crops``);
-    returns how many were drawn."""
+    scans (each crop centred on one missed, extra or wrong-artery component:
+    ``score_rows.disagreement_crops``); returns how many were drawn."""
     panels = [
         (d["voxels"], r, i, d)
         for r in rows

@@ -36,14 +36,19 @@ class LoadedScan:
     meta: dict
 
 
+def _plain_reason(e: Exception) -> str:
+    return getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanInput:
-    """A listed scan: ``scan_id``, ``source`` (a shard name or a redacted folder), ``load()``."""
+    """A listed scan: ``scan_id``, ``source`` (a shard file name, or ``dicom``: no path text), ``load()``,
+    and ``reason_of(error)``: the reason of an error about it, safe to write (no header value, no path)."""
 
     scan_id: str
     source: str
     load: Callable[[], LoadedScan]
-    identifiers: frozenset[str] = frozenset()
+    reason_of: Callable[[Exception], str] = _plain_reason
     folder: str | None = None  # DICOM route: the series folder (in memory only, for reference matching)
 
 
@@ -143,11 +148,25 @@ def shard_scans(pattern: str, *, context: int) -> tuple[list[ScanInput], _ShardR
 
 
 def dicom_scans(
-    root: str, *, context: int, salt: str, labels_dir: str | None = None, protocol: str | None = None
+    root: str,
+    *,
+    context: int,
+    salt: str,
+    labels_dir: str | None = None,
+    protocol: str | None = None,
+    exclude=(),
+    private_map: dict[str, str] | None = None,
 ) -> tuple[list[ScanInput], list[dict]]:
-    """The CT series under ``root`` as scans (ids: salted hashes), and error entries for what is not."""
+    """The CT series under ``root`` as scans (ids: salted hashes), and error entries for what is not
+    (``exclude`` and ``private_map``: as ``calcjax.io.discover.discover``)."""
     jobs, errors = discover.discover(
-        root, salt=salt, split=[("score", 1.0)], split_seed=0, labels_dir=labels_dir
+        root,
+        salt=salt,
+        split=[("score", 1.0)],
+        split_seed=0,
+        labels_dir=labels_dir,
+        exclude=exclude,
+        private_map=private_map,
     )
 
     def load(job: discover.ScanJob) -> LoadedScan:
@@ -162,9 +181,9 @@ def dicom_scans(
     scans = [
         ScanInput(
             j.scan_id,
-            j.where,
+            "dicom",
             lambda j=j: load(j),
-            j.identifiers,
+            j.safe_reason,
             os.path.commonpath([os.path.dirname(f) for f in j.files]),
         )
         for j in jobs

@@ -10,252 +10,56 @@ folder or a one-file model (``calcjax.model_file``, SHA-256 checked); without it
 (``calcjax.model_file.DEFAULT_MODEL``). The model's config comes from the checkpoint. Scans stream one
 at a time (memory is bounded by the largest scan, not the cohort): load -> jitted, batched forward
 sharded over this process's devices (``calcjax.inference``) -> predicted labels -> ``calcjax.agatston``
-(HU >= 130 inside the prediction).
+(HU >= the calcium threshold inside the prediction) -> one row (``calcjax.score_rows``).
 
 Outputs in OUT:
-- ``scores.jsonl``: one JSON line per scan, appended and flushed as each scan finishes (see ``score_row``);
+- ``scores.jsonl``: one JSON line per scan, appended and flushed as each scan finishes
+  (``calcjax.score_rows.score_row``);
 - ``scores.csv``: the same rows flattened, rewritten at the end;
-- ``errors.jsonl``: one line per scan or input that failed (source, stage, kind, reason; identifying
-  header values redacted); the run goes on;
+- ``errors.jsonl``: one line per scan or input that failed (input, stage, kind, reason); the run goes on.
+  Inputs are named by scan id or salted file name, never by path, and reasons carry no header value and
+  no path text (``calcjax.io.deid``);
 - ``masks/<scan_id>.nii.gz`` with ``--save_masks``: predicted labels on the scan's grid (RAS affine);
 - where scans have reference labels: ``report.md`` and ``figures/`` (``calcjax.report``);
-- ``salt.txt`` (DICOM route): the salt of the scan ids, reused on ``--resume``.
+- ``salt.txt`` and ``inputs.private.tsv`` (DICOM route): the salt of the scan ids, reused on ``--resume``,
+  and the map from each name in the outputs to its input path; keep both private (remove them before
+  sharing the folder);
+- ``run.json``: the model's SHA-256 and the scoring settings; ``--resume`` with another model or other
+  settings is refused, so one folder never mixes two models' rows;
+- ``.calcjax.lock``: one job per folder; a second job on the same ``--out`` is refused while the first
+  runs (``calcjax.outputs.FolderLock``).
 
 ``--resume`` skips scans already in ``scores.jsonl`` (a line cut by a kill is dropped); without it a
-non-empty OUT is refused. On several hosts, process i scores every scan whose index is i modulo the
-process count into ``parts/``; after a barrier process 0 merges the parts into ``scores.jsonl`` in scan
-order and writes the CSV and the report.
+non-empty OUT is refused. An OUT inside the searched ``--dicom`` folder is not searched. On several
+hosts, process i scores every scan whose index is i modulo the process count into ``parts/``; after a
+barrier process 0 merges the parts into ``scores.jsonl`` in scan order and writes the CSV and the report.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import secrets
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
-from scipy import ndimage
 from tqdm import tqdm
 
-from calcjax import agatston, checkpoint, inference, metrics, model_file, report, scan_sources, sharding
-from calcjax.io import discover, labels, reference_scores
+from calcjax import (
+    checkpoint,
+    cli,
+    inference,
+    model_file,
+    outputs,
+    report,
+    scan_sources,
+    score_rows,
+    sharding,
+)
+from calcjax.io import deid, discover, labels, reference_scores
 
-SCORES = "scores.jsonl"
-ERRORS = "errors.jsonl"
-OVERLAY_CROP = 96  # pixels: the side of the disagreement crop kept for the report's overlays
-
-
-def score_row(
-    scan: scan_sources.ScanInput,
-    loaded: scan_sources.LoadedScan,
-    pred: np.ndarray,
-    reference: reference_scores.ReferenceScore | None = None,
-    **kw,
-) -> dict:
-    """The output line of one scan (its keys are the CSV's columns, per-artery dicts flattened).
-
-    Keys: scan_id, source, protocol, num_slices, slice_increment_mm, slice_thickness_mm, kvp,
-    series_grouping (``uid``, or ``geometry`` for a series grouped without a SeriesInstanceUID), agatston,
-    agatston_per_artery {LM, LAD, LCX, RCA}, volume_mm3, mass_mg (None unless ``mass_calibration``),
-    risk_category (0-4), risk_category_name, num_lesions (counted 2D lesions); with reference labels also
-    reference_agatston, reference_agatston_per_artery, reference_volume_mm3, reference_risk_category and
-    ``evaluation`` (the :class:`calcjax.metrics.ScanSummary` fields, from which the report's figures come).
-    ``reference_source`` says where the reference came from: ``mask`` (labels; wins when both exist) or
-    ``sheet`` (``reference``: a scan-level score; its total gives the category, ``reference_artery_sum``
-    keeps the sum of its per-artery figures, which need not equal the total).
-    """
-    spacing = loaded.grid.spacing
-    kvp = loaded.meta.get("kvp") or 120.0
-    s = agatston.score(loaded.hu, pred, spacing, kvp=kvp, **kw)
-    row = {
-        "scan_id": scan.scan_id,
-        "source": scan.source,
-        "protocol": loaded.meta.get("protocol") or "unknown",
-        "num_slices": int(loaded.hu.shape[0]),
-        "slice_increment_mm": float(spacing[0]),
-        "slice_thickness_mm": loaded.meta.get("slice_thickness_mm"),
-        "kvp": loaded.meta.get("kvp"),
-        "series_grouping": loaded.meta.get("series_grouping", "uid"),
-        "agatston": s["agatston"],
-        "agatston_per_artery": s["agatston_per_artery"],
-        "volume_mm3": s["volume_mm3"],
-        "mass_mg": s["mass_mg"],
-        "risk_category": s["risk_category"],
-        "risk_category_name": s["risk_category_name"],
-        "num_lesions": s["num_lesions"],
-    }
-    if loaded.labels is not None:
-        r = agatston.score(loaded.hu, loaded.labels, spacing, kvp=kvp, **kw)
-        row.update(
-            reference_agatston=r["agatston"],
-            reference_agatston_per_artery=r["agatston_per_artery"],
-            reference_volume_mm3=r["volume_mm3"],
-            reference_risk_category=r["risk_category"],
-        )
-        summary = metrics.summarize_scan(
-            scan.scan_id, row["protocol"], pred, loaded.labels, loaded.hu, spacing, kvp=kvp, **kw
-        )
-        row["evaluation"] = {k: v for k, v in vars(summary).items() if k not in ("scan_id", "protocol")}
-        row["reference_source"] = "mask"
-    elif reference is not None:
-        row.update(
-            reference_agatston=reference.total,
-            reference_agatston_per_artery={a: reference.per_artery.get(a) for a in agatston.ARTERIES},
-            reference_risk_category=reference.risk_category,
-            reference_source="sheet",
-            reference_total_from=reference.total_from,
-            reference_artery_sum=reference.artery_sum,
-        )
-    return row
-
-
-DISAGREEMENT_KINDS = ("missed", "extra", "wrong artery")
-_IN_PLANE_8 = np.zeros((3, 3, 3), bool)
-_IN_PLANE_8[1] = True  # 8-connected within a slice, never across slices (as Agatston's lesions)
-
-
-def disagreement_crops(
-    loaded: scan_sources.LoadedScan, pred: np.ndarray, threshold_hu: float = 130.0
-) -> list[dict]:
-    """One crop per kind of disagreement, centred on that kind's largest in-plane component.
-
-    Kinds (candidate voxels, HU >= ``threshold_hu``): ``missed`` (reference calcium predicted background),
-    ``extra`` (predicted calcium the reference calls background), ``wrong artery`` (both calcium, other
-    labels). Centring on the largest component, not on the mean of all differing voxels, keeps the crop
-    on something when the differences are scattered (ribs on both sides and a plaque in the middle).
-
-    Returns ``[{"kind", "voxels" (component size), "slice", "hu", "pred", "ref"}]`` with
-    ``(OVERLAY_CROP, OVERLAY_CROP)`` crops, largest component first; [] when they agree.
-    """
-    cand = loaded.hu >= threshold_hu
-    ref = np.where(cand, loaded.labels, 0)
-    p = np.where(cand, pred, 0)
-    masks = {
-        "missed": (ref > 0) & (p == 0),
-        "extra": (p > 0) & (ref == 0),
-        "wrong artery": (p > 0) & (ref > 0) & (p != ref),
-    }
-    h, w = ref.shape[1:]
-    half = OVERLAY_CROP // 2
-    out = []
-    for kind in DISAGREEMENT_KINDS:
-        mask = masks[kind]
-        if not mask.any():
-            continue
-        components, _ = ndimage.label(mask, structure=_IN_PLANE_8)
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        biggest = int(sizes.argmax())
-        zs, ys, xs = np.nonzero(components == biggest)  # one slice: components never cross slices
-        k = int(zs[0])
-        cy = int(np.clip(int(round(ys.mean())), half, max(h - half, half)))
-        cx = int(np.clip(int(round(xs.mean())), half, max(w - half, half)))
-        win = (k, slice(max(cy - half, 0), cy + half), slice(max(cx - half, 0), cx + half))
-        out.append(
-            {
-                "kind": kind,
-                "voxels": int(sizes[biggest]),
-                "slice": k,
-                "hu": loaded.hu[win],
-                "pred": pred[win],
-                "ref": loaded.labels[win],
-            }
-        )
-    out.sort(key=lambda c: -c["voxels"])
-    return out
-
-
-def read_jsonl(path: str, *, repair: bool = False) -> list[dict]:
-    """The JSON lines of ``path`` ([] if absent). A last line cut short by a kill is dropped; with
-    ``repair`` the file is truncated to its last whole line, so appends start clean."""
-    if not os.path.isfile(path):
-        return []
-    rows, good_end = [], 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good_end += len(line)
-    if repair and good_end != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return rows
-
-
-def append_jsonl(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _flatten(row: dict) -> dict:
-    out = {}
-    for k, v in row.items():
-        if k in ("evaluation", "disagreements"):
-            continue
-        if isinstance(v, dict):
-            out.update({f"{k.replace('_per_artery', '')}_{a}": x for a, x in v.items()})
-        else:
-            out[k] = v
-    return out
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    """``rows`` flattened (per-artery columns) to CSV, atomically."""
-    flat = [_flatten(r) for r in rows]
-    columns: list[str] = []
-    for r in flat:
-        columns += [c for c in r if c not in columns]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(flat)
-    os.replace(tmp, path)
-
-
-def _salt(out: str, salt_file: str | None = None) -> str:
-    """The scan-id salt kept in ``out/salt.txt``: copied from ``salt_file`` (e.g. a shard folder's, so
-    the DICOM route names scans as the shards do), else the one already there, else a new random one."""
-    path = os.path.join(out, "salt.txt")
-    if salt_file is not None:
-        with open(salt_file) as f:
-            salt = f.read().strip()
-        if os.path.isfile(path):
-            with open(path) as f:
-                if f.read().strip() != salt:
-                    raise ValueError(f"{out} was scored with another salt than {salt_file}")
-        with open(path, "w") as f:
-            f.write(salt)
-    if not os.path.isfile(path):
-        with open(path, "w") as f:
-            f.write(secrets.token_hex(16))
-    with open(path) as f:
-        return f.read().strip()
-
-
-def _error_line(scan: scan_sources.ScanInput, e: Exception) -> dict:
-    reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
-    if getattr(e, "path", None):  # the file inside the series that failed (the folder is ``input``)
-        reason = f"{os.path.basename(e.path)}: {reason}"
-    return {
-        "scan_id": scan.scan_id,
-        "input": scan.source,
-        "stage": "score",
-        "kind": getattr(e, "kind", e.__class__.__name__),
-        "reason": discover.redact(reason, scan.identifiers),
-    }
+SCORES, ERRORS = outputs.SCORES, outputs.ERRORS
 
 
 def score_cohort(
@@ -288,12 +92,59 @@ def score_cohort(
     scans without reference labels.
 
     Returns a summary dict: scans scored now, skipped (already scored), failed, seconds, scans/min,
-    slices/s, the forward pass's share of the time, and the report path (or None).
+    slices/s, the forward pass's share of the time, and the report path (or None). Raises
+    ``outputs.FolderBusyError`` when another job holds ``out`` and ``outputs.RunRecordError`` when
+    ``resume`` would mix another model or other settings into it.
     """
     if (shards is None) == (dicom_dir is None):
         raise ValueError("give exactly one of --shards and --dicom")
-    pid, pcount = jax.process_index(), jax.process_count()
+    pid = jax.process_index()
     os.makedirs(out, exist_ok=True)
+    # Process 0 holds the folder for the whole job (the other processes of a multi-host job write their
+    # own part files under it); the kernel drops the lock when the process ends, however it ends.
+    lock = outputs.FolderLock(out, "calcjax.score").acquire() if pid == 0 else None
+    try:
+        return _score_locked(
+            checkpoint_path=checkpoint_path,
+            out=out,
+            shards=shards,
+            dicom_dir=dicom_dir,
+            labels_dir=labels_dir,
+            salt_file=salt_file,
+            which=which,
+            resume=resume,
+            save_masks=save_masks,
+            batch_size=batch_size,
+            score_kw=dict(mass_calibration=mass_calibration, kvp_specific_threshold=kvp_specific_threshold),
+            num_bootstrap=num_bootstrap,
+            progress=progress,
+            predictor=predictor,
+            reference=(reference_scores_path, reference_key_column, reference_key_suffix),
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _score_locked(
+    *,
+    checkpoint_path,
+    out,
+    shards,
+    dicom_dir,
+    labels_dir,
+    salt_file,
+    which,
+    resume,
+    save_masks,
+    batch_size,
+    score_kw,
+    num_bootstrap,
+    progress,
+    predictor,
+    reference,
+) -> dict:
+    pid, pcount = jax.process_index(), jax.process_count()
     if pcount > 1:
         part_dir = os.path.join(out, "parts")
         os.makedirs(part_dir, exist_ok=True)
@@ -301,37 +152,60 @@ def score_cohort(
         errors_path = os.path.join(part_dir, f"errors-{pid:05d}-of-{pcount:05d}.jsonl")
     else:
         scores_path, errors_path = os.path.join(out, SCORES), os.path.join(out, ERRORS)
-    if not resume and (read_jsonl(scores_path) or read_jsonl(errors_path)):
+    if not resume and (outputs.read_jsonl(scores_path) or outputs.read_jsonl(errors_path)):
         raise FileExistsError(f"{out} already holds scores: pass --resume to go on, or choose another --out")
 
+    reference_scores_path, reference_key_column, reference_key_suffix = reference
     sheet, sheet_base = None, None
     if reference_scores_path is not None:
         sheet = reference_scores.read_reference_scores(reference_scores_path, reference_key_column)
         sheet_base = reference_scores.match_base(reference_scores_path, dicom_dir or ".")
     checkpoint_label = _checkpoint_name(checkpoint_path, which)  # before loading: a run may move on
+    if pid == 0:
+        run_record = {
+            "model_sha256": checkpoint.content_sha256(checkpoint_path, which),
+            "route": "shards" if shards is not None else "dicom",
+            **score_kw,
+        }
+        if not resume and os.path.isfile(os.path.join(out, "run.json")):
+            os.remove(os.path.join(out, "run.json"))  # nothing was scored into it: this run starts afresh
+        outputs.check_run_record(
+            out,
+            "run",
+            run_record,
+            fix="resume with the same --checkpoint and settings, or choose another --out",
+        )
     if predictor is None:
         _, model = checkpoint.load_for_inference(checkpoint_path, which)
         predictor = inference.Predictor(model, batch_size=batch_size)
     context = (predictor.in_channels - 1) // 2
-    score_kw = dict(mass_calibration=mass_calibration, kvp_specific_threshold=kvp_specific_threshold)
 
     readers = None
     if shards is not None:
         scans, readers = scan_sources.shard_scans(shards, context=context)
         listing_errors = []
     else:
-        salt = _broadcast_salt(out, salt_file) if pcount > 1 else _salt(out, salt_file)
+        given = deid.read_salt_file(salt_file) if salt_file else None
+        salt = sharding.broadcast_text(lambda: deid.load_salt(out, given, given_from=salt_file or ""))
+        private_map: dict[str, str] = {}
         scans, listing_errors = scan_sources.dicom_scans(
-            dicom_dir, context=context, salt=salt, labels_dir=labels_dir
+            dicom_dir,
+            context=context,
+            salt=salt,
+            labels_dir=labels_dir,
+            exclude=(out,),
+            private_map=private_map,
         )
+        if pid == 0:
+            deid.update_private_map(out, private_map)
     mine = [s for i, s in enumerate(scans) if i % pcount == pid]
-    done = {r["scan_id"] for r in read_jsonl(scores_path, repair=True)}
-    old_errors = {json.dumps(e, sort_keys=True) for e in read_jsonl(errors_path, repair=True)}
+    done = {r["scan_id"] for r in outputs.read_jsonl(scores_path, repair=True)}
+    old_errors = {json.dumps(e, sort_keys=True) for e in outputs.read_jsonl(errors_path, repair=True)}
 
     def record_error(entry: dict) -> None:
         key = json.dumps(entry, sort_keys=True)
         if key not in old_errors:
-            append_jsonl(errors_path, entry)
+            outputs.append_jsonl(errors_path, entry)
             old_errors.add(key)
 
     if pid == 0:
@@ -361,17 +235,18 @@ def score_cohort(
                         base=sheet_base,
                         key_suffix=reference_key_suffix,
                     )
-                row = score_row(scan, loaded, pred, ref_score, **score_kw)
+                row = score_rows.score_row(scan, loaded, pred, ref_score, **score_kw)
             except Exception as e:  # a cohort run records each bad scan and goes on
-                logging.warning("scan %s failed: %s", scan.scan_id, _error_line(scan, e)["reason"])
-                record_error(_error_line(scan, e))
+                line = score_rows.error_line(scan, e)
+                logging.warning("scan %s failed: %s", scan.scan_id, line["reason"])
+                record_error(line)
                 failed += 1
                 continue
             if save_masks:
                 os.makedirs(mask_dir, exist_ok=True)
                 labels.write_label_nifti(os.path.join(mask_dir, f"{scan.scan_id}.nii.gz"), pred, loaded.grid)
             if loaded.labels is not None:
-                crops = disagreement_crops(loaded, pred)
+                crops = score_rows.disagreement_crops(loaded, pred, row["threshold_hu"])
                 row["disagreements"] = [{k: c[k] for k in ("kind", "voxels", "slice")} for c in crops]
                 if crops:
                     os.makedirs(overlay_dir, exist_ok=True)
@@ -380,7 +255,7 @@ def score_cohort(
                     np.savez_compressed(tmp, **arrays)
                     os.replace(tmp, os.path.join(overlay_dir, f"{scan.scan_id}.npz"))
             row["seconds"] = round(time.perf_counter() - t0, 3)
-            append_jsonl(scores_path, row)
+            outputs.append_jsonl(scores_path, row)
             scored += 1
             slices += row["num_slices"]
             elapsed = time.perf_counter() - t_start
@@ -402,15 +277,15 @@ def score_cohort(
         "devices": predictor.mesh.size,
         "report": None,
     }
+    order = {s.scan_id: i for i, s in enumerate(scans)}
     if pcount > 1:
-        sharding_barrier("calcjax.score:parts")
+        sharding.barrier("calcjax.score:parts")
         if pid == 0:
-            _merge_parts(out, scans, pcount)
+            outputs.merge_parts(out, os.path.join(out, "parts"), order, pcount)
     if pid == 0:
-        rows = read_jsonl(os.path.join(out, SCORES))
-        order = {s.scan_id: i for i, s in enumerate(scans)}
+        rows = outputs.read_jsonl(os.path.join(out, SCORES))
         rows.sort(key=lambda r: order.get(r["scan_id"], len(order)))
-        write_csv(os.path.join(out, "scores.csv"), rows)
+        outputs.write_csv(os.path.join(out, outputs.SCORES_CSV), rows)
         if sheet is not None:
             matched = sum(r.get("reference_source") == "sheet" for r in rows)
             summary["sheet_rows"], summary["sheet_rows_matched"] = len(sheet), matched
@@ -428,7 +303,7 @@ def score_cohort(
                 checkpoint=checkpoint_label,
                 num_bootstrap=num_bootstrap,
             )
-    summary["total_scores"] = len(read_jsonl(os.path.join(out, SCORES))) if pid == 0 else None
+    summary["total_scores"] = len(outputs.read_jsonl(os.path.join(out, SCORES))) if pid == 0 else None
     return summary
 
 
@@ -440,39 +315,6 @@ def _checkpoint_name(path: str | None, which: str) -> str:
         return f"{os.path.basename(path)} (sha256 {model_file.sha256_of(path)})"
     folder = checkpoint.resolve(path, which)
     return os.sep.join(folder.rstrip(os.sep).split(os.sep)[-3:])
-
-
-def sharding_barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def _broadcast_salt(out: str, salt_file: str | None) -> str:
-    """Process 0's salt on every process (they share OUT on a shared filesystem, or not)."""
-    from jax.experimental import multihost_utils
-
-    buf = np.zeros(256, np.uint8)  # the same shape on every process
-    if jax.process_index() == 0:
-        raw = _salt(out, salt_file).encode()[:256]
-        buf[: len(raw)] = np.frombuffer(raw, np.uint8)
-    data = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return bytes(data).rstrip(b"\0").decode()
-
-
-def _merge_parts(out: str, scans, pcount: int) -> None:
-    """Process 0: the per-process part files -> ``scores.jsonl`` / ``errors.jsonl`` in scan order."""
-    part_dir = os.path.join(out, "parts")
-    order = {s.scan_id: i for i, s in enumerate(scans)}
-    for name in ("scores", "errors"):
-        rows = []
-        for p in range(pcount):
-            rows += read_jsonl(os.path.join(part_dir, f"{name}-{p:05d}-of-{pcount:05d}.jsonl"))
-        rows.sort(key=lambda r: order.get(r.get("scan_id"), len(order)))
-        tmp = os.path.join(out, f"{name}.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, os.path.join(out, f"{name}.jsonl"))
 
 
 def define_flags() -> None:
@@ -511,17 +353,19 @@ def main(argv):
         raise app.UsageError("give exactly one of --shards and --dicom")
     logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed()
-    try:
-        summary = _score_from_flags()
-    except (
-        model_file.ModelFileError,
-        checkpoint.CheckpointError,
-        discover.NoScansError,
-        reference_scores.ReferenceScoresError,
-        FileNotFoundError,
-    ) as e:
-        print(f"calcjax.score: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = cli.run_or_exit(
+        "calcjax.score",
+        _score_from_flags,
+        (
+            model_file.ModelFileError,
+            checkpoint.CheckpointError,
+            discover.NoScansError,
+            reference_scores.ReferenceScoresError,
+            outputs.FolderBusyError,
+            outputs.RunRecordError,
+            deid.SaltError,
+        ),
+    )
     if jax.process_index() == 0:
         print(
             f"scored {summary['scored']} scans ({summary['skipped_already_scored']} already scored, "

@@ -72,3 +72,27 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
     """Host-local numpy arrays (this process's rows) -> global ``jax.Array`` s sharded on ``'data'``."""
     sharding = data_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_text(make, max_bytes: int = 256) -> str:
+    """Process 0's ``make()`` (a short UTF-8 string) on every process; only process 0 calls ``make``."""
+    if jax.process_count() == 1:
+        return make()
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(max_bytes, np.uint8)  # the same shape on every process
+    if jax.process_index() == 0:
+        raw = make().encode()
+        if len(raw) > max_bytes:
+            raise ValueError(f"broadcast text of {len(raw)} bytes, more than {max_bytes}")
+        buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(data).rstrip(b"\0").decode()

@@ -8,18 +8,24 @@ Output (DESIGN.md "Shard folder"): ``{split}-{i:05d}-of-{n:05d}.array_record``, 
 (schema version, settings, per-scan metadata with record ranges, indices of records with calcium) and
 ``errors.jsonl`` (every skipped input and the reason; a series that was built but whose files made pydicom
 warn gets one ``reader_warnings`` line with ``"severity": "warning"``). Scans are named by a salted hash;
-the salt lives in ``SHARDS/salt.txt`` (created on the first build and reused so reruns and added scans
-keep their ids; keep it private, and remove it before sharing the shards). A rerun after a kill finishes
-the job: finished shards are kept, unfinished ones rebuilt, and the same inputs give the same shards.
+the salt lives in ``SHARDS/salt.txt`` (created on the first build and reused so reruns keep their ids; a
+build into a new folder with ``--salt`` of the same value gives added scans the same ids), and
+``SHARDS/inputs.private.tsv`` maps every name the outputs use (scan ids, ``file-...`` names) back to its
+input path: keep both private, and remove them before sharing the shards. ``SHARDS/build.json`` records
+the settings and an input fingerprint: a rerun after a kill finishes the job (finished shards are kept,
+unfinished ones rebuilt, and the same inputs give the same shards); a rerun with other inputs or settings
+is refused. A second build on the same folder is refused while the first runs. Errors that stop the whole
+build (nothing found, folder busy, a full or read-only disk) are one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
+from calcjax import cli, outputs
+from calcjax.io import deid
 from calcjax.io.discover import NoScansError
 from data_prep.builder import build
 
@@ -44,11 +50,11 @@ _SALT = flags.DEFINE_string(
 
 def main(argv):
     del argv
-    try:
-        m = _build_from_flags()
-    except NoScansError as e:
-        print(f"data_prep.build: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    m = cli.run_or_exit(
+        "data_prep.build",
+        _build_from_flags,
+        (NoScansError, outputs.FolderBusyError, outputs.RunRecordError, deid.SaltError),
+    )
     per_split = ", ".join(f"{k}: {v['num_records']} records" for k, v in sorted(m["splits"].items()))
     print(
         f"built {m['num_scans']} scans, {m['num_records']} slices ({per_split}); "

@@ -1,43 +1,71 @@
 """Shard building as a library: discovery, shard plan, parallel shard writing, manifest and errors.
 
 ``python -m data_prep.build`` is its command line (see that module for the output layout).
+
+Reruns: ``OUT/build.json`` records the settings and a fingerprint of the inputs (each scan's id, split,
+label and its files' relative paths, sizes and modification times) before any shard is written, and each
+shard's sidecar records the fingerprint of the scans and settings it was written from. A rerun with the
+same inputs and settings finishes only the shards whose sidecar matches (a killed build resumes); a rerun
+with other inputs or settings is refused with :class:`BuildRecordError` naming what changed, never
+mixed into the old shards. One build per folder at a time (``calcjax.outputs.FolderLock``); shard-writing
+worker processes exit when the build's process dies.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import glob
+import hashlib
 import json
 import os
-import secrets
+import threading
 import time
 
 from tqdm import tqdm
 
+from calcjax import outputs
+from calcjax.io import deid, records
 from calcjax.io import discover as discover_lib
-from calcjax.io import records
+from calcjax.io.deid import write_text_atomic as _atomic_write
 from calcjax.io.discover import discover, parse_split
 from data_prep.shards import shard_done, sidecar_path, write_shard
 
 MANIFEST_VERSION = 1
+BUILD_RECORD = "build"  # OUT/build.json
+_PARENT_POLL_S = 1.0
+
+
+class BuildRecordError(outputs.RunRecordError):
+    """A rerun into a shard folder made from other inputs or settings."""
 
 
 def load_salt(out: str, salt: str | None) -> str:
-    if salt:
-        return salt
-    path = os.path.join(out, "salt.txt")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return f.read().strip()
-    value = secrets.token_hex(16)
-    _atomic_write(path, value + "\n")
-    return value
+    """The build's salt (``calcjax.io.deid.load_salt``: ``--salt``, else ``OUT/salt.txt``, else new)."""
+    return deid.load_salt(out, salt, given_from="--salt")
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def job_fingerprint(job) -> str:
+    """SHA-256 of what a scan's records are made from: id, split, label and its files' relative paths,
+    sizes and modification times (a changed file changes it; reading every byte twice is avoided)."""
+    h = hashlib.sha256(f"{job.scan_id}\0{job.split}\0{job.label_format}\0".encode())
+    paths = list(job.files) + ([job.label_path] if job.label_path else [])
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{os.path.relpath(path, job.root)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Pool initializer: the worker exits as soon as the build's process is gone (a SIGKILL of the build
+    never leaves workers waiting for work for ever)."""
+
+    def watch():
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _remove_stale_temporaries(out: str) -> None:
@@ -63,8 +91,8 @@ def shard_name(split: str, i: int, n: int) -> str:
 
 
 def _write(args):
-    path, jobs, context, protocol = args
-    return write_shard(path, jobs, context=context, protocol=protocol)
+    path, jobs, context, protocol, fingerprint = args
+    return write_shard(path, jobs, context=context, protocol=protocol, fingerprint=fingerprint)
 
 
 def build(
@@ -82,10 +110,49 @@ def build(
     salt: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Builds the shard folder ``out`` from ``input_dir``; returns the manifest (see module docstring)."""
+    """Builds the shard folder ``out`` from ``input_dir``; returns the manifest (see module docstring).
+
+    Raises ``calcjax.outputs.FolderBusyError`` when another build holds ``out``, BuildRecordError when
+    ``out`` holds shards of other inputs or settings, NoScansError when ``input_dir`` has no CT series.
+    """
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
+    with outputs.FolderLock(out, "data_prep.build"):
+        manifest = _build_locked(
+            input_dir,
+            out,
+            split=split,
+            split_seed=split_seed,
+            context=context,
+            workers=workers,
+            labels_dir=labels_dir,
+            label_format=label_format,
+            protocol=protocol,
+            records_per_shard=records_per_shard,
+            salt=salt,
+            progress=progress,
+        )
+    manifest["seconds"] = round(time.time() - t0, 2)
+    return manifest
+
+
+def _build_locked(
+    input_dir,
+    out,
+    *,
+    split,
+    split_seed,
+    context,
+    workers,
+    labels_dir,
+    label_format,
+    protocol,
+    records_per_shard,
+    salt,
+    progress,
+) -> dict:
     ratios = parse_split(split)
+    private_map: dict[str, str] = {}
     jobs, errors = discover(
         input_dir,
         salt=load_salt(out, salt),
@@ -93,18 +160,54 @@ def build(
         split_seed=split_seed,
         labels_dir=labels_dir,
         label_format=label_format,
+        exclude=(out,),
+        private_map=private_map,
     )
     _remove_stale_temporaries(out)
     if not jobs:
+        deid.update_private_map(out, private_map)
         _atomic_write(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
         raise discover_lib.no_scans_error(input_dir, errors)
+    settings = {
+        "context": context,
+        "split": split,
+        "split_seed": split_seed,
+        "label_format": label_format,
+        "protocol": protocol,
+        "records_per_shard": records_per_shard,
+    }
+    fingerprints = {j.scan_id: job_fingerprint(j) for j in jobs}
+    inputs = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(fingerprints.items())).encode())
+    record = {**settings, "num_scans": len(jobs), "inputs_sha256": inputs.hexdigest()}
+    if not os.path.isfile(os.path.join(out, f"{BUILD_RECORD}.json")) and glob.glob(
+        os.path.join(out, "*.array_record")
+    ):
+        raise BuildRecordError(
+            f"{out} holds shards without a build record (an older calcjax or another tool made them): "
+            "build into a new --out, or delete the folder's shards to rebuild them here"
+        )
+    try:
+        outputs.check_run_record(
+            out,
+            BUILD_RECORD,
+            record,
+            fix="build into a new --out (reuse the ids with --salt from its salt.txt), or delete the folder "
+            "to rebuild it",
+        )
+    except outputs.RunRecordError as e:
+        raise BuildRecordError(str(e)) from None
+    deid.update_private_map(out, private_map)
     plan = plan_shards(jobs, records_per_shard)
+    settings_json = json.dumps(settings, sort_keys=True)
     tasks = []
     for name, shards in plan.items():
         for i, shard_jobs in enumerate(shards):
             path = os.path.join(out, shard_name(name, i, len(shards)))
-            tasks.append((path, shard_jobs, context, protocol))
-    todo = [t for t in tasks if not shard_done(t[0])]
+            digest = hashlib.sha256(settings_json.encode())
+            for j in shard_jobs:
+                digest.update(fingerprints[j.scan_id].encode())
+            tasks.append((path, shard_jobs, context, protocol, digest.hexdigest()))
+    todo = [t for t in tasks if not shard_done(t[0], t[4])]
     with tqdm(
         total=len(tasks), initial=len(tasks) - len(todo), desc="shards", unit="shard", disable=not progress
     ) as bar:
@@ -113,12 +216,12 @@ def build(
                 _write(t)
                 bar.update()
         else:
-            with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            with concurrent.futures.ProcessPoolExecutor(
+                workers, initializer=_watch_parent, initargs=(os.getpid(),)
+            ) as pool:
                 for _ in pool.map(_write, todo):
                     bar.update()
-    manifest = _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_format)
-    manifest["seconds"] = round(time.time() - t0, 2)
-    return manifest
+    return _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_format)
 
 
 def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_format) -> dict:

@@ -16,7 +16,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from calcjax import agatston
 from calcjax.io import dicom, labels, preprocess, records
-from calcjax.io.discover import ScanJob, redact
+from calcjax.io.discover import ScanJob
 
 ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"  # one record per chunk: random access by index
 
@@ -26,8 +26,18 @@ def sidecar_path(shard_path: str) -> str:
     return os.path.join(folder, f".{name}.json")
 
 
-def shard_done(shard_path: str) -> bool:
-    return os.path.isfile(shard_path) and os.path.isfile(sidecar_path(shard_path))
+def shard_done(shard_path: str, fingerprint: str | None = None) -> bool:
+    """A finished shard: it and its sidecar exist, and the sidecar's ``fingerprint`` (of the scans and
+    settings the shard was written from, ``data_prep.builder``) is ``fingerprint`` when one is given."""
+    if not (os.path.isfile(shard_path) and os.path.isfile(sidecar_path(shard_path))):
+        return False
+    if fingerprint is None:
+        return True
+    try:
+        with open(sidecar_path(shard_path)) as f:
+            return json.load(f).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
 
 
 def scan_records(scan_id: str, vol: dicom.Volume, lab: np.ndarray | None, context: int):
@@ -71,20 +81,28 @@ def scan_metadata(job: ScanJob, vol: dicom.Volume, lab: np.ndarray | None) -> di
 
 
 def _error(job: ScanJob, e: Exception) -> dict:
-    reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
+    reason = job.safe_reason(e)
     if job.shared_folder > 1 and isinstance(e, labels.LabelGridError):
         reason += f" ({job.shared_folder} series share this folder; the label belongs to another one)"
     return {
-        "input": job.where,
+        "input": job.scan_id,
         "stage": "read",
         "kind": getattr(e, "kind", e.__class__.__name__),
-        "reason": redact(reason, job.identifiers),
+        "reason": reason,
         "scan_id": job.scan_id,
     }
 
 
-def write_shard(shard_path: str, jobs: list[ScanJob], *, context: int, protocol: str | None) -> dict:
-    """Writes one shard of the records of ``jobs`` (bad scans skipped) and its sidecar; returns it."""
+def write_shard(
+    shard_path: str,
+    jobs: list[ScanJob],
+    *,
+    context: int,
+    protocol: str | None,
+    fingerprint: str | None = None,
+) -> dict:
+    """Writes one shard of the records of ``jobs`` (bad scans skipped) and its sidecar (which keeps
+    ``fingerprint``); returns the sidecar."""
     tmp = f"{shard_path}.tmp-{os.getpid()}"
     scans, errors, count = [], [], 0
     writer = ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
@@ -110,7 +128,13 @@ def write_shard(shard_path: str, jobs: list[ScanJob], *, context: int, protocol:
             scans.append(meta)
     finally:
         writer.close()
-    sidecar = {"shard": os.path.basename(shard_path), "num_records": count, "scans": scans, "errors": errors}
+    sidecar = {
+        "shard": os.path.basename(shard_path),
+        "num_records": count,
+        "scans": scans,
+        "errors": errors,
+        "fingerprint": fingerprint,
+    }
     side_tmp = sidecar_path(shard_path) + f".tmp-{os.getpid()}"
     with open(side_tmp, "w") as f:
         json.dump(sidecar, f)

@@ -18,12 +18,12 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from pydicom.data import get_testdata_file
 
-from calcjax.io import records
+from calcjax.io import deid, records
 from calcjax.io.discover import scan_id_of
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
 
-SALT = "test-salt"
+SALT = "build-test-salt-0"
 SIZE = 96
 
 
@@ -139,13 +139,16 @@ def test_bad_inputs_are_listed_and_good_scans_built(phantoms, tmp_path):
     expected = {scan_id_of(series_uid(phantoms[i][1]), SALT) for i in (0, 1, 3)}
     assert built == expected
     errors = [json.loads(line) for line in open(os.path.join(out, "errors.jsonl"))]
-    kinds = {(e["input"].split(os.sep)[0], e["kind"]) for e in errors}
+    # Outputs name inputs by salted names; the private map beside salt.txt traces them back.
+    where = dict(line.rstrip("\n").split("\t") for line in open(os.path.join(out, deid.PRIVATE_MAP)))
+    assert not any(os.sep in e["input"] or e["input"] in ("corrupt", "mixed") for e in errors)
+    kinds = {(where[e["input"]].split(os.sep)[0], e["kind"]) for e in errors}
     assert ("corrupt", "not_dicom") in kinds
     assert ("truncated", "truncated") in kinds
     assert ("mr", "not_ct") in kinds
     assert ("mixed", "label_grid_mismatch") in kinds
     assert ("badmask", "label_grid_mismatch") in kinds
-    mixed = next(e for e in errors if e["input"] == "mixed")
+    mixed = next(e for e in errors if where[e["input"]] == "mixed")
     assert "2 series share this folder" in mixed["reason"]
     assert len(errors) == 5 and m["num_errors"] == 5
 

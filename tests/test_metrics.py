@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
@@ -162,3 +164,44 @@ def test_summarize_scan_on_phantoms(phantom_dir):
         assert r["all"]["figures"][name]["value"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="differ"):
         metrics.summarize_scan("x", "chest", ref[:-1], ref, scan.hu, scan.grid.spacing)
+
+
+def test_one_calcium_definition_per_row_at_100_kvp():
+    """With the kVp-specific threshold (147 HU at 100 kVp) the row's voxel and lesion counts use the same
+    candidate mask as its Agatston score, not 130 HU (issue 16, point 3)."""
+    from calcjax import score_rows
+    from calcjax.io.geometry import Grid
+    from calcjax.scan_sources import LoadedScan, ScanInput
+
+    hu = np.full((3, 20, 20), -100, np.int16)
+    lab = np.zeros(hu.shape, np.uint8)
+    hu[1, 2:5, 2:5], lab[1, 2:5, 2:5] = 140, 2  # calcium at 130 HU, not at 147 HU
+    hu[1, 10:13, 10:13], lab[1, 10:13, 10:13] = 300, 2
+    grid = Grid(hu.shape, (3.0, 0.5, 0.5), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    missed_faint = lab.copy()
+    missed_faint[1, 2:5, 2:5] = 0
+    rows = {}
+    for kvp in (100.0, 120.0):
+        loaded = LoadedScan(hu, lab, grid, {"kvp": kvp, "protocol": "cardiac"})
+        scan = ScanInput("scan-kvp", "dicom", lambda loaded=loaded: loaded)
+        rows[kvp] = score_rows.score_row(scan, loaded, missed_faint, kvp_specific_threshold=True)
+    at100, at120 = rows[100.0], rows[120.0]
+    assert at100["threshold_hu"] == 147.0 and at120["threshold_hu"] == 130.0
+    assert at100["agatston"] == at100["reference_agatston"] > 0  # the faint blob is no calcium at 147 HU
+    assert at100["evaluation"]["voxel_tp"] == 9 and at100["evaluation"]["voxel_fn"] == 0
+    assert at100["evaluation"]["ref_lesions"] == 1 and at100["evaluation"]["detected_lesions"] == 1
+    assert at120["evaluation"]["voxel_fn"] == 9 and at120["evaluation"]["ref_lesions"] == 2
+    # The summary's own scoring gives the same counts as the row's two Agatston results.
+    s = metrics.summarize_scan(
+        "x", "cardiac", missed_faint, lab, hu, grid.spacing, kvp=100, kvp_specific_threshold=True
+    )
+    assert s.counts() == at100["evaluation"]
+
+
+def test_scan_summary_round_trips():
+    s = metrics.ScanSummary(
+        "s", "chest", 3, 1, 2, (1, 2, 0, 0), (0, 1, 0, 0), (2, 0, 0, 0), 4, 3, 5, 2, 12.5, 30.0, 2, 2
+    )
+    assert metrics.ScanSummary.from_counts(json.loads(json.dumps(s.counts())), "s", "chest") == s
+    v = s.to_vector()
+    assert v.shape == (metrics.VECTOR_SIZE,) and metrics.ScanSummary.from_vector(v, "s", "chest") == s

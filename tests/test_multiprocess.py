@@ -29,7 +29,13 @@ def shards(tmp_path_factory):
         scan = generate_scan(9, i, "cardiac", size=64, target_category=(i % 4) + 1)
         write_scan(scan, str(base / "in"), seed=9, index=i)
     out = str(base / "shards")
-    builder.build(str(base / "in"), out, split="train=0.5,val=0.25,test=0.25", salt="mp-5", progress=False)
+    builder.build(
+        str(base / "in"),
+        out,
+        split="train=0.5,val=0.25,test=0.25",
+        salt="multiprocess-salt-6",
+        progress=False,
+    )
     with open(os.path.join(out, "manifest.json")) as f:
         splits = json.load(f)["splits"]
     assert all(splits.get(s, {}).get("num_records") for s in ("train", "val", "test")), splits

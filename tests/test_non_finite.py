@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from flax import nnx
 
-from calcjax import checkpoint, inference, scan_sources, score
+from calcjax import checkpoint, inference, outputs, scan_sources, score
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 from calcjax.io import dicom
@@ -125,6 +125,6 @@ def test_non_finite_logits_make_an_error_row_not_a_zero_score(two_scans, tmp_pat
         checkpoint_path=None, out=out, dicom_dir=str(two_scans), predictor=predictor, progress=False
     )
     assert s["scored"] == 0 and s["failed"] == 2
-    assert score.read_jsonl(os.path.join(out, "scores.jsonl")) == []
-    errors = score.read_jsonl(os.path.join(out, "errors.jsonl"))
+    assert outputs.read_jsonl(os.path.join(out, "scores.jsonl")) == []
+    errors = outputs.read_jsonl(os.path.join(out, "errors.jsonl"))
     assert [e["kind"] for e in errors] == ["non_finite_logits"] * 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calcjax import report, score
+from calcjax import report, score_rows
 from calcjax.io.geometry import Grid
 from calcjax.scan_sources import LoadedScan
 
@@ -32,7 +32,7 @@ def _scan():
 
 def test_each_kind_of_disagreement_gets_a_crop_centred_on_its_largest_component():
     loaded, pred = _scan()
-    crops = score.disagreement_crops(loaded, pred)
+    crops = score_rows.disagreement_crops(loaded, pred)
     by_kind = {c["kind"]: c for c in crops}
     assert [c["kind"] for c in crops] == ["extra", "missed", "wrong artery"]  # largest component first
     extra, missed, wrong = by_kind["extra"], by_kind["missed"], by_kind["wrong artery"]
@@ -44,17 +44,17 @@ def test_each_kind_of_disagreement_gets_a_crop_centred_on_its_largest_component(
     assert wrong["voxels"] == 9 and wrong["slice"] == 2
     assert (wrong["ref"] == 3).sum() == 9 and (wrong["pred"] == 1).sum() == 9
     for c in crops:
-        assert c["hu"].shape == (score.OVERLAY_CROP, score.OVERLAY_CROP)
+        assert c["hu"].shape == (score_rows.OVERLAY_CROP, score_rows.OVERLAY_CROP)
 
 
 def test_agreement_gives_no_crop():
     loaded, _ = _scan()
-    assert score.disagreement_crops(loaded, loaded.labels.copy()) == []
+    assert score_rows.disagreement_crops(loaded, loaded.labels.copy()) == []
 
 
 def test_overlay_figure_draws_one_panel_row_per_component(tmp_path):
     loaded, pred = _scan()
-    crops = score.disagreement_crops(loaded, pred)
+    crops = score_rows.disagreement_crops(loaded, pred)
     (tmp_path / "overlays").mkdir()
     np.savez_compressed(
         tmp_path / "overlays" / "scan-x.npz",

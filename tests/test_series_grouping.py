@@ -18,7 +18,7 @@ from calcjax.io import dicom, discover, records
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
 
-SALT = "grouping-salt"
+SALT = "grouping-test-salt"
 SIZE = 64
 UID_TAGS = ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
 BAD_UID = "8.08513147666027414054.04552668.72271347501905238661971497165692"  # a COCA-style invalid UID

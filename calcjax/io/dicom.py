@@ -91,6 +91,19 @@ class GeometryError(DicomError):
     kind = "geometry"
 
 
+class MixedThicknessError(DicomError):
+    """Slices of one series with different SliceThickness: one thickness per scan is what Agatston's
+    equivalent-score rule and the manifest assume, so such a series is refused, not recorded as its first."""
+
+    kind = "mixed_slice_thickness"
+
+
+THICKNESS_TOLERANCE_MM = 0.01
+OUTPUT_FOLDER_MARKER = ".calcjax.lock"
+"""The lock file every calcjax output folder holds (``calcjax.outputs.FolderLock``): a folder with one is a
+job's output (shards, scores), never searched as input."""
+
+
 class MissingCodecError(DicomError):
     kind = "missing_codec"
 
@@ -353,15 +366,18 @@ def _split_colliding_acquisitions(members: list[tuple[str, str, float | None]]) 
     return [[m[0] for m in members]]  # read_series names the colliding slices
 
 
-def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
+def find_series(root: str, exclude=()) -> tuple[list[SeriesFiles], list[DicomError]]:
     """Groups every DICOM file under ``root`` into series (headers only).
 
     By SeriesInstanceUID; files without one, by folder and :func:`physical_series_key` (marked
     ``grouping="geometry"``). Folder links are followed, each real folder searched once. Returns the
     series (sorted by folder, then file list) and the files that could not be read as DICOM. DICOMDIR
     index files are skipped silently. pydicom's warnings are counted per series
-    (``SeriesFiles.reader_warnings``), never printed.
+    (``SeriesFiles.reader_warnings``), never printed. Folders in ``exclude`` (the job's own output folder
+    when it lies inside its input) and calcjax output folders (holding :data:`OUTPUT_FOLDER_MARKER`) are
+    not searched.
     """
+    excluded = {os.path.realpath(e) for e in exclude}
     groups: dict[str, list[str]] = defaultdict(list)
     modality: dict[str, str] = {}
     identifiers: dict[str, set[str]] = defaultdict(set)
@@ -374,7 +390,7 @@ def find_series(root: str) -> tuple[list[SeriesFiles], list[DicomError]]:
         # Folder links are followed (a cohort is often assembled from links to patient folders); a folder
         # reached twice, through a link loop or two links to one place, is searched once.
         real = os.path.realpath(folder)
-        if real in seen_dirs:
+        if real in seen_dirs or real in excluded or OUTPUT_FOLDER_MARKER in files:
             dirs[:] = []
             continue
         seen_dirs.add(real)
@@ -724,6 +740,13 @@ def _assemble(frames: list[_Frame], first: pydicom.Dataset, localizers: int, pro
             frames[worst + 1].path,
             f"{kind}: {gaps[worst]:.3f} mm between slices {worst} and {worst + 1}, median {dz:.3f} mm",
         )
+    thick = [(f.thickness, f.path) for f in frames if f.thickness is not None]
+    if thick:
+        lo, hi = min(thick), max(thick)
+        if hi[0] - lo[0] > THICKNESS_TOLERANCE_MM:
+            raise MixedThicknessError(
+                hi[1], f"slice thickness {hi[0]:g} mm here, {lo[0]:g} mm elsewhere in the series"
+            )
     # Gantry tilt: slice positions must move along the normal, not sideways.
     shift = frames[-1].position - frames[0].position
     sideways = np.linalg.norm(shift - (shift @ normal) * normal) / max(abs(shift @ normal), 1e-6)

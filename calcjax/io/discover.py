@@ -7,6 +7,9 @@
   its instances' SOPInstanceUIDs (or, where a file lacks one, its folder relative to the input and
   ``dicom.physical_series_key``) and marked ``grouping="geometry"`` in its job, the manifest and the
   score row.
+- Names in outputs: a series by its scan id, a file of no series by ``file-<salted hash>``, a file of a
+  series by its position (``calcjax.io.deid``); never a path. ``discover(private_map=...)`` collects each
+  name's path relative to the input for the private map the caller keeps beside the salt.
 - Reader warnings: pydicom's per-file warnings are counted per series and reported once, as a
   ``reader_warnings`` line (``"severity": "warning"``; the scan is still built) in the errors list and
   one log line.
@@ -26,9 +29,8 @@ import hashlib
 import logging
 import os
 
-from calcjax.io import dicom
-
-REDACTED = "<redacted>"
+from calcjax.io import deid, dicom
+from calcjax.io.deid import redact
 
 
 class NoScansError(ValueError):
@@ -38,6 +40,7 @@ class NoScansError(ValueError):
 
 
 def no_scans_error(root: str, errors: list[dict]) -> NoScansError:
+    """The error of a search that found nothing (printed to the user who gave ``root``; not written)."""
     bad = sum(e.get("severity") != "warning" for e in errors)
     return NoScansError(
         f"no CT series found under {root} (folder links followed; {bad} input(s) could not be read as CT: "
@@ -50,13 +53,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ScanJob:
-    """One scan to build (no identifying value in any field but ``files`` / ``label_path`` paths).
+    """One scan to build (no identifying value in any field but ``files`` / ``label_path`` / ``root``).
 
     Attributes:
-      scan_id: pseudonymous id.
+      scan_id: pseudonymous id (also the scan's name in every output: no path text leaves memory).
       split: split name.
       files: the series' DICOM files.
-      where: the series folder relative to the input, redacted (for error messages).
       label_path: label file or None (unlabelled).
       label_format: ``nifti``, ``xml`` or None.
       num_files: file count (an estimate of the slice count before localizers are dropped).
@@ -68,20 +70,25 @@ class ScanJob:
     scan_id: str
     split: str
     files: tuple[str, ...]
-    where: str
     label_path: str | None
     label_format: str | None
     num_files: int
     identifiers: frozenset[str]
     shared_folder: int = 1
     grouping: str = "uid"
+    root: str = "."
 
-
-def redact(text: str, identifiers) -> str:
-    """Replaces every identifying value (longest first) in ``text``."""
-    for value in sorted(identifiers, key=len, reverse=True):
-        text = text.replace(value, REDACTED)
-    return text
+    def safe_reason(self, e: Exception) -> str:
+        """The reason of an error about this scan with no header value and no path text in it: the file
+        that failed is named by its position in the series (``calcjax.io.deid``)."""
+        reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
+        path = getattr(e, "path", None)
+        if path in self.files:
+            reason = f"{deid.file_in_series(self.scan_id, self.files.index(path), len(self.files))}: {reason}"
+        elif path is not None and path == self.label_path:
+            reason = f"label file: {reason}"
+        paths = list(self.files) + ([self.label_path] if self.label_path else [])
+        return deid.scrub_paths(redact(reason, self.identifiers), self.root, paths)
 
 
 def scan_id_of(series_uid: str, salt: str) -> str:
@@ -151,47 +158,66 @@ def discover(
     split_seed: int,
     labels_dir: str | None = None,
     label_format: str = "auto",
+    exclude=(),
+    private_map: dict[str, str] | None = None,
 ) -> tuple[list[ScanJob], list[dict]]:
-    """Scan jobs (sorted by split, then scan id) and error entries for inputs that cannot be scans."""
-    series, bad = dicom.find_series(root)
-    errors = [
-        {"input": os.path.relpath(e.path, root), "stage": "discover", "kind": e.kind, "reason": e.reason}
-        for e in bad
-    ]
+    """Scan jobs (sorted by split, then scan id) and error entries for inputs that cannot be scans.
+
+    Inputs are named in the entries by scan id or salted file name, never by path (``calcjax.io.deid``);
+    ``private_map``, when given, receives ``name -> path relative to root`` for each name used.
+    ``exclude``: folders not searched (the job's own output folder when it lies inside ``root``).
+    """
+    series, bad = dicom.find_series(root, exclude=exclude)
+    names = private_map if private_map is not None else {}
+    errors = []
+    for e in bad:
+        rel = os.path.relpath(e.path, root)
+        name = deid.file_name(salt, rel)
+        names[name] = rel
+        reason = deid.scrub_paths(e.reason, root, [e.path])
+        errors.append({"input": name, "stage": "discover", "kind": e.kind, "reason": reason})
     per_folder: dict[str, int] = {}
     for s in series:
         per_folder[s.folder] = per_folder.get(s.folder, 0) + 1
     jobs, seen = [], {}
     for s in series:
-        where = redact(os.path.relpath(s.folder, root), s.identifiers)
+        scan_id = scan_id_of(s.uid, salt)
+        rel = os.path.relpath(s.folder, root)
         if s.modality != "CT":
+            names[scan_id] = rel
             errors.append(
                 {
-                    "input": where,
+                    "input": scan_id,
                     "stage": "discover",
                     "kind": "not_ct",
                     "reason": f"Modality {s.modality}, not CT",
                 }
             )
             continue
-        scan_id = scan_id_of(s.uid, salt)
         if scan_id in seen:
+            seen[scan_id] += 1
+            copy = f"{scan_id} copy {seen[scan_id]}"
+            names[copy] = rel
             errors.append(
                 {
-                    "input": where,
+                    "input": copy,
                     "stage": "discover",
                     "kind": "duplicate_series",
-                    "reason": f"the same series also lies in {seen[scan_id]}; built once",
+                    "reason": f"the same series lies in {seen[scan_id]} folders; built once",
+                    "scan_id": scan_id,
                 }
             )
             continue
-        seen[scan_id] = where
+        seen[scan_id] = 1
+        names[scan_id] = rel
         if s.reader_warnings:
-            summary = redact(dicom.warnings_summary(s.reader_warnings), s.identifiers)
-            log.warning("%s (%s, %d files): %s", scan_id, where, len(s.files), summary)
+            summary = deid.scrub_paths(
+                redact(dicom.warnings_summary(s.reader_warnings), s.identifiers), root, s.files
+            )
+            log.warning("%s (%d files): %s", scan_id, len(s.files), summary)
             errors.append(
                 {
-                    "input": where,
+                    "input": scan_id,
                     "stage": "discover",
                     "kind": "reader_warnings",
                     "severity": "warning",
@@ -205,13 +231,13 @@ def discover(
                 scan_id=scan_id,
                 split=split_of(scan_id, split_seed, split),
                 files=s.files,
-                where=where,
                 label_path=label_path,
                 label_format=fmt,
                 num_files=len(s.files),
                 identifiers=s.identifiers,
                 shared_folder=per_folder[s.folder],
                 grouping=s.grouping,
+                root=root,
             )
         )
     jobs.sort(key=lambda j: (j.split, j.scan_id))

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
+from calcjax.agatston import CALCIUM_THRESHOLD_HU
 from calcjax.io.errors import InputError
 from calcjax.io.geometry import Grid
 
@@ -45,6 +46,16 @@ class LabelError(InputError):
 
 class LabelGridError(LabelError):
     kind = "label_grid_mismatch"
+
+
+class LabelOutsideError(LabelError):
+    """A label ROI that lies outside the image: it cannot be placed, so the scan has no usable reference
+    (an error for the scan, never a silent zero)."""
+
+    kind = "label_outside_image"
+
+
+OUTSIDE_TOLERANCE_PX = 1.0  # ROI points may lie this far beyond the image's edge pixel centres
 
 
 def _describe(shape, affine) -> str:
@@ -146,7 +157,9 @@ def rasterise_polygon(points_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarr
     return mask
 
 
-def read_coca_xml(path: str, grid: Grid, hu: np.ndarray, *, threshold_hu: float = 130.0) -> np.ndarray:
+def read_coca_xml(
+    path: str, grid: Grid, hu: np.ndarray, *, threshold_hu: float = CALCIUM_THRESHOLD_HU
+) -> np.ndarray:
     """Reads COCA-style plist ROIs onto ``grid`` (see module docstring); returns uint8 ``(z, y, x)``."""
     try:
         with open(path, "rb") as f:
@@ -185,14 +198,20 @@ def read_coca_xml(path: str, grid: Grid, hu: np.ndarray, *, threshold_hu: float 
                 k = int(image["ImageIndex"])
             if not 0 <= k < nz:
                 raise LabelError(path, f"ROI {name!r} on slice {k}, outside the {nz} slices of the image")
+            lo, hi = -0.5 - OUTSIDE_TOLERANCE_PX, np.array([nx, ny]) - 0.5 + OUTSIDE_TOLERANCE_PX
+            if len(px) and ((px < lo) | (px > hi)).any():
+                raise LabelOutsideError(
+                    path,
+                    f"ROI {name!r} on slice {k} reaches pixel ({px[:, 0].max():.0f}, {px[:, 1].max():.0f}) "
+                    f"or ({px[:, 0].min():.0f}, {px[:, 1].min():.0f}), outside the {nx}x{ny} image",
+                )
             inside = rasterise_polygon(px, (ny, nx))
             area_cm2 = roi.get("Area")
             if area_cm2 is not None:
                 got = inside.sum() * dy * dx / 100.0
                 if abs(got - float(area_cm2)) > max(AREA_TOLERANCE * float(area_cm2), 2 * dy * dx / 100.0):
-                    logging.warning(
-                        "%s: ROI %r on slice %d rasterises to %.4f cm^2, its Area says %.4f",
-                        path,
+                    logging.warning(  # no path: it may name the patient (calcjax.io.deid)
+                        "label ROI %r on slice %d rasterises to %.4f cm^2, its Area says %.4f",
                         name,
                         k,
                         got,

@@ -130,7 +130,9 @@ def generate_scan(
         noise_free = np.maximum(base, owner_hu)
         hu = np.clip(np.rint(noise_free + noise), HU_MIN, HU_MAX).astype(np.int16)
         hu[:, ~in_fov] = np.int16(AIR_HU)  # what a reader maps PixelPaddingValue to
-        label = np.where((owner_hu >= calcium.SUPPORT_HU) & (hu >= 130), lut[owner_id], 0).astype(np.uint8)
+        label = np.where(
+            (owner_hu >= calcium.SUPPORT_HU) & agatston.candidate_mask(hu), lut[owner_id], 0
+        ).astype(np.uint8)
         ref = agatston.score(hu, label, spacing, kvp=acq.kvp)
         got = ref["risk_category"]
         if got == target_category or not lesions:
