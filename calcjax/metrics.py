@@ -330,44 +330,6 @@ class ScoreSummary:
     category_pred: int
     category_ref: int
 
-    def counts(self) -> dict:
-        """The fields but ``scan_id`` and ``protocol`` (a score row's ``evaluation``; JSON-ready)."""
-        return {f: getattr(self, f) for f in COUNT_FIELDS}
-
-    @classmethod
-    def from_counts(cls, counts: dict, scan_id: str, protocol: str) -> ScanSummary:
-        """The inverse of :meth:`counts` (lists from JSON become tuples)."""
-        fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in counts.items()}
-        return cls(scan_id=scan_id, protocol=protocol, **fields)
-
-    def to_vector(self) -> np.ndarray:
-        """The counts as one float64 vector of :data:`VECTOR_SIZE` (per-artery fields expanded), for
-        gathering across processes."""
-        parts = []
-        for name in COUNT_FIELDS:
-            v = getattr(self, name)
-            parts += list(v) if isinstance(v, tuple) else [v]
-        return np.asarray(parts, np.float64)
-
-    @classmethod
-    def from_vector(cls, v: np.ndarray, scan_id: str, protocol: str) -> ScanSummary:
-        """The inverse of :meth:`to_vector`."""
-        fields, i = {}, 0
-        for name in COUNT_FIELDS:
-            if name.startswith("artery_"):
-                fields[name] = tuple(int(x) for x in v[i : i + NUM_ARTERIES])
-                i += NUM_ARTERIES
-            else:
-                fields[name] = float(v[i]) if name.startswith("agatston") else int(v[i])
-                i += 1
-        return cls(scan_id=scan_id, protocol=protocol, **fields)
-
-
-COUNT_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(ScanSummary) if f.name not in ("scan_id", "protocol")
-)
-VECTOR_SIZE = sum(NUM_ARTERIES if n.startswith("artery_") else 1 for n in COUNT_FIELDS)
-
 
 def evaluate_scores(
     summaries: list[ScoreSummary], *, num_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95
