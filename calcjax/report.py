@@ -182,6 +182,11 @@ def _table(results: dict, table, groups: list[str]) -> list[str]:
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [f"{g}: {results[g]['ci_note']}" for g in groups if results[g].get("ci_note")]
+    for key, name in table:
+        for g in groups:
+            dropped = results[g]["figures"].get(key, {}).get("ci_dropped_resamples", 0)
+            if dropped:
+                notes.append(f"{g} {name}: {dropped} resamples with no finite value left out of the CI")
     if notes:
         lines += ["", "CI notes: " + "; ".join(notes) + "."]
     return lines
@@ -214,7 +219,7 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
         f"with a scan-level reference score only (sheet): {len(sheet_rows)}.",
         "",
         "Calcium = predicted (or reference) coronary label AND HU >= 130; Agatston per DESIGN.md. "
-        f"Figures: value (95% bootstrap CI, {num_bootstrap} resamples of scans).",
+        f"Figures: value (95% percentile bootstrap CI, {num_bootstrap} resamples of scans).",
         "",
     ]
     if labelled:

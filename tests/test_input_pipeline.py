@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from calcjax import input_pipeline as ip
 
@@ -53,13 +52,28 @@ def test_calcium_crops_still_come_first_and_calcium_is_not_a_bright_object():
 
 
 def test_a_slice_without_bright_objects_falls_back_to_uniform_crops():
-    hu, label = slice_with([])
-    got = crops(hu, label, ip.AugmentConfig(**STILL, bright_crop_probability=1.0), n=20)
-    assert all(c["images"].shape == (32, 32, 3) and (c["images"] == 40).all() for c in got)
+    """Channels 0 and 2 carry the x and y coordinates (all < 130 HU, so nothing is bright): each crop's
+    mean reads back where it was centred. With bright crops asked for and none to find, the centres spread
+    over the slice as uniform crops do."""
+    size = 256
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.stack([-700 + 2 * xx, np.full((size, size), 40), -700 + 2 * yy]).astype(np.int16)
+    label = np.zeros((size, size), np.uint8)
+    centres = {}
+    for p in (1.0, 0.0):
+        got = crops(hu, label, ip.AugmentConfig(**STILL, bright_crop_probability=p), n=400, seed=int(p))
+        assert all(c["images"].shape == (32, 32, 3) and (c["images"] < 130).all() for c in got)
+        centres[p] = np.array(
+            [[(c["images"][..., 0].mean() + 700) / 2, (c["images"][..., 2].mean() + 700) / 2] for c in got]
+        )
+    lo, hi = 16, size - 16  # where a 32-pixel crop's centre can lie
+    uniform_sd = (hi - lo) / np.sqrt(12)
+    for p, c in centres.items():
+        assert c.min() >= lo - 1 and c.max() <= hi + 1
+        np.testing.assert_allclose(c.mean(axis=0), (lo + hi) / 2, atol=12, err_msg=f"p={p}")
+        np.testing.assert_allclose(c.std(axis=0), uniform_sd, rtol=0.12, err_msg=f"p={p}")
 
 
 def test_augment_config_reads_the_data_block():
     cfg = ip.AugmentConfig.from_config({"crop": 64, "bright_crop_probability": 0.25, "shards": "x"})
     assert (cfg.crop, cfg.bright_crop_probability, cfg.calcium_crop_probability) == (64, 0.25, 0.9)
-    with pytest.raises(TypeError):
-        ip.AugmentConfig(crop=64, nonsense=1)

@@ -205,3 +205,64 @@ def test_scan_summary_round_trips():
     assert metrics.ScanSummary.from_counts(json.loads(json.dumps(s.counts())), "s", "chest") == s
     v = s.to_vector()
     assert v.shape == (metrics.VECTOR_SIZE,) and metrics.ScanSummary.from_vector(v, "s", "chest") == s
+
+
+def test_bootstrap_ci_equals_scipy_percentile_bootstrap_within_monte_carlo_error():
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    n = 12
+    tp = rng.integers(0, 200, n)
+    fp = rng.integers(0, 80, n)
+    fn = rng.integers(0, 80, n)
+    summaries = [
+        metrics.ScanSummary(
+            f"s{i}",
+            "cardiac",
+            int(tp[i]),
+            int(fp[i]),
+            int(fn[i]),
+            (0,) * 4,
+            (0,) * 4,
+            (0,) * 4,
+            1,
+            1,
+            1,
+            0,
+            float(tp[i]),
+            float(tp[i] + fn[i]),
+            1,
+            1,
+        )
+        for i in range(n)
+    ]
+    ours = metrics.evaluate(summaries, num_bootstrap=20000, seed=1)["all"]["figures"]["voxel_f1"]
+
+    def pooled_f1(t, p, f):
+        return 2 * t.sum() / (2 * t.sum() + p.sum() + f.sum())
+
+    theirs = stats.bootstrap(
+        (tp, fp, fn),
+        pooled_f1,
+        paired=True,
+        vectorized=False,
+        n_resamples=20000,
+        method="percentile",
+        random_state=np.random.default_rng(2),
+    ).confidence_interval
+    assert ours["value"] == pytest.approx(pooled_f1(tp, fp, fn))
+    assert ours["ci_low"] == pytest.approx(theirs.low, abs=0.006)
+    assert ours["ci_high"] == pytest.approx(theirs.high, abs=0.006)
+    assert ours["ci_dropped_resamples"] == 0
+
+
+def test_non_finite_resamples_are_counted_not_dropped_silently():
+    # Two scans with equal predicted and reference scores: any resample of one scan twice has no ICC.
+    s = [
+        metrics.ScanSummary(
+            f"s{i}", "chest", 5, 0, 0, (5, 0, 0, 0), (0,) * 4, (0,) * 4, 1, 1, 1, 0, a, a, 1, 1
+        )
+        for i, a in enumerate((10.0, 50.0))
+    ]
+    icc = metrics.evaluate(s, num_bootstrap=400, seed=0)["all"]["figures"]["agatston_icc"]
+    assert 100 < icc["ci_dropped_resamples"] < 300  # about half of the resamples repeat one scan

@@ -136,6 +136,30 @@ def test_compare_writes_curves_metrics_and_framework_agreement(shards, tmp_path)
     torch_rows = [json.loads(line) for line in open(os.path.join(out, "torch", "scores.jsonl"))]
     cats = [(j["risk_category"], t["risk_category"]) for j, t in zip(jax_rows, torch_rows, strict=True)]
     assert a["risk_agreement"] == np.mean([x == y for x, y in cats])
+    # The agreement figures against independent computations on the two score files, matched by scan id.
+    from sklearn.metrics import cohen_kappa_score
+
+    by_id = {r["scan_id"]: r for r in torch_rows}
+    x = np.array([r["agatston"] for r in jax_rows])
+    y = np.array([by_id[r["scan_id"]]["agatston"] for r in jax_rows])
+    n = len(x)
+    ratings = np.stack([x, y], axis=1)
+    grand = ratings.mean()
+    msr = 2 * ((ratings.mean(axis=1) - grand) ** 2).sum() / (n - 1)
+    msc = n * ((ratings.mean(axis=0) - grand) ** 2).sum()
+    mse = ((ratings - ratings.mean(axis=1, keepdims=True) - ratings.mean(axis=0) + grand) ** 2).sum() / (
+        n - 1
+    )
+    icc = (msr - mse) / (msr + mse + 2 * (msc - mse) / n)  # McGraw & Wong ICC(A,1)
+    if np.isfinite(icc):
+        assert a["agatston_icc"] == pytest.approx(icc, rel=1e-9, abs=1e-12)
+    d = x - y
+    assert a["bland_altman"]["mean_difference"] == pytest.approx(d.mean(), abs=1e-9)
+    assert a["bland_altman"]["upper_limit"] == pytest.approx(d.mean() + 1.96 * d.std(ddof=1), abs=1e-9)
+    kx = [r["risk_category"] for r in jax_rows]
+    ky = [by_id[r["scan_id"]]["risk_category"] for r in jax_rows]
+    if len(set(kx) | set(ky)) > 1:
+        assert a["risk_kappa"] == pytest.approx(cohen_kappa_score(kx, ky, weights="linear", labels=range(5)))
     assert set(result["test"]) == {"JAX", "PyTorch"}
     text = open(os.path.join(out, "comparison.md")).read()
     assert "Agatston ICC(2,1)" in text and "Voxel F1" in text

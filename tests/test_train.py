@@ -149,6 +149,46 @@ def test_best_checkpoint_loads_for_inference_without_a_config_file(shards, tmp_p
     assert (tmp_path / "run" / "tb").is_dir()
 
 
+def test_best_checkpoint_holds_the_params_of_the_best_step_and_a_worse_one_keeps_it(
+    shards, tmp_path, monkeypatch
+):
+    """The contract, not just "something loads": validation F1 scripted per step (0.5, 0.7, 0.2, 0.6 at
+    steps 2-8); the best checkpoint is step 4's, with exactly the parameters trained at step 4, and the
+    later, worse validations neither replace it nor are saved."""
+    import jax
+    from flax import nnx
+
+    from calcjax import checkpoint, evaluation, train
+
+    scripted = {2: 0.5, 4: 0.7, 6: 0.2, 8: 0.6}
+    seen_steps = []
+
+    def fake_evaluate(self, state, split, max_scans=0):
+        step = int(jax.device_get(state.step))
+        seen_steps.append(step)
+        return {"val_voxel_f1": scripted[step], "val_loss": 1.0}
+
+    saved = {}
+    real_save_best = checkpoint.Checkpointer.save_best
+
+    def recording_save_best(self, state, config, metrics):
+        saved[int(jax.device_get(state.step))] = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+        return real_save_best(self, state, config, metrics)
+
+    monkeypatch.setattr(evaluation.Evaluator, "evaluate", fake_evaluate)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save_best", recording_save_best)
+    c = small_config(shards, steps=8, eval_every=2, checkpoint_every=2)
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert seen_steps == [2, 4, 6, 8] and sorted(saved) == [2, 4]
+    assert checkpoint.resolve(str(tmp_path / "run"), "best").endswith(os.path.join("best", "4"))
+    _, model = checkpoint.load_for_inference(str(tmp_path / "run"), "best")
+    loaded = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    assert len(loaded) == len(saved[4])
+    for got, want in zip(loaded, saved[4], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(x, y) for x, y in zip(saved[2], saved[4], strict=True))  # it trained on
+
+
 EIGHT_DEVICES = textwrap.dedent(
     """
     import json, numpy as np, jax, jax.numpy as jnp
