@@ -66,6 +66,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/model.py --torch_compile
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(REAL_OUT) .pytest_cache .ruff_cache

@@ -9,7 +9,8 @@ devices share the same cores, so this is a correctness-of-scaling figure (the sh
 runs and costs about the same), not a speed claim.
 
 With a CUDA jax, ``--gpu`` also times configs/default.py at 512x512 on one GPU in float32 and bfloat16
-(slices/s and model FLOP utilisation against ``--peak_tflops``) next to the PyTorch twin in the same run.
+(slices/s and model FLOP utilisation against ``--peak_tflops`` for bfloat16 and ``--peak_tflops_f32`` for
+float32, both required) next to the PyTorch twin under the same conditions in the same run.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--devices", default="1,2,4,8")
     parser.add_argument("--gpu", action="store_true", help="also run bench/gpu_step.py on the GPU")
-    parser.add_argument("--peak_tflops", type=float, default=0.0, help="the GPU's dense peak, for MFU")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="the GPU's bf16 dense peak (TFLOP/s)")
+    parser.add_argument(
+        "--peak_tflops_f32", type=float, default=0.0, help="the GPU's f32 dense peak (TFLOP/s)"
+    )
     args = parser.parse_args()
     base = None
     for n in (int(x) for x in args.devices.split(",")):
@@ -96,11 +100,17 @@ def main() -> None:
             flush=True,
         )
     if args.gpu:
+        if not (args.peak_tflops and args.peak_tflops_f32):
+            parser.error(
+                "--gpu needs --peak_tflops and --peak_tflops_f32 (e.g. H100 SXM: 989 and 67) for MFU"
+            )
         cmd = [
             sys.executable,
             os.path.join(ROOT, "bench", "gpu_step.py"),
             "--peak_tflops",
             str(args.peak_tflops),
+            "--peak_tflops_f32",
+            str(args.peak_tflops_f32),
         ]
         subprocess.run(cmd, cwd=ROOT, check=True)
 

@@ -8,17 +8,18 @@ shard's sidecar records the fingerprint of the scans and settings it was written
 same inputs and settings finishes only the shards whose sidecar matches (a killed build resumes); a rerun
 with other inputs or settings is refused with :class:`BuildRecordError` naming what changed, never
 mixed into the old shards. One build per folder at a time (``calcjax.outputs.FolderLock``); shard-writing
-worker processes exit when the build's process dies.
+worker processes are killed by the kernel when the build's process dies.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import glob
 import hashlib
 import json
 import os
-import threading
+import signal
 import time
 
 from tqdm import tqdm
@@ -32,7 +33,7 @@ from data_prep.shards import shard_done, sidecar_path, write_shard
 
 MANIFEST_VERSION = 1
 BUILD_RECORD = "build"  # OUT/build.json
-_PARENT_POLL_S = 1.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class BuildRecordError(outputs.RunRecordError):
@@ -55,17 +56,17 @@ def job_fingerprint(job) -> str:
     return h.hexdigest()
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Pool initializer: the worker exits as soon as the build's process is gone (a SIGKILL of the build
-    never leaves workers waiting for work for ever)."""
-
-    def watch():
-        while True:
-            time.sleep(_PARENT_POLL_S)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: the worker gets SIGKILL from the kernel when the build's process dies
+    (``prctl(PR_SET_PDEATHSIG)``, Linux), so a SIGKILL of the build never leaves workers waiting for work
+    for ever. No watchdog thread: threads in forked workers crashed array_record's writer here."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the workers end when the pool's pipes close
+    if os.getppid() != parent_pid:  # the build died before the request took effect
+        os._exit(1)
 
 
 def _remove_stale_temporaries(out: str) -> None:
@@ -217,7 +218,7 @@ def _build_locked(
                 bar.update()
         else:
             with concurrent.futures.ProcessPoolExecutor(
-                workers, initializer=_watch_parent, initargs=(os.getpid(),)
+                workers, initializer=_die_with_parent, initargs=(os.getpid(),)
             ) as pool:
                 for _ in pool.map(_write, todo):
                     bar.update()

@@ -402,3 +402,31 @@ def test_an_output_folder_inside_the_input_is_not_searched(two_scans, tmp_path):
     )
     assert s["scored"] == 1 and outputs.read_jsonl(str(scored / "errors.jsonl")) == []
     assert np.isfinite(outputs.read_jsonl(str(scored / "scores.jsonl"))[0]["agatston"])
+
+
+@pytest.mark.parametrize("module", ["calcjax.score", "data_prep.build"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(two_scans, tmp_path, module):
+    forbidden = "/sys/calcjax-reliability-test/out"  # sysfs: no new folders, even for root
+    if not os.path.isdir("/sys") or os.access("/sys", os.W_OK) and _can_make("/sys/calcjax-reliability-test"):
+        pytest.skip("no unwritable folder to try here")
+    src = tmp_path / "in"
+    _copy_scan(two_scans[0], src / "a")
+    args = ["--dicom", str(src)] if module == "calcjax.score" else ["--input", str(src), "--salt", SALT]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, "--out", forbidden],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"{module}: error: ") and proc.stderr.count("\n") == 1
+
+
+def _can_make(path: str) -> bool:
+    try:
+        os.makedirs(path)
+    except OSError:
+        return False
+    os.rmdir(path)
+    return True
