@@ -18,7 +18,6 @@ its parameters are checked for finiteness in any case.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import grain
@@ -244,10 +243,9 @@ def load_for_inference(path: str | None, which: str = "best"):
         return config, model
     folder = resolve(path, which)
     verify(folder)
-    try:
-        with open(os.path.join(folder, "config", "metadata")) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
+    try:  # the JSON item as Orbax's public API reads it (not its file layout)
+        config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(folder, "config"))
+    except Exception as e:  # Orbax raises several types for a missing or damaged item
         raise CheckpointError(
             f"{folder}: no readable config in the checkpoint ({e.__class__.__name__})"
         ) from None

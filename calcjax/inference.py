@@ -28,9 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from calcjax import model as model_lib
-from calcjax.io import preprocess
+from calcjax.io import dicom, preprocess
 
-AIR_HU = -1000
+AIR_HU = dicom.AIR_HU  # what padding reads as
 
 
 class NonFiniteOutputError(ValueError):

@@ -28,9 +28,9 @@ from array_record.python.array_record_module import ArrayRecordReader
 from scipy import ndimage
 
 from calcjax import agatston
-from calcjax.io import records
+from calcjax.io import dicom, records
 
-AIR_HU = -1000.0
+AIR_HU = float(dicom.AIR_HU)  # what a crop outside the image reads as
 CALCIUM_HU = agatston.CALCIUM_THRESHOLD_HU  # voxels below it are never calcium, whatever the label says
 
 

@@ -1,7 +1,7 @@
 r"""The QRM cardio calcification insert, found and scored from HU alone (no model): a real-scanner known
 answer for ``calcjax.agatston``'s Agatston, volume and mass.
 
-The insert (shared/FACTS.md "Calcium phantoms"): nine hydroxyapatite (HA) cylinders, three densities (200,
+The insert (QRM cardiac calcification insert): nine hydroxyapatite (HA) cylinders, three densities (200,
 400, 800 mg HA/cm^3) times three sizes (diameter = length = 5, 3, 1 mm), laid out on three rays 120 degrees
 apart from the insert's axis: each ray holds one density, the large cylinder outermost, the medium and the
 small ones equally spaced towards the axis; a 200 mg HA/cm^3 calibration rod runs along the axis in another

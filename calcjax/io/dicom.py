@@ -10,12 +10,13 @@
   ``(dz, dy, dx)`` mm with dz from the real position differences, LPS origin and direction cosines, and
   non-identifying metadata (kVp, slice thickness, protocol guess, manufacturer, kernel).
 
-Rules (shared/FACTS.md "DICOM reader pitfalls"): sort by ImagePositionPatient projected on the slice normal,
-never by file name or InstanceNumber; drop localizer / scout images (ImageType LOCALIZER, or an orientation
-other than the series'); apply RescaleSlope / Intercept per slice; map PixelPaddingValue (and
-PixelPaddingRangeLimit) to air *before* rescaling; refuse duplicates with different pixels, gaps,
-non-uniform spacing and gantry tilt with a reason; read Enhanced (multi-frame) CT from its functional groups;
-decode compressed transfer syntaxes when the ``codecs`` extra is installed and name the extra otherwise.
+Rules (DICOM PS3.3 image plane and CT modules, and the pitfalls of real exports): sort by ImagePositionPatient
+projected on the slice normal, never by file name or InstanceNumber; drop localizer / scout images (ImageType
+LOCALIZER, or an orientation other than the series'); apply RescaleSlope / Intercept per slice; map
+PixelPaddingValue (and PixelPaddingRangeLimit) to air *before* rescaling; refuse duplicates with different
+pixels, gaps, non-uniform spacing and gantry tilt with a reason; read Enhanced (multi-frame) CT from its
+functional groups; decode compressed transfer syntaxes when the ``codecs`` extra is installed and name the
+extra otherwise.
 
 No identifying value (names, IDs, dates, UIDs) is ever put in an error message or in ``Volume.meta``.
 No jax here.
@@ -40,7 +41,7 @@ from pydicom.uid import UID
 from calcjax.io.errors import InputError
 from calcjax.io.geometry import Grid
 
-AIR_HU = -1000
+AIR_HU = -1000  # HU of air, and of padding, outside the field of view and off the image: the one definition
 CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",

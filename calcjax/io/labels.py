@@ -5,7 +5,7 @@ Both readers return uint8 ``(z, y, x)`` labels on the image grid (0 background, 
 - NIfTI: never resampled, always checked. A mask whose voxels are a permutation / flip of the image grid's
   (another tool's axis order) is reoriented losslessly; any other grid (shape, spacing, affine) is refused
   with both grids in the message.
-- COCA plist XML (Stanford AIMI COCA release; shared/FACTS.md): ``Images`` -> ``ImageIndex``, ``ROIs`` ->
+- COCA plist XML (Stanford AIMI COCA release, as its files are): ``Images`` -> ``ImageIndex``, ``ROIs`` ->
   ``Name``, ``Point_px`` ``"(x, y)"``, ``Point_mm`` ``"(x, y, z)"``, ``Area`` (cm^2). Polygons are rasterised
   with pixel centres at integer Point_px coordinates (even-odd rule); the slice is found from Point_mm
   projected on the slice normal (``ImageIndex``, which counts ascending z, only when Point_mm is missing);

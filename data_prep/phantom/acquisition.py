@@ -1,6 +1,6 @@
 """CT acquisition presets for the phantom: ECG-gated cardiac calcium scans and non-gated chest CT.
 
-Values from the literature collected in shared/FACTS.md:
+Values from the literature (vendor calcium-scoring protocols, CT dose and noise studies):
 - cardiac (ECG-gated calcium scan): 120 kVp, 3 mm slices at 3 mm increment, reconstruction FOV 200-250 mm
   (pixel 0.39-0.49 mm at 512x512), noise SD ~20 HU (seen 10-32; 19 +- 4 HU on a prospectively triggered
   64-row scanner, Acad Radiol 2009), coverage carina to apex ~120-150 mm, no motion;

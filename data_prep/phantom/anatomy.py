@@ -3,7 +3,7 @@
 Geometry only (no rendering). World coordinates are DICOM LPS in mm (x to the patient's left, y to
 posterior, z to superior) with the origin at the aortic root (z = 0 at the level of the coronary ostia).
 
-Anatomy (shared/FACTS.md; Dodge et al., Circulation 1992): LM 4.5 +- 0.5 mm diameter, proximal LAD
+Anatomy (Dodge et al., Circulation 1992): LM 4.5 +- 0.5 mm diameter, proximal LAD
 3.7 +- 0.4 mm tapering to 1.9 +- 0.4 mm, LCX 3.4-4.2 mm, proximal RCA 3.9 +- 0.6 mm (right-dominant).
 The LM leaves the left coronary sinus, runs 5-15 mm leftward and splits into the LAD (anterior
 interventricular groove to the apex) and the LCX (left atrioventricular groove, beside the mitral annulus);
@@ -21,7 +21,9 @@ import dataclasses
 
 import numpy as np
 
-ARTERY_LABELS = {"LM": 1, "LAD": 2, "LCX": 3, "RCA": 4}
+from calcjax.agatston import ARTERIES
+
+ARTERY_LABELS = {name: i + 1 for i, name in enumerate(ARTERIES)}  # label value = index + 1
 HEART_DROP = np.array([0.0, 0.0, -20.0])  # mm; puts the left AV groove at the level of the root
 AV_GROOVE_THETA = 0.74 * np.pi
 

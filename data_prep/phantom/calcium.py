@@ -7,9 +7,10 @@ slab-averaged (slice thickness), motion-averaged (non-gated scans, RCA and LCX) 
 The density is solved so the noise-free peak hits a target in an Agatston weight band
 (130-199, 200-299, 300-399, >= 400 HU; capped at 3000 HU).
 
-Confounders (label 0; shared/FACTS.md): aortic wall calcification (arcs of 200-1000 HU), aortic valve
-nodules at the root beside the LM origin, mitral annular calcification (a C band next to the LCX),
-costal cartilage calcification, and small blobs whose noise-free peak lies just above 130 HU.
+Confounders (label 0; the non-coronary calcium a scorer must reject): aortic wall calcification (arcs of
+200-1000 HU), aortic valve nodules at the root beside the LM origin, mitral annular calcification (a C band
+next to the LCX), costal cartilage calcification, and small blobs whose noise-free peak lies just above 130
+HU.
 
 Composition: each blob claims the voxels where its HU exceeds every earlier claim (``owner_hu``), and
 ``owner_id`` records which blob (0 none); coronary label = the owner's artery where the noise-free HU

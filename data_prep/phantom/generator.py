@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from calcjax import agatston
-from calcjax.io import labels
+from calcjax.io import dicom, labels
 from calcjax.io.geometry import Grid
 from data_prep.phantom import annotations, calcium, dicom_series
 from data_prep.phantom.acquisition import (
@@ -37,7 +37,7 @@ from data_prep.phantom.tissue import AxialGrid, render_tissue
 MAX_TRIES = 8
 MAX_LESION_MM = 11.0  # largest lesion extent the size search may reach ("sizes ... to ~10 mm")
 NOISE_CORRELATION_PX = 0.7
-AIR_HU = -1000.0
+AIR_HU = float(dicom.AIR_HU)
 
 
 @dataclasses.dataclass

@@ -1,9 +1,9 @@
 """Noise-free tissue HU of the phantom thorax, rendered on the acquisition's voxel grid.
 
-HU values (shared/FACTS.md): air -1000; lung -850 with texture +-50; fat -100 (subcutaneous, mediastinal,
-epicardial); muscle +50; blood and myocardium +40 to +50 with no visible boundary without contrast;
-vertebral cancellous bone 150-300 (crossing the 130 HU calcium threshold); cortical bone 800-1500; ribs and
-sternum with partial volume; costal cartilage ~+110; liver +55 below the right hemidiaphragm.
+HU values (unenhanced CT at 120 kVp): air -1000; lung -850 with texture +-50; fat -100 (subcutaneous,
+mediastinal, epicardial); muscle +50; blood and myocardium +40 to +50 with no visible boundary without
+contrast; vertebral cancellous bone 150-300 (crossing the 130 HU calcium threshold); cortical bone 800-1500;
+ribs and sternum with partial volume; costal cartilage ~+110; liver +55 below the right hemidiaphragm.
 
 Edges are soft ramps one pixel wide (partial volume). The output is float32 ``(z, y, x)`` with z ascending.
 """
