@@ -27,6 +27,7 @@ from flax import nnx
 
 from calcjax import model as model_lib
 from calcjax import model_file
+from calcjax.io.atomic import write_atomic
 from calcjax.train_step import TrainState
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "counters")
@@ -42,12 +43,12 @@ CHECKSUM_FILE = "sha256.txt"
 
 def folder_sha256(folder: str) -> str:
     """SHA-256 over a checkpoint step folder: every file's relative path and bytes, in sorted order
-    (``sha256.txt`` itself left out)."""
+    (``sha256.txt`` and a temporary of it left out)."""
     h = hashlib.sha256()
     for dirpath, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
-            if dirpath == folder and name == CHECKSUM_FILE:
+            if dirpath == folder and name.startswith(CHECKSUM_FILE):
                 continue
             path = os.path.join(dirpath, name)
             h.update(os.path.relpath(path, folder).encode() + b"\0")
@@ -70,11 +71,7 @@ def seal_finished(root: str) -> None:
             and os.path.isdir(folder)
             and not os.path.isfile(os.path.join(folder, CHECKSUM_FILE))
         ):
-            digest = folder_sha256(folder)  # before the temporary file exists in the folder
-            tmp = os.path.join(folder, f".{CHECKSUM_FILE}.tmp-{os.getpid()}")
-            with open(tmp, "w") as f:
-                f.write(digest + "\n")
-            os.replace(tmp, os.path.join(folder, CHECKSUM_FILE))
+            write_atomic(os.path.join(folder, CHECKSUM_FILE), folder_sha256(folder) + "\n")
 
 
 def verify(folder: str) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx, serialization
 
 from calcjax import model as model_lib
+from calcjax.io.atomic import write_atomic
 
 FORMAT = "calcjax-model-v1"
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
@@ -47,13 +48,6 @@ def count_non_finite(tree) -> int:
     return sum(int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save(path: str, config: dict, model: nnx.Module) -> str:
     """Writes ``model``'s parameters and batch statistics with ``config`` to ``path`` (+ ``.sha256``);
     returns the digest."""
@@ -64,9 +58,9 @@ def save(path: str, config: dict, model: nnx.Module) -> str:
         "params": jax.tree.map(np.asarray, params.to_pure_dict()),
         "batch_stats": jax.tree.map(np.asarray, batch_stats.to_pure_dict()),
     }
-    _atomic_write(path, serialization.msgpack_serialize(payload))
+    write_atomic(path, serialization.msgpack_serialize(payload))
     digest = sha256_of(path)
-    _atomic_write(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+    write_atomic(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
     return digest
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import json
 import os
 import time
 
-from calcjax.io.deid import write_text_atomic
+from calcjax.io.atomic import write_atomic
 from calcjax.io.dicom import OUTPUT_FOLDER_MARKER
 
 SCORES = "scores.jsonl"
@@ -69,7 +70,7 @@ def append_jsonl(path: str, row: dict) -> None:
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
     """``rows`` as JSON lines, atomically."""
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def flatten_row(row: dict) -> dict:
@@ -92,12 +93,11 @@ def write_csv(path: str, rows: list[dict]) -> None:
     columns: list[str] = []
     for r in flat:
         columns += [c for c in r if c not in columns]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(flat)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=columns)
+    w.writeheader()
+    w.writerows(flat)
+    write_atomic(path, text.getvalue())
 
 
 class FolderLock:
@@ -154,7 +154,7 @@ def check_run_record(folder: str, name: str, record: dict, *, fix: str) -> None:
             changes = "; ".join(f"{k}: {old.get(k)!r} then, {record.get(k)!r} now" for k in diff)
             raise RunRecordError(f"{folder} was made with other {name} settings ({changes}): {fix}")
         return
-    write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def merge_parts(folder: str, part_dir: str, order: dict[str, int], pcount: int) -> None:

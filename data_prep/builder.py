@@ -27,7 +27,7 @@ from tqdm import tqdm
 from calcjax import outputs
 from calcjax.io import deid, records
 from calcjax.io import discover as discover_lib
-from calcjax.io.deid import write_text_atomic as _atomic_write
+from calcjax.io.atomic import write_atomic
 from calcjax.io.discover import discover, parse_split
 from data_prep.shards import shard_done, sidecar_path, write_shard
 
@@ -167,7 +167,7 @@ def _build_locked(
     _remove_stale_temporaries(out)
     if not jobs:
         deid.update_private_map(out, private_map)
-        _atomic_write(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
+        write_atomic(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
         raise discover_lib.no_scans_error(input_dir, errors)
     settings = {
         "context": context,
@@ -267,6 +267,6 @@ def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_f
         "num_warnings": sum(e.get("severity") == "warning" for e in all_errors),
         "scans": scans,
     }
-    _atomic_write(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
-    _atomic_write(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in all_errors))
+    write_atomic(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
+    write_atomic(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in all_errors))
     return manifest

@@ -24,6 +24,8 @@ import os
 import re
 import secrets
 
+from calcjax.io.atomic import write_atomic
+
 REDACTED = "<redacted>"
 PATH_REDACTED = "<path>"
 SALT_FILE = "salt.txt"
@@ -50,20 +52,6 @@ def check_salt(salt: str, where: str) -> str:
     return salt
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """``text`` to ``path`` via a temporary file in the same folder and a rename (never half-written)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_salt(folder: str, given: str | None = None, *, given_from: str = "--salt") -> str:
     """The salt of ``folder`` (module docstring): ``given`` (checked against the one already in
     ``folder/salt.txt``, kept there), else the one in ``salt.txt``, else a new random one written there."""
@@ -77,12 +65,12 @@ def load_salt(folder: str, given: str | None = None, *, given_from: str = "--sal
         if existing is not None and existing != given:
             raise SaltError(f"{folder} was made with another salt than {given_from}: use another folder")
         if existing is None:
-            write_text_atomic(path, given + "\n")
+            write_atomic(path, given + "\n")
         return given
     if existing is not None:
         return existing
     salt = secrets.token_hex(16)
-    write_text_atomic(path, salt + "\n")
+    write_atomic(path, salt + "\n")
     return salt
 
 
@@ -115,7 +103,7 @@ def update_private_map(folder: str, entries: dict[str, str]) -> None:
     merged = {**known, **entries}
     if merged == known:
         return
-    write_text_atomic(path, "".join(f"{k}\t{v}\n" for k, v in sorted(merged.items())))
+    write_atomic(path, "".join(f"{k}\t{v}\n" for k, v in sorted(merged.items())))
 
 
 def redact(text: str, identifiers) -> str:
