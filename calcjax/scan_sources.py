@@ -24,6 +24,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from calcjax.io import discover, geometry, preprocess, records
+from calcjax.io.errors import reason_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +37,6 @@ class LoadedScan:
     meta: dict
 
 
-def _plain_reason(e: Exception) -> str:
-    return getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
-
-
 @dataclasses.dataclass(frozen=True)
 class ScanInput:
     """A listed scan: ``scan_id``, ``source`` (a shard file name, or ``dicom``: no path text), ``load()``,
@@ -48,7 +45,7 @@ class ScanInput:
     scan_id: str
     source: str
     load: Callable[[], LoadedScan]
-    reason_of: Callable[[Exception], str] = _plain_reason
+    reason_of: Callable[[Exception], str] = reason_of
     folder: str | None = None  # DICOM route: the series folder (in memory only, for reference matching)
 
 

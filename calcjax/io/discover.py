@@ -31,6 +31,7 @@ import os
 
 from calcjax.io import deid, dicom
 from calcjax.io.deid import redact
+from calcjax.io.errors import reason_of
 
 
 class NoScansError(ValueError):
@@ -81,7 +82,7 @@ class ScanJob:
     def safe_reason(self, e: Exception) -> str:
         """The reason of an error about this scan with no header value and no path text in it: the file
         that failed is named by its position in the series (``calcjax.io.deid``)."""
-        reason = getattr(e, "reason", None) or f"{e.__class__.__name__}: {str(e)[:300]}"
+        reason = reason_of(e)
         path = getattr(e, "path", None)
         if path in self.files:
             reason = f"{deid.file_in_series(self.scan_id, self.files.index(path), len(self.files))}: {reason}"
