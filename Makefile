@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/agatston.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/score.py
+	$(BIN)/python bench/heart_region.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/model.py --torch_compile
 	$(BIN)/python bench/train.py

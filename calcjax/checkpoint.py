@@ -18,7 +18,10 @@ its parameters are checked for finiteness in any case.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
+import warnings
 
 import grain
 import jax
@@ -229,6 +232,65 @@ def resolve(path: str, which: str = "best") -> str:
     return os.path.join(root, str(steps[0]))
 
 
+# Words only the echoes of a failed Orbax / TensorStore read carry.
+_FAILED_READ_MARKS = ("Encountered error while reading array index", "in OCDBT database", "TensorStore(")
+_noise_filters_installed = False
+
+
+def _is_failed_read_noise(exc: BaseException | None, text: str = "") -> bool:
+    """Whether an exception reported after the fact is the echo of a failed checkpoint read: Orbax's
+    sibling read coroutines and futures (a TensorStore / OCDBT read error, anywhere in the exception's
+    chain) or TensorStore callbacks that find Orbax's event loop already closed."""
+    texts = [text]
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return True
+        texts.append(str(exc))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return any(mark in t for t in texts for mark in _FAILED_READ_MARKS)
+
+
+def _drop_failed_read_noise() -> None:
+    """Keeps a damaged checkpoint's error to one line. When one array of an Orbax / TensorStore restore
+    fails, the restore raises at once, but its sibling reads go on failing in other threads and Python
+    reports each when it is collected or completes ("Exception ignored in <coroutine ...>" and "Event loop
+    is closed" through ``sys.unraisablehook``, "exception was never retrieved" through the ``asyncio``
+    logger, "coroutine ... was never awaited" as a warning at exit), before and after the raised error,
+    each with a full TensorStore spec. They say nothing the raised error does not. Installed once per
+    process before the first restore, these filters drop only reports of that kind; every other report
+    goes to the hook, handlers and warning filters there were before."""
+    global _noise_filters_installed
+    if _noise_filters_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_failed_read_noise(unraisable.exc_value):
+            previous(unraisable)
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            return not _is_failed_read_noise(exc, record.getMessage())
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_Filter())
+    # Sibling reads that never started are collected at exit as "coroutine ... was never awaited".
+    warnings.filterwarnings(
+        "ignore",
+        message="coroutine '_read_array_index_and_device_put' was never awaited",
+        category=RuntimeWarning,
+    )
+    _noise_filters_installed = True
+
+
+def _short(e: Exception) -> str:
+    """An Orbax / TensorStore error in one short line (their messages append a full spec dump)."""
+    text = (str(e).split(" See full TensorStore details")[0].splitlines() or [""])[0]
+    return f"{e.__class__.__name__}: {text[:200]}"
+
+
 def load_for_inference(path: str | None, which: str = "best"):
     """(config dict, eval-mode model) from a workdir, a step folder or a one-file model
     (``calcjax.model_file``, digest checked); ``None`` is the shipped model. The config is the checkpoint's
@@ -251,13 +313,12 @@ def load_for_inference(path: str | None, which: str = "best"):
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     ckptr = ocp.StandardCheckpointer()
     abstract = ocp.utils.to_shape_dtype_struct
+    _drop_failed_read_noise()
     try:
         params = ckptr.restore(os.path.join(folder, "params"), jax.tree.map(abstract, params))
         batch_stats = ckptr.restore(os.path.join(folder, "batch_stats"), jax.tree.map(abstract, batch_stats))
     except Exception as e:  # Orbax / TensorStore raise many types for damaged or missing files
-        raise CheckpointError(
-            f"{folder}: cannot be read as a calcjax checkpoint ({e.__class__.__name__}: {str(e)[:200]})"
-        ) from None
+        raise CheckpointError(f"{folder}: cannot be read as a calcjax checkpoint ({_short(e)})") from None
     for name, tree in (("params", params), ("batch_stats", batch_stats)):
         bad = model_file.count_non_finite(tree)
         if bad:

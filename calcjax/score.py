@@ -9,8 +9,10 @@ r"""Batch scoring of a cohort with a trained checkpoint: ``python -m calcjax.sco
 folder or a one-file model (``calcjax.model_file``, SHA-256 checked); without it, the shipped model
 (``calcjax.model_file.DEFAULT_MODEL``). The model's config comes from the checkpoint. Scans stream one
 at a time (memory is bounded by the largest scan, not the cohort): load -> jitted, batched forward
-sharded over this process's devices (``calcjax.inference``) -> predicted labels -> ``calcjax.agatston``
-(HU >= the calcium threshold inside the prediction) -> one row (``calcjax.score_rows``).
+sharded over this process's devices (``calcjax.inference``) -> predicted labels, kept only inside the
+heart's neighbourhood (``calcjax.heart_region``; ``--noheart_region`` keeps them all) -> ``calcjax.agatston``
+(HU >= the calcium threshold inside the prediction) -> one row (``calcjax.score_rows``, whose
+``heart_region`` says ``found``, ``not_found``: no lungs found, nothing removed, or ``off``).
 
 Outputs in OUT:
 - ``scores.jsonl``: one JSON line per scan, appended and flushed as each scan finishes
@@ -49,6 +51,7 @@ from tqdm import tqdm
 from calcjax import (
     checkpoint,
     cli,
+    heart_region,
     inference,
     model_file,
     outputs,
@@ -76,6 +79,7 @@ def score_cohort(
     batch_size: int = 0,
     mass_calibration: float | None = None,
     kvp_specific_threshold: bool = False,
+    use_heart_region: bool = True,
     num_bootstrap: int = 1000,
     progress: bool = True,
     predictor: inference.Predictor | None = None,
@@ -87,6 +91,8 @@ def score_cohort(
 
     ``predictor``: an already compiled :class:`calcjax.inference.Predictor` of this checkpoint, to score
     several cohorts without recompiling (default: built from the checkpoint).
+    ``use_heart_region``: keep predicted calcium only in the heart's neighbourhood
+    (``calcjax.heart_region``).
     ``reference_scores_path``: a sheet of scan-level reference scores (``calcjax.io.reference_scores``:
     CSV or .xlsx, rows matched to scans by folder name + ``reference_key_suffix`` or by scan id) for the
     scans without reference labels.
@@ -116,6 +122,7 @@ def score_cohort(
             save_masks=save_masks,
             batch_size=batch_size,
             score_kw=dict(mass_calibration=mass_calibration, kvp_specific_threshold=kvp_specific_threshold),
+            use_heart_region=use_heart_region,
             num_bootstrap=num_bootstrap,
             progress=progress,
             predictor=predictor,
@@ -139,6 +146,7 @@ def _score_locked(
     save_masks,
     batch_size,
     score_kw,
+    use_heart_region,
     num_bootstrap,
     progress,
     predictor,
@@ -165,6 +173,7 @@ def _score_locked(
         run_record = {
             "model_sha256": checkpoint.content_sha256(checkpoint_path, which),
             "route": "shards" if shards is not None else "dicom",
+            "heart_region": use_heart_region,
             **score_kw,
         }
         if not resume and os.path.isfile(os.path.join(out, "run.json")):
@@ -226,6 +235,10 @@ def _score_locked(
             try:
                 loaded = scan.load()
                 pred = predictor.predict(loaded.hu)
+                region = "off"
+                if use_heart_region:
+                    found = heart_region.heart_region(loaded.hu, loaded.grid.spacing)
+                    pred, region = heart_region.restrict(pred, found), found.status
                 ref_score = None
                 if sheet is not None:
                     ref_score = reference_scores.match(
@@ -236,6 +249,7 @@ def _score_locked(
                         key_suffix=reference_key_suffix,
                     )
                 row = score_rows.score_row(scan, loaded, pred, ref_score, **score_kw)
+                row["heart_region"] = region
             except Exception as e:  # a cohort run records each bad scan and goes on
                 line = score_rows.error_line(scan, e)
                 logging.warning("scan %s failed: %s", scan.scan_id, line["reason"])
@@ -335,6 +349,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 0, "Slices per forward pass (0: 4 per local device).")
     flags.DEFINE_float("mass_calibration", None, "mg per (HU x mm^3); mass is reported when given.")
     flags.DEFINE_bool("kvp_specific_threshold", False, "Calcium threshold from the scan's kVp.")
+    flags.DEFINE_bool(
+        "heart_region",
+        True,
+        "Keep predicted calcium only in the heart's neighbourhood (calcjax.heart_region).",
+    )
     flags.DEFINE_integer("num_bootstrap", 1000, "Bootstrap resamples for the report's CIs.")
     flags.DEFINE_string(
         "reference_scores", None, "CSV or .xlsx of scan-level reference Agatston (one row per scan)."
@@ -393,6 +412,7 @@ def _score_from_flags() -> dict:
         batch_size=flags.FLAGS.batch_size,
         mass_calibration=flags.FLAGS.mass_calibration,
         kvp_specific_threshold=flags.FLAGS.kvp_specific_threshold,
+        use_heart_region=flags.FLAGS.heart_region,
         num_bootstrap=flags.FLAGS.num_bootstrap,
         reference_scores_path=flags.FLAGS.reference_scores,
         reference_key_column=flags.FLAGS.reference_key_column,

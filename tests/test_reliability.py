@@ -228,6 +228,9 @@ def test_resume_with_another_model_or_settings_is_refused(two_scans, tmp_path):
         score.score_cohort(checkpoint_path=other, resume=True, **kw)
     with pytest.raises(outputs.RunRecordError, match="kvp_specific_threshold"):
         score.score_cohort(checkpoint_path=None, resume=True, kvp_specific_threshold=True, **kw)
+    assert record["heart_region"] is True and {r["heart_region"] for r in rows} <= {"found", "not_found"}
+    with pytest.raises(outputs.RunRecordError, match="heart_region"):
+        score.score_cohort(checkpoint_path=None, resume=True, use_heart_region=False, **kw)
     assert outputs.read_jsonl(str(out / "scores.jsonl")) == rows
     s = score.score_cohort(checkpoint_path=None, resume=True, **kw)  # the same model: resumes
     assert s["skipped_already_scored"] == 2 and s["scored"] == 0
@@ -375,8 +378,12 @@ def test_a_damaged_checkpoint_is_one_line_and_its_checksum_catches_a_flipped_byt
         cwd=ROOT,
         timeout=300,
     )
+    # One line: Orbax's failed sibling reads ("Exception ignored in <coroutine ...>") are not printed.
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "cannot be read as a calcjax checkpoint" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "TensorStore details" not in proc.stderr, (
+        proc.stderr
+    )
 
 
 def test_mixed_slice_thickness_in_one_series_is_refused(two_scans, tmp_path):
