@@ -5,8 +5,10 @@ predicted calcium only inside it (``calcjax.score --heart_region``, on by defaul
 bright things a segmentation network trained on phantoms calls coronary calcium on real scans: ribs,
 spine, sternum, costal cartilage, lung nodules, bone edges at the border of a gated field of view.
 
-It is a fixed anatomical rule, learnt from nothing; its constants come from anatomy and CT physics (below),
-not from fitting the real sample. Steps, on a coarse grid of about ``COARSE_MM`` mm pixels (block means):
+It is a fixed anatomical rule, trained on nothing; its constants come from anatomy and CT physics (below),
+its surface margin from phantoms (the smallest that keeps every phantom lesion), not from a search over
+the real sample (whose masks were looked at while the steps were designed: README). Steps, on a coarse
+grid of about ``COARSE_MM`` mm pixels (block means):
 
 1. **Lungs**, per slice: connected components of HU < ``AIR_HU`` of at least ``LUNG_MIN_AREA_MM2``, that
    are not the air outside the body (a component touching the image border, in a field of view of at
@@ -52,7 +54,8 @@ MIN_LUNG_SHARE = 0.25
 CORE_DEPTH_MM = 15.0  # the heart is 80-120 mm across; chest-wall strips inside the lung hull are < 30 mm
 # Coronaries lie in the epicardial fat, up to ~20 mm from the myocardium in a fat heart, and the heart's
 # anterior wall can bulge 20-30 mm in front of the line between the lungs' anterior tips (the core's edge
-# is 15 mm behind that line): 15 mm of margin lost the LAD of 2 of 10 phantoms (bench/heart_region.py).
+# is 15 mm behind that line): 15 mm of margin lost LAD calcium in 2 of the 10 phantoms it was checked on
+# (tests/test_heart_region.py keeps one of them).
 SURFACE_MARGIN_MM = 35.0
 # Above and below, the core itself reaches the heart's base and the diaphragm; a wider margin there only
 # takes in the great vessels above the heart and the upper abdomen below it.
