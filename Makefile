@@ -12,7 +12,7 @@ REAL_DATA ?= $(or $(CALCJAX_REAL_DATA),../shared/data)
 REAL_OUT ?= real_eval
 CHECKPOINT ?=
 
-.PHONY: install test test-fast lint format demo bench clean real-eval
+.PHONY: install test test-fast lint format demo bench clean real-eval check-install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ demo: $(STAMP)
 
 # Scores the real COCA sample with the shipped model (or CHECKPOINT=RUN): gated scans against their
 # calcium masks, chest scans against the release's sheet of physician scores -> $(REAL_OUT)/report.md.
+# The shipped model's outputs on a fixed phantom set against calcjax/models/reference_scores.csv.
+check-install: $(STAMP)
+	$(BIN)/python -m data_prep.check_install
+
 real-eval: $(STAMP)
 	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-eval: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
 	rm -rf $(REAL_OUT)

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from calcjax import metrics, outputs, report, score  # noqa: E402
+from calcjax import cli, metrics, outputs, report, score  # noqa: E402
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -202,6 +202,10 @@ def main(argv):
         print(json.dumps({k: v for k, v in result["agreement"].items() if k != "risk_confusion"}))
 
 
+def run() -> None:
+    """The console command ``calcjax-compare``."""
+    cli.run_command("calcjax-compare", "calcjax.compare", __doc__, main, define_flags)
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

@@ -420,6 +420,10 @@ def _score_from_flags() -> dict:
     )
 
 
+def run() -> None:
+    """The console command ``calcjax-score``."""
+    cli.run_command("calcjax-score", "calcjax.score", __doc__, main, define_flags)
+
+
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    run()

@@ -28,7 +28,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax import checkpoint, evaluation, input_pipeline, metrics, sharding
+from calcjax import checkpoint, cli, evaluation, input_pipeline, metrics, sharding
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 
@@ -218,7 +218,10 @@ def main(argv):
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
+def run() -> None:
+    """The console command ``calcjax-train``."""
+    cli.run_command("calcjax-train", "calcjax.train", __doc__, main, define_flags, required=["config"])
+
+
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from calcjax import cli, outputs
 from calcjax.io import deid
@@ -80,5 +80,10 @@ def _build_from_flags() -> dict:
     )
 
 
+def run() -> None:
+    """The console command ``calcjax-build``."""
+    cli.run_command("calcjax-build", "data_prep.build", __doc__, main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
+from calcjax import cli
 from data_prep.phantom.generator import generate_scan, protocol_of, scan_name, write_scan
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -90,5 +91,10 @@ def main(argv):
     logging.info("done")
 
 
+def run() -> None:
+    """The console command ``calcjax-phantom``."""
+    cli.run_command("calcjax-phantom", "data_prep.phantom", __doc__, main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()
