@@ -6,9 +6,9 @@ bright things a segmentation network trained on phantoms calls coronary calcium 
 spine, sternum, costal cartilage, lung nodules, bone edges at the border of a gated field of view.
 
 It is a fixed anatomical rule, trained on nothing; its constants come from anatomy and CT physics (below),
-its surface margin from phantoms (the smallest that keeps every phantom lesion), not from a search over
-the real sample (whose masks were looked at while the steps were designed: README). Steps, on a coarse
-grid of about ``COARSE_MM`` mm pixels (block means):
+its surface margin from phantoms (of 15, 25 and 35 mm, the smallest that kept every phantom lesion), not
+from a search over the real sample (whose masks were looked at while the steps were designed: README).
+Steps, on a coarse grid of about ``COARSE_MM`` mm pixels (block means):
 
 1. **Lungs**, per slice: connected components of HU < ``AIR_HU`` of at least ``LUNG_MIN_AREA_MM2``, that
    are not the air outside the body (a component touching the image border, in a field of view of at
