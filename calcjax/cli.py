@@ -8,9 +8,9 @@ is printed as ``<prog>: error: <reason>`` on stderr with exit status 2. Anything
 its traceback.
 
 The console commands (``calcjax-score``, ``calcjax-train``, ``calcjax-build``, ``calcjax-phantom``,
-``calcjax-compare``; ``[project.scripts]`` in pyproject.toml) run the same absl programs as their
-``python -m`` forms through :func:`run_command`, whose ``--help`` starts with the module's docstring (its
-example command lines), as ``python -m`` shows it.
+``calcjax-compare``, ``calcjax-check-install``; ``[project.scripts]`` in pyproject.toml) run the same absl
+programs as their ``python -m`` forms through :func:`run_command`, whose ``--help`` starts with the
+module's docstring (its example command lines), as ``python -m`` shows it.
 """
 
 from __future__ import annotations

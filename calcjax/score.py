@@ -235,10 +235,10 @@ def _score_locked(
             try:
                 loaded = scan.load()
                 pred = predictor.predict(loaded.hu)
-                region = "off"
+                region_status = "off"
                 if use_heart_region:
-                    found = heart_region.heart_region(loaded.hu, loaded.grid.spacing)
-                    pred, region = heart_region.restrict(pred, found), found.status
+                    region = heart_region.heart_region(loaded.hu, loaded.grid.spacing)
+                    pred, region_status = heart_region.restrict(pred, region), region.status
                 ref_score = None
                 if sheet is not None:
                     ref_score = reference_scores.match(
@@ -249,7 +249,7 @@ def _score_locked(
                         key_suffix=reference_key_suffix,
                     )
                 row = score_rows.score_row(scan, loaded, pred, ref_score, **score_kw)
-                row["heart_region"] = region
+                row["heart_region"] = region_status
             except Exception as e:  # a cohort run records each bad scan and goes on
                 line = score_rows.error_line(scan, e)
                 logging.warning("scan %s failed: %s", scan.scan_id, line["reason"])
