@@ -33,7 +33,7 @@ def test_phantom_calcium_stays_in_the_region_and_bone_goes(phantom_dir, protocol
 
 
 def test_the_lad_of_a_heart_against_the_chest_wall_stays_in():
-    """A 512x512 chest phantom whose LAD lies in thick fat 25-40 mm in front of the lungs' anterior tips:
+    """A 512x512 chest phantom whose LAD lesion lies in thick fat about 27 mm in front of the lungs' hull:
     a 15 mm surface margin lost half its calcium voxels (SURFACE_MARGIN_MM's comment)."""
     from data_prep.phantom.generator import generate_scan
 
