@@ -10,8 +10,10 @@ sync inside the step, fused AdamW; eager, channels-last and ``torch.compile`` va
 seconds per step, slices/s, the step's FLOPs (XLA cost analysis of the JAX step; the same model FLOPs are
 used for the twin) and model FLOP
 utilisation = FLOPs / s / peak (``--peak_tflops``: the accelerator's dense peak for that dtype, e.g. H100
-SXM 989 for bf16 and 67 for f32 without TF32; 0 leaves MFU out). Runs on whatever device jax and torch find
-(``cuda`` when present), so it can be tried on CPU with a small ``--size``.
+SXM 989 for bf16 and 67 for f32 without TF32; 0 leaves MFU out). The JAX row also gives ``compile_s`` (the
+step is compiled once, ahead of time, and that executable is timed). ``--no_torch`` / ``--no_jax`` time one
+framework (``--no_jax``: no FLOP count, so no MFU). Runs on whatever device jax and torch find (``cuda``
+when present), so it can be tried on CPU with a small ``--size``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> None:
     p.add_argument("--peak_tflops_f32", type=float, default=0.0, help="f32 dense peak (TFLOP/s)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--no_jax", action="store_true", help="time the PyTorch twin only (no MFU: no FLOP count)")
     p.add_argument(
         "--torch_variants",
         default="eager,channels_last,compile",
@@ -67,21 +70,26 @@ def main() -> None:
         tx = ts.make_optimizer(
             learning_rate=1e-4, warmup_steps=1, total_steps=1000, weight_decay=1e-4, grad_clip=1.0
         )
-        graphdef, state = ts.create_state(model, tx)
-        step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(c.loss))
-        x, y = jax.device_put(images), jax.device_put(labels)
-        compiled = step.lower(state, x, y).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0))
-        state, m = step(state, x, y)  # warm-up (compiled above; this one moves the state)
-        m["loss"].block_until_ready()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, m = step(state, x, y)
-        m["loss"].block_until_ready()
-        dt = (time.perf_counter() - t0) / args.steps
-        rows = [("jax", dt)]
+        emit = _emitter(args, 0.0, peak, dtype, jax.devices()[0].device_kind, torch_device)
+        if not args.no_jax:
+            graphdef, state = ts.create_state(model, tx)
+            step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(c.loss))
+            x, y = jax.device_put(images), jax.device_put(labels)
+            t0 = time.perf_counter()
+            compiled = step.lower(state, x, y).compile()  # called directly below: compiled once
+            compile_s = time.perf_counter() - t0
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            flops = float(cost.get("flops", 0.0))
+            state, m = compiled(state, x, y)  # warm-up
+            m["loss"].block_until_ready()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = compiled(state, x, y)
+            m["loss"].block_until_ready()
+            dt = (time.perf_counter() - t0) / args.steps
+            emit = _emitter(args, flops, peak, dtype, jax.devices()[0].device_kind, torch_device)
+            emit("jax", dt, compile_s=round(compile_s, 1))  # at once: a slow torch.compile cannot lose it
         if not args.no_torch:
             for variant in args.torch_variants.split(","):
                 try:
@@ -96,26 +104,35 @@ def main() -> None:
                                 "dtype": dtype,
                                 "error": f"{e.__class__.__name__}: {str(e)[:200]}",
                             }
-                        )
+                        ),
+                        flush=True,
                     )
                     continue
-                rows.append((f"torch-{variant}", sec))
-        for framework, sec in rows:
-            out = {
-                "bench": "train_step_one_device",
-                "framework": framework,
-                "device": jax.devices()[0].device_kind if framework == "jax" else torch_device,
-                "config": args.config,
-                "size": args.size,
-                "batch": args.batch,
-                "dtype": dtype,
-                "seconds_per_step": round(sec, 5),
-                "slices_per_s": round(args.batch / sec, 2),
-                "step_gflop": round(flops / 1e9, 1),
-            }
-            if peak:
-                out["mfu"] = round(flops / sec / (peak * 1e12), 4)
-            print(json.dumps(out), flush=True)
+                emit(f"torch-{variant}", sec)
+
+
+def _emitter(args, flops: float, peak: float, dtype: str, jax_device: str, torch_device: str):
+    """A function printing one JSON line for (framework, seconds per step) of this dtype."""
+
+    def emit(framework: str, sec: float, **extra) -> None:
+        out = {
+            "bench": "train_step_one_device",
+            "framework": framework,
+            "device": jax_device if framework == "jax" else torch_device,
+            "config": args.config,
+            "size": args.size,
+            "batch": args.batch,
+            "dtype": dtype,
+            "seconds_per_step": round(sec, 5),
+            "slices_per_s": round(args.batch / sec, 2),
+        }
+        if flops:
+            out["step_gflop"] = round(flops / 1e9, 1)
+        if peak and flops:
+            out["mfu"] = round(flops / sec / (peak * 1e12), 4)
+        print(json.dumps({**out, **extra}), flush=True)
+
+    return emit
 
 
 def time_torch_step(config, images, labels, dtype: str, variant: str, steps: int, device: str) -> float:
