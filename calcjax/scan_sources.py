@@ -29,12 +29,14 @@ from calcjax.io.errors import reason_of
 
 @dataclasses.dataclass(frozen=True)
 class LoadedScan:
-    """One scan in memory. ``meta``: protocol, kvp, slice thickness/increment (no identifying value)."""
+    """One scan in memory. ``meta``: protocol, kvp, slice thickness/increment (no identifying value).
+    ``source_files``: DICOM route, the series' files in z order (in memory only: for DICOM outputs)."""
 
     hu: np.ndarray
     labels: np.ndarray | None
     grid: geometry.Grid
     meta: dict
+    source_files: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +175,7 @@ def dicom_scans(
         hu = preprocess.hu_int16(vol.hu)
         meta = {k: vol.meta.get(k) for k in ("protocol", "kvp", "slice_thickness_mm", "slice_increment_mm")}
         meta["series_grouping"] = job.grouping
-        return LoadedScan(hu, lab, vol.grid, meta)
+        return LoadedScan(hu, lab, vol.grid, meta, tuple(vol.source))
 
     scans = [
         ScanInput(

@@ -3,7 +3,7 @@ r"""Batch scoring of a cohort with a trained checkpoint: ``python -m calcjax.sco
   python -m calcjax.score --dicom DIR --out OUT      # the shipped model (calcjax/models/)
   python -m calcjax.score --shards 'SHARDS/test-*.array_record' --checkpoint RUN --out OUT
   python -m calcjax.score --dicom DIR --checkpoint RUN --out OUT [--labels LABELS] [--save_masks] \
-      [--reference_scores SHEET.xlsx --reference_key_suffix A]
+      [--reference_scores SHEET.xlsx --reference_key_suffix A] [--dicom_seg --dicom_sr]
 
 ``--checkpoint`` is a training workdir (its ``best`` or ``latest`` checkpoint, ``--which``), one step
 folder or a one-file model (``calcjax.model_file``, SHA-256 checked); without it, the shipped model
@@ -22,6 +22,11 @@ Outputs in OUT:
   Inputs are named by scan id or salted file name, never by path, and reasons carry no header value and
   no path text (``calcjax.io.deid``);
 - ``masks/<scan_id>.nii.gz`` with ``--save_masks``: predicted labels on the scan's grid (RAS affine);
+- ``dicom/<scan_id>.seg.dcm`` with ``--dicom_seg`` and ``dicom/<scan_id>.sr.dcm`` with ``--dicom_sr``
+  (DICOM route): a DICOM Segmentation of the predicted calcium and a TID 1500 measurement report
+  (``calcjax.dicom_outputs``). These two carry the source's patient and study attributes, as PACS objects
+  must; every other output stays free of them. Each row's ``dicom_outputs`` names the files written
+  (``;``-separated; empty when they failed, with the reason in ``errors.jsonl``);
 - where scans have reference labels: ``report.md`` and ``figures/`` (``calcjax.report``);
 - ``salt.txt`` and ``inputs.private.tsv`` (DICOM route): the salt of the scan ids, reused on ``--resume``,
   and the map from each name in the outputs to its input path; keep both private (remove them before
@@ -51,6 +56,7 @@ from tqdm import tqdm
 from calcjax import (
     checkpoint,
     cli,
+    dicom_outputs,
     heart_region,
     inference,
     model_file,
@@ -80,6 +86,8 @@ def score_cohort(
     mass_calibration: float | None = None,
     kvp_specific_threshold: bool = False,
     use_heart_region: bool = True,
+    dicom_seg: bool = False,
+    dicom_sr: bool = False,
     num_bootstrap: int = 1000,
     progress: bool = True,
     predictor: inference.Predictor | None = None,
@@ -93,6 +101,7 @@ def score_cohort(
     several cohorts without recompiling (default: built from the checkpoint).
     ``use_heart_region``: keep predicted calcium only in the heart's neighbourhood
     (``calcjax.heart_region``).
+    ``dicom_seg`` / ``dicom_sr``: DICOM route only, write each scan's SEG / SR (``calcjax.dicom_outputs``).
     ``reference_scores_path``: a sheet of scan-level reference scores (``calcjax.io.reference_scores``:
     CSV or .xlsx, rows matched to scans by folder name + ``reference_key_suffix`` or by scan id) for the
     scans without reference labels.
@@ -104,6 +113,8 @@ def score_cohort(
     """
     if (shards is None) == (dicom_dir is None):
         raise ValueError("give exactly one of --shards and --dicom")
+    if shards is not None and (dicom_seg or dicom_sr):
+        raise ValueError("--dicom_seg / --dicom_sr need --dicom: a shard scan has no source DICOM instances")
     pid = jax.process_index()
     os.makedirs(out, exist_ok=True)
     # Process 0 holds the folder for the whole job (the other processes of a multi-host job write their
@@ -123,6 +134,7 @@ def score_cohort(
             batch_size=batch_size,
             score_kw=dict(mass_calibration=mass_calibration, kvp_specific_threshold=kvp_specific_threshold),
             use_heart_region=use_heart_region,
+            dicom_outputs_asked=(dicom_seg, dicom_sr),
             num_bootstrap=num_bootstrap,
             progress=progress,
             predictor=predictor,
@@ -147,6 +159,7 @@ def _score_locked(
     batch_size,
     score_kw,
     use_heart_region,
+    dicom_outputs_asked,
     num_bootstrap,
     progress,
     predictor,
@@ -169,13 +182,17 @@ def _score_locked(
         sheet = reference_scores.read_reference_scores(reference_scores_path, reference_key_column)
         sheet_base = reference_scores.match_base(reference_scores_path, dicom_dir or ".")
     checkpoint_label = _checkpoint_name(checkpoint_path, which)  # before loading: a run may move on
+    model_sha256 = checkpoint.content_sha256(checkpoint_path, which)
+    dicom_seg, dicom_sr = dicom_outputs_asked
     if pid == 0:
         run_record = {
-            "model_sha256": checkpoint.content_sha256(checkpoint_path, which),
+            "model_sha256": model_sha256,
             "route": "shards" if shards is not None else "dicom",
             "heart_region": use_heart_region,
             **score_kw,
         }
+        if dicom_seg or dicom_sr:  # only when asked: folders scored before these existed still resume
+            run_record.update(dicom_seg=dicom_seg, dicom_sr=dicom_sr)
         if not resume and os.path.isfile(os.path.join(out, "run.json")):
             os.remove(os.path.join(out, "run.json"))  # nothing was scored into it: this run starts afresh
         outputs.check_run_record(
@@ -256,6 +273,17 @@ def _score_locked(
                 record_error(line)
                 failed += 1
                 continue
+            if dicom_seg or dicom_sr:
+                try:
+                    row["dicom_outputs"] = ";".join(dicom_outputs.write_scan_outputs(
+                        out, scan.scan_id, loaded.source_files, pred, row, seg=dicom_seg, sr=dicom_sr,
+                        model_sha256=model_sha256,
+                    ))  # fmt: skip
+                except Exception as e:  # the scores stand; the SEG / SR failure is recorded
+                    line = {**score_rows.error_line(scan, e), "stage": "dicom_outputs"}
+                    logging.warning("scan %s: no DICOM outputs: %s", scan.scan_id, line["reason"])
+                    record_error(line)
+                    row["dicom_outputs"] = ""
             if save_masks:
                 os.makedirs(mask_dir, exist_ok=True)
                 labels.write_label_nifti(os.path.join(mask_dir, f"{scan.scan_id}.nii.gz"), pred, loaded.grid)
@@ -354,6 +382,8 @@ def define_flags() -> None:
         True,
         "Keep predicted calcium only in the heart's neighbourhood (calcjax.heart_region).",
     )
+    flags.DEFINE_bool("dicom_seg", False, "DICOM route: write OUT/dicom/<scan_id>.seg.dcm (DICOM SEG).")
+    flags.DEFINE_bool("dicom_sr", False, "DICOM route: write OUT/dicom/<scan_id>.sr.dcm (TID 1500 SR).")
     flags.DEFINE_integer("num_bootstrap", 1000, "Bootstrap resamples for the report's CIs.")
     flags.DEFINE_string(
         "reference_scores", None, "CSV or .xlsx of scan-level reference Agatston (one row per scan)."
@@ -413,6 +443,8 @@ def _score_from_flags() -> dict:
         mass_calibration=flags.FLAGS.mass_calibration,
         kvp_specific_threshold=flags.FLAGS.kvp_specific_threshold,
         use_heart_region=flags.FLAGS.heart_region,
+        dicom_seg=flags.FLAGS.dicom_seg,
+        dicom_sr=flags.FLAGS.dicom_sr,
         num_bootstrap=flags.FLAGS.num_bootstrap,
         reference_scores_path=flags.FLAGS.reference_scores,
         reference_key_column=flags.FLAGS.reference_key_column,
