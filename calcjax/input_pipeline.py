@@ -27,7 +27,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 from scipy import ndimage
 
-from calcjax import agatston
+from calcjax import agatston, config_schema
 from calcjax.io import dicom, records
 
 AIR_HU = float(dicom.AIR_HU)  # what a crop outside the image reads as
@@ -62,24 +62,36 @@ class ShardSplit:
         )
 
 
+# The data block's keys that are not augmentation: read by the trainers (calcjax.config_schema checks them).
+DATA_KEYS = ("shards", "calcium_fraction", "seed", "worker_count")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    crop: int = 96
-    rotate_deg: float = 10.0
-    scale: float = 0.1
-    noise_sd_hu: float = 10.0
-    jitter: float = 0.03
-    calcium_crop_probability: float = 0.9
-    # Of the crops not centred on calcium, the fraction centred on a bright (>= 130 HU) unlabelled object
-    # (picked uniformly over connected objects, so a rib or a valve nodule counts as much as the spine):
-    # hard negatives, the confounders (aortic wall and valve, mitral annulus, cartilage) a scorer must
-    # reject. Uniform crops alone rarely contain them and a model trained so calls them calcium.
-    bright_crop_probability: float = 0.8
+    """Crop size and augmentation magnitudes (``augment``); the values live in the config's ``data`` block.
+
+    crop: pixels (square). rotate_deg: the largest in-plane rotation (degrees, uniform +-). scale: the
+    largest relative zoom (uniform 1 +- scale). noise_sd_hu: Gaussian noise SD (HU, drawn per crop up to
+    this). jitter: the largest HU scale change (uniform 1 +- jitter). calcium_crop_probability: the share
+    of crops centred on calcium where the slice has some. bright_crop_probability: of the crops not centred
+    on calcium, the share centred on a bright (>= 130 HU) unlabelled object (picked uniformly over
+    connected objects, so a rib or a valve nodule counts as much as the spine): hard negatives, the
+    confounders (aortic wall and valve, mitral annulus, cartilage) a scorer must reject. Uniform crops alone
+    rarely contain them and a model trained so calls them calcium.
+    """
+
+    crop: int
+    rotate_deg: float
+    scale: float
+    noise_sd_hu: float
+    jitter: float
+    calcium_crop_probability: float
+    bright_crop_probability: float
 
     @classmethod
     def from_config(cls, data_cfg) -> AugmentConfig:
-        """Fields of ``data_cfg`` (the config's ``data`` block) with the same names; defaults otherwise."""
-        return cls(**{f.name: data_cfg[f.name] for f in dataclasses.fields(cls) if f.name in data_cfg})
+        """From the config's ``data`` block: every field must be there; other keys only ``DATA_KEYS``."""
+        return cls(**config_schema.fields_of(cls, data_cfg, "data", also=DATA_KEYS))
 
 
 class PickRecord(grain.transforms.RandomMap):

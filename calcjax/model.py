@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from calcjax import config_schema
+
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 _HE = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -41,21 +43,21 @@ _HE = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """DenseRAUnet sizes (see the module docstring)."""
+    """DenseRAUnet sizes (module docstring); the values live in ``configs/*.py`` (``config.model``)."""
 
-    num_classes: int = 5
-    in_channels: int = 3
-    stem_features: int = 32
-    widths: tuple[int, ...] = (32, 64, 128, 256)
-    block_layers: tuple[int, ...] = (4, 4, 4, 4)
-    growth_rate: int = 16
-    bottleneck_width: int = 256
-    bottleneck_growth: int = 32
-    dilations: tuple[int, ...] = (1, 2, 4, 8)
-    decoder_layers: tuple[int, ...] = (4, 4, 4, 4)
-    hu_min: float = -400.0
-    hu_max: float = 1200.0
-    dtype: str = "float32"
+    num_classes: int
+    in_channels: int
+    stem_features: int
+    widths: tuple[int, ...]
+    block_layers: tuple[int, ...]
+    growth_rate: int
+    bottleneck_width: int
+    bottleneck_growth: int
+    dilations: tuple[int, ...]
+    decoder_layers: tuple[int, ...]
+    hu_min: float
+    hu_max: float
+    dtype: str
 
     @property
     def depth(self) -> int:
@@ -63,13 +65,8 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, cfg) -> ModelConfig:
-        """From an ml_collections ``config.model`` (lists become tuples)."""
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in cfg:
-                v = cfg[f.name]
-                kwargs[f.name] = tuple(v) if isinstance(v, (list, tuple)) else v
-        return cls(**kwargs)
+        """From a config's ``model`` block (``config_schema.fields_of``: every field, no other key)."""
+        return cls(**config_schema.fields_of(cls, cfg, "model"))
 
 
 def _conv(cin, cout, k, rngs, dtype, *, stride=1, dilation=1, bias=False, kernel_init=_HE):

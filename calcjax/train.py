@@ -15,11 +15,14 @@ TensorBoard events in ``WORKDIR/tb`` (tensorboardX), ``WORKDIR/config.json``, an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -28,7 +31,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax import checkpoint, cli, evaluation, input_pipeline, metrics, sharding
+from calcjax import checkpoint, cli, config_schema, evaluation, input_pipeline, metrics, sharding
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 
@@ -76,8 +79,35 @@ def _to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics."""
+def initial_weights_from(path: str, mcfg: model_lib.ModelConfig, model: nnx.Module) -> nnx.Module:
+    """``model`` with the parameters and BatchNorm statistics of a model file or checkpoint (``path``, as
+    ``calcjax.score --checkpoint`` takes it) for fine-tuning; its architecture must be ``mcfg``'s (the
+    compute dtype may differ). A run that resumes from its own checkpoint does not come here."""
+    config, loaded = checkpoint.load_for_inference(path, "best")
+    theirs = dataclasses.replace(model_lib.ModelConfig.from_config(config["model"]), dtype=mcfg.dtype)
+    if theirs != mcfg:
+        raise config_schema.ConfigError(
+            f"train.init_from: {path} holds another architecture than config.model ({theirs} vs {mcfg})"
+        )
+    _, params, batch_stats = nnx.split(loaded, nnx.Param, nnx.BatchStat)
+    nnx.update(model, params, batch_stats)
+    logging.info("initial weights from %s", path)
+    return model
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    transform_data: Callable[[grain.IterDataset], grain.IterDataset] | None = None,
+) -> dict:
+    """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics.
+
+    ``config`` is checked first (``calcjax.config_schema.check_config``: an unknown or missing key is an
+    error naming it). ``transform_data``: applied to this process's training stream (batches of
+    ``images`` / ``labels``) before it is iterated, e.g. a test's corrupt batches.
+    """
+    config_schema.check_config(config)
     sharding.initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     cfg_dict = _to_dict(config)
@@ -91,6 +121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     mcfg = model_lib.ModelConfig.from_config(config.model)
     model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(tcfg.seed))
+    if tcfg.init_from:
+        model = initial_weights_from(tcfg.init_from, mcfg, model)
     logging.info("DenseRAUnet: %d parameters", model_lib.parameter_count(model))
     tx = ts.make_optimizer(
         learning_rate=tcfg.learning_rate,
@@ -115,6 +147,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         process_count=jax.process_count(),
         worker_count=dcfg.worker_count,
     )
+    if transform_data is not None:
+        data = transform_data(data)
     data_iter = iter(data)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=tcfg.max_to_keep)
     if ckpt.latest_step() is not None:
@@ -134,7 +168,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.warning("no val split in %s: no validation", dcfg.shards)
     evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg)
     writer = MetricWriter(workdir)
-    nan_steps = set(dcfg.get("inject_nan_at_steps", ()) or ())
 
     start = int(jax.device_get(state.step))
     acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
@@ -146,9 +179,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for step in range(start, tcfg.steps):
             batch = next(data_iter)
             batch = {"images": batch["images"], "labels": batch["labels"]}
-            if step in nan_steps:  # debugging / test hook: a corrupt batch
-                batch["images"] = batch["images"].copy()
-                batch["images"][0, 0, 0, 0] = np.nan
             fingerprint = batch_fingerprint(batch)
             g = sharding.to_global(batch, mesh)
             state, m = step_fn(state, g["images"], g["labels"])

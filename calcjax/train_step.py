@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from calcjax import losses
+from calcjax import config_schema, losses
 from calcjax import model as model_lib
 
 
@@ -35,11 +35,13 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    rho: float = 0.05
-    k_min: int = 512
-    lam: float = 1.0
-    smooth: float = 1.0
-    iou_classes: str = "present"  # see calcjax.losses
+    """The bootstrap-IoU loss's settings (``calcjax.losses``); the values live in ``config.loss``."""
+
+    rho: float
+    k_min: int
+    lam: float
+    smooth: float
+    iou_classes: str  # see calcjax.losses
 
     def kwargs(self, **overrides) -> dict:
         """The keyword arguments of ``losses.bootstrap_iou_loss`` (and its PyTorch twin), with overrides."""
@@ -47,7 +49,8 @@ class LossConfig:
 
     @classmethod
     def from_config(cls, cfg) -> LossConfig:
-        return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg})
+        """From a config's ``loss`` block (``calcjax.config_schema.fields_of``: every field, no other key)."""
+        return cls(**config_schema.fields_of(cls, cfg, "loss"))
 
 
 def create_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:

@@ -39,9 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
             # calcjax.input_pipeline.AugmentConfig: crops centred on calcium, else on bright objects.
             calcium_crop_probability=0.9,
             bright_crop_probability=0.8,
+            # Augmentation magnitudes (AugmentConfig's docstring: units and how each is drawn).
+            rotate_deg=10.0,
+            scale=0.1,
+            noise_sd_hu=10.0,
+            jitter=0.03,
             seed=0,
             worker_count=4,
-            inject_nan_at_steps=(),  # a debugging / test hook: steps whose batch gets a NaN
         )
     )
     c.train = ml_collections.ConfigDict(
@@ -59,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
             log_every=50,
             max_bad_steps=10,
             seed=0,
+            # A model file or checkpoint whose weights start the run (fine-tuning); "": fresh weights.
+            init_from="",
         )
     )
     return c

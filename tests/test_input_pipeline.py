@@ -6,7 +6,20 @@ import numpy as np
 
 from calcjax import input_pipeline as ip
 
-STILL = dict(crop=32, rotate_deg=0.0, scale=0.0, noise_sd_hu=0.0, jitter=0.0)
+STILL = dict(
+    crop=32,
+    rotate_deg=0.0,
+    scale=0.0,
+    noise_sd_hu=0.0,
+    jitter=0.0,
+    calcium_crop_probability=0.9,
+    bright_crop_probability=0.8,
+)
+
+
+def still(**kw) -> ip.AugmentConfig:
+    """Crops without rotation, zoom, noise or jitter (``kw`` overrides)."""
+    return ip.AugmentConfig(**{**STILL, **kw})
 
 
 def slice_with(objects, calcium=None, size=256):
@@ -30,23 +43,23 @@ def crops(hu, label, cfg, n=200, seed=0):
 def test_bright_crops_find_small_objects_as_often_as_large_ones():
     # A "spine" (41x41) and a "valve nodule" (3x3) far apart, no calcium on the slice.
     hu, label = slice_with([(200, 200, 20), (40, 40, 1)])
-    got = crops(hu, label, ip.AugmentConfig(**STILL, bright_crop_probability=1.0))
+    got = crops(hu, label, still(bright_crop_probability=1.0))
     on_nodule = np.mean([(c["images"][..., 1] >= 130).sum() in range(1, 40) for c in got])
     on_spine = np.mean([(c["images"][..., 1] >= 130).sum() >= 40 for c in got])
     assert on_nodule + on_spine == 1.0  # every crop holds a bright object
     assert 0.35 < on_nodule < 0.65  # picked per object, not per voxel (per voxel: 9 / 1690 of crops)
-    uniform = crops(hu, label, ip.AugmentConfig(**STILL, bright_crop_probability=0.0))
+    uniform = crops(hu, label, still(bright_crop_probability=0.0))
     assert np.mean([(c["images"][..., 1] >= 130).sum() in range(1, 40) for c in uniform]) < 0.1
 
 
 def test_calcium_crops_still_come_first_and_calcium_is_not_a_bright_object():
     hu, label = slice_with([(200, 200, 20)], calcium=(60, 180))
-    cfg = ip.AugmentConfig(**STILL, calcium_crop_probability=1.0, bright_crop_probability=1.0)
+    cfg = still(calcium_crop_probability=1.0, bright_crop_probability=1.0)
     assert all(c["labels"].any() for c in crops(hu, label, cfg, n=50))
     objects, n = ip.bright_objects(hu[1], label)
     assert n == 1 and objects[60, 180] == 0
     # Not centred on calcium: every crop goes to the spine, none to the calcium.
-    cfg = ip.AugmentConfig(**STILL, calcium_crop_probability=0.0, bright_crop_probability=1.0)
+    cfg = still(calcium_crop_probability=0.0, bright_crop_probability=1.0)
     got = crops(hu, label, cfg, n=50)
     assert all((c["images"] >= 500).any() for c in got) and not any(c["labels"].any() for c in got)
 
@@ -61,7 +74,7 @@ def test_a_slice_without_bright_objects_falls_back_to_uniform_crops():
     label = np.zeros((size, size), np.uint8)
     centres = {}
     for p in (1.0, 0.0):
-        got = crops(hu, label, ip.AugmentConfig(**STILL, bright_crop_probability=p), n=400, seed=int(p))
+        got = crops(hu, label, still(bright_crop_probability=p), n=400, seed=int(p))
         assert all(c["images"].shape == (32, 32, 3) and (c["images"] < 130).all() for c in got)
         centres[p] = np.array(
             [[(c["images"][..., 0].mean() + 700) / 2, (c["images"][..., 2].mean() + 700) / 2] for c in got]
@@ -72,8 +85,3 @@ def test_a_slice_without_bright_objects_falls_back_to_uniform_crops():
         assert c.min() >= lo - 1 and c.max() <= hi + 1
         np.testing.assert_allclose(c.mean(axis=0), (lo + hi) / 2, atol=12, err_msg=f"p={p}")
         np.testing.assert_allclose(c.std(axis=0), uniform_sd, rtol=0.12, err_msg=f"p={p}")
-
-
-def test_augment_config_reads_the_data_block():
-    cfg = ip.AugmentConfig.from_config({"crop": 64, "bright_crop_probability": 0.25, "shards": "x"})
-    assert (cfg.crop, cfg.bright_crop_probability, cfg.calcium_crop_probability) == (64, 0.25, 0.9)

@@ -61,7 +61,8 @@ def test_first_20_losses_agree_with_jax(shards):
     # bright-object crops and "present", losses 1.3e-3 apart by step 16 (the first 5 steps within 1e-5) and
     # BatchNorm running variances 3-4% apart after 20 steps. The loss twins agree in both modes in
     # test_torch_parity.py.
-    aug = input_pipeline.AugmentConfig(crop=32, bright_crop_probability=0.0)
+    c.data.update(dict(crop=32, bright_crop_probability=0.0))
+    aug = input_pipeline.AugmentConfig.from_config(c.data)
     it = iter(input_pipeline.train_dataset(split, batch_size=4, aug=aug, calcium_fraction=0.5, seed=0))
     jax_losses, torch_losses, clipped = [], [], 0
     for _ in range(20):

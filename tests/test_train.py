@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -49,6 +50,24 @@ def small_config(shards, **train):
     )
     c.train.update(train)
     return c
+
+
+def nan_at_steps(steps: set[int]):
+    """A ``transform_data`` for ``train.train_and_evaluate``: the batches of ``steps`` (0-based, counted
+    from the run's start) get a NaN pixel, as a corrupt record would give them."""
+
+    def transform(ds):
+        drawn = itertools.count()
+
+        def poison(batch):
+            if next(drawn) in steps:
+                batch = {**batch, "images": batch["images"].copy()}
+                batch["images"][0, 0, 0, 0] = np.nan
+            return batch
+
+        return ds.map(poison)
+
+    return transform
 
 
 def cli_args(shards, workdir, **train):
@@ -116,8 +135,7 @@ def test_nan_batch_is_skipped_reported_and_never_saved(shards, tmp_path):
     from calcjax import train
 
     c = small_config(shards, steps=6)
-    c.data.inject_nan_at_steps = (2,)
-    last = train.train_and_evaluate(c, str(tmp_path / "run"))
+    last = train.train_and_evaluate(c, str(tmp_path / "run"), transform_data=nan_at_steps({2}))
     assert last["skipped_steps"] == 1
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any(r.get("skipped_step") and r["step"] == 3 for r in rows)
@@ -125,13 +143,35 @@ def test_nan_batch_is_skipped_reported_and_never_saved(shards, tmp_path):
     assert all(np.isfinite(v).all() for v in params.values())
 
 
+def test_init_from_starts_the_run_from_a_model_files_weights(shards, tmp_path):
+    from flax import nnx
+
+    from calcjax import config_schema, model_file, train
+    from calcjax import model as model_lib
+
+    _, shipped, _ = model_file.load(model_file.DEFAULT_MODEL)
+    want = nnx.to_flat_state(nnx.state(shipped, nnx.Param))
+    c = small_config(shards, steps=2, checkpoint_every=2, learning_rate=0.0)  # no update: params stay
+    c.train.init_from = model_file.DEFAULT_MODEL
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    got = final_params(tmp_path / "run")
+    assert len(got) == len(want)
+    for path, value in want:
+        np.testing.assert_array_equal(got[str(path)], np.asarray(value.get_value()), err_msg=str(path))
+    # Another architecture is refused, naming the option.
+    c.model.growth_rate = 4
+    other = model_lib.ModelConfig.from_config(c.model)
+    fresh = model_lib.DenseRAUnet(other, rngs=nnx.Rngs(0))
+    with pytest.raises(config_schema.ConfigError, match="train.init_from: .* another architecture"):
+        train.initial_weights_from(model_file.DEFAULT_MODEL, other, fresh)
+
+
 def test_too_many_bad_steps_stop_the_run(shards, tmp_path):
     from calcjax import train
 
     c = small_config(shards, steps=8, max_bad_steps=2)
-    c.data.inject_nan_at_steps = (1, 2, 3)
     with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
-        train.train_and_evaluate(c, str(tmp_path / "run"))
+        train.train_and_evaluate(c, str(tmp_path / "run"), transform_data=nan_at_steps({1, 2, 3}))
 
 
 def test_best_checkpoint_loads_for_inference_without_a_config_file(shards, tmp_path):
@@ -197,6 +237,7 @@ EIGHT_DEVICES = textwrap.dedent(
     from configs import smoke
     assert jax.device_count() == 8
     c = smoke.get_config()
+    c.loss.update(dict(rho=0.1, k_min=16))
     rng = np.random.default_rng(0)
     images = rng.normal(40, 300, size=(8, 32, 32, 3)).astype(np.float32)
     labels = (rng.uniform(size=(8, 32, 32)) < 0.05).astype(np.int32) * rng.integers(1, 5, size=(8, 32, 32))
@@ -209,7 +250,7 @@ EIGHT_DEVICES = textwrap.dedent(
         mesh = sharding.make_mesh(jax.devices()[:n])
         rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
         state = jax.device_put(state, rep)
-        step = ts.make_train_step(graphdef, tx, ts.LossConfig(rho=0.1, k_min=16),
+        step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(c.loss),
                                   in_shardings=(rep, dat, dat), out_shardings=(rep, rep))
         g = sharding.to_global({"images": images, "labels": labels}, mesh)
         state, m = step(state, g["images"], g["labels"])

@@ -35,7 +35,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax import checkpoint, input_pipeline, metrics
+from calcjax import checkpoint, config_schema, input_pipeline, metrics
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 from calcjax.torch_baseline import convert
@@ -234,7 +234,11 @@ def _save_last_as_calcjax(workdir: str, twin: torch.nn.Module, config: ml_collec
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: str = "cpu") -> dict:
-    """Trains the PyTorch twin per ``config`` in ``workdir``; returns the last metrics."""
+    """Trains the PyTorch twin per ``config`` (checked as the JAX trainer checks it) in ``workdir``; returns
+    the last metrics."""
+    config_schema.check_config(config)
+    if config.train.init_from:
+        raise config_schema.ConfigError("train.init_from (fine-tuning) is not supported by the PyTorch twin")
     os.makedirs(os.path.join(workdir, "torch"), exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1))
