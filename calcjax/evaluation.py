@@ -76,7 +76,7 @@ class Evaluator:
 
     def evaluate(self, state: ts.TrainState, split: input_pipeline.ShardSplit, max_scans: int = 0) -> dict:
         """Validation figures over the labelled scans of ``split`` (the first ``max_scans``; 0 = all)."""
-        scans = [s for s in split.scans if s.get("labelled", True)]
+        scans = [s for s in split.scans if s.labelled]
         if max_scans:
             scans = scans[:max_scans]
         if not scans:
@@ -90,7 +90,7 @@ class Evaluator:
             pred, loss_sum = self.predict_scan(params, batch_stats, item["images"], item["labels"])
             scan = item["scan"]
             s = metrics.summarize_scan(
-                scan["scan_id"], scan["protocol"], pred, item["labels"], item["hu"], tuple(scan["spacing"])
+                scan.scan_id, scan.protocol, pred, item["labels"], item["hu"], scan.spacing
             )
             index = pid + k * pcount
             rows.append(np.concatenate([[index, loss_sum, len(pred)], s.to_vector()]))
@@ -106,7 +106,7 @@ class Evaluator:
         table = table[table[:, 0] >= 0]
         table = table[np.argsort(table[:, 0])]
         summaries = [
-            metrics.ScanSummary.from_vector(r[3:], scans[int(r[0])]["scan_id"], scans[int(r[0])]["protocol"])
+            metrics.ScanSummary.from_vector(r[3:], scans[int(r[0])].scan_id, scans[int(r[0])].protocol)
             for r in table
         ]
         report = metrics.evaluate(summaries, num_bootstrap=0 if len(summaries) < 2 else 200)

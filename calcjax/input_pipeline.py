@@ -19,47 +19,20 @@ Batches: ``images`` float32 ``(B, H, W, C)`` HU (the model applies the window), 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import grain
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 from scipy import ndimage
 
 from calcjax import agatston, config_schema
-from calcjax.io import dicom, records
+from calcjax.io import dicom, preprocess, records, shards
 
 AIR_HU = float(dicom.AIR_HU)  # what a crop outside the image reads as
 CALCIUM_HU = agatston.CALCIUM_THRESHOLD_HU  # voxels below it are never calcium, whatever the label says
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardSplit:
-    """One split of a shard folder, from its ``manifest.json``."""
-
-    folder: str
-    name: str
-    paths: tuple[str, ...]
-    num_records: int
-    calcium_records: np.ndarray
-    scans: tuple[dict, ...]
-
-    @classmethod
-    def load(cls, folder: str, split: str) -> ShardSplit:
-        with open(os.path.join(folder, "manifest.json")) as f:
-            manifest = json.load(f)
-        if split not in manifest["splits"]:
-            raise ValueError(f"{folder} has no split {split!r}; it has {sorted(manifest['splits'])}")
-        entry = manifest["splits"][split]
-        return cls(
-            folder=folder,
-            name=split,
-            paths=tuple(os.path.join(folder, s["file"]) for s in entry["shards"]),
-            num_records=entry["num_records"],
-            calcium_records=np.asarray(entry["calcium_records"], dtype=np.int64),
-            scans=tuple(s for s in manifest["scans"] if s["split"] == split),
-        )
+ShardSplit = shards.Split  # one split of a shard folder (``calcjax.io.shards``: the folder's one home)
 
 
 # The data block's keys that are not augmentation: read by the trainers (calcjax.config_schema checks them).
@@ -202,26 +175,16 @@ def train_dataset(
 def iter_scans(split: ShardSplit, *, process_index: int = 0, process_count: int = 1):
     """Yields this process's scans in manifest order, each whole and in slice order.
 
-    Each item: ``scan`` (manifest metadata), ``images`` int16 ``(Z, H, W, C)`` HU stacks, ``hu`` int16
-    ``(Z, H, W)`` centre slices, ``labels`` uint8 ``(Z, H, W)`` or None. A record that does not decode
-    raises :class:`calcjax.io.records.RecordError` naming the shard and the scan.
+    Each item: ``scan`` (:class:`calcjax.io.shards.ScanEntry`), ``hu`` int16 ``(Z, H, W)`` centre slices,
+    ``images`` int16 ``(Z, H, W, C)`` HU stacks (rebuilt from ``hu`` by the records' rule), ``labels``
+    uint8 ``(Z, H, W)`` or None. A record that cannot be read raises
+    :class:`calcjax.io.records.RecordError` naming the shard and the scan (``calcjax.io.shards.read_scan``).
     """
-    readers: dict[str, ArrayRecordReader] = {}
-    try:
+    with shards.Readers() as readers:
         for i, scan in enumerate(split.scans):
             if i % process_count != process_index:
                 continue
-            path = os.path.join(split.folder, scan["shard"])
-            reader = readers.get(path) or readers.setdefault(path, ArrayRecordReader(path))
-            start, count = scan["record_start"], scan["num_records"]
-            try:
-                recs = [records.decode(b) for b in reader.read(start, start + count)]
-            except records.RecordError as e:
-                raise records.RecordError(f"{scan['shard']}, scan {scan['scan_id']}: {e}") from None
-            images = np.stack([np.moveaxis(r["image"], 0, -1) for r in recs])
-            centre = images.shape[-1] // 2
-            labels = None if recs[0]["label"] is None else np.stack([r["label"] for r in recs])
-            yield {"scan": scan, "images": images, "hu": images[..., centre], "labels": labels}
-    finally:
-        for r in readers.values():
-            r.close()
+            reader = readers.get(os.path.join(split.folder, scan.shard))
+            hu, labels = shards.read_scan(reader, scan, split.context)
+            images = preprocess.slice_stacks(hu, split.context)
+            yield {"scan": scan, "images": images, "hu": hu, "labels": labels}

@@ -6,8 +6,8 @@ reference ``labels`` uint8 ``(Z, H, W)`` or None, the scan's grid and metadata. 
 cheaply (ids and where it lies) and *loaded* one at a time by ``load()``, so the scorer never holds more
 than one scan; a scan that cannot be loaded raises an error naming it.
 
-- :func:`shard_scans`: the scans of the shard files matching a glob (their folder's ``manifest.json``
-  says where each scan's records lie; a scan is contiguous in one shard, in z order).
+- :func:`shard_scans`: the scans of the shard files matching a glob (their folder's manifest,
+  ``calcjax.io.shards``, says where each scan's records lie; a scan is contiguous in one shard, in z order).
 - :func:`dicom_scans`: every CT series under a folder (``calcjax.io.discover``), read with
   ``calcjax.io.preprocess.read_scan`` exactly as ``data_prep.build`` reads it, with the labels it finds.
 """
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from collections.abc import Callable
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 
-from calcjax.io import discover, geometry, preprocess, records
+from calcjax.io import discover, geometry, preprocess, shards
 from calcjax.io.errors import reason_of
 
 
@@ -51,95 +49,44 @@ class ScanInput:
     folder: str | None = None  # DICOM route: the series folder (in memory only, for reference matching)
 
 
-def _manifest(folder: str) -> dict:
-    path = os.path.join(folder, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no manifest.json: is it a data_prep.build shard folder?")
-    with open(path) as f:
-        return json.load(f)
-
-
-class _ShardReaders:
-    """One open ArrayRecordReader per shard file, reused across scans; close() at the end."""
-
-    def __init__(self):
-        self._readers: dict[str, ArrayRecordReader] = {}
-
-    def get(self, path: str) -> ArrayRecordReader:
-        if path not in self._readers:
-            self._readers[path] = ArrayRecordReader(path)
-        return self._readers[path]
-
-    def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
-
-
-def load_shard_scan(reader: ArrayRecordReader, scan: dict, context: int) -> LoadedScan:
-    """Decodes one manifest scan's records; raises RecordError naming the shard, the record and the scan."""
-    start, count = scan["record_start"], scan["num_records"]
-    hu = labels = None
-    try:
-        raw = reader.read(start, start + count)
-    except Exception as e:  # array_record raises plain RuntimeErrors on damaged chunks
-        raise records.RecordError(
-            f"{scan['shard']}: records {start}-{start + count - 1} unreadable: {e}"
-        ) from None
-    for i, data in enumerate(raw):
-        try:
-            rec = records.decode(data)
-        except records.RecordError as e:
-            raise records.RecordError(f"{scan['shard']}: record {start + i}: {e}") from None
-        if rec["image"].shape[0] != 2 * context + 1:
-            raise records.RecordError(
-                f"{scan['shard']}: record {start + i} has {rec['image'].shape[0]} channels"
-            )
-        if hu is None:
-            z = count
-            hu = np.empty((z,) + rec["image"].shape[1:], np.int16)
-            labels = None if rec["label"] is None else np.empty((z,) + rec["image"].shape[1:], np.uint8)
-        hu[i] = rec["image"][context]
-        if labels is not None:
-            labels[i] = rec["label"]
-    if hu is None:
-        raise records.RecordError(f"{scan['shard']}: scan has no records")
-    # Only the centre slices are kept: the stacks are rebuilt from them by the rule the records were written
-    # with, so a scan costs one HU volume in memory, not C; a test holds them equal to the stored ones.
+def load_shard_scan(reader, scan: shards.ScanEntry, context: int) -> LoadedScan:
+    """Decodes one manifest scan (``calcjax.io.shards.read_scan``: a RecordError names the shard, the
+    record and the scan)."""
+    hu, labels = shards.read_scan(reader, scan, context)
     meta = {
-        "protocol": scan.get("protocol", "unknown"),
-        "kvp": scan.get("kvp"),
-        "slice_thickness_mm": scan.get("slice_thickness_mm"),
-        "slice_increment_mm": float(scan["spacing"][0]),
-        "series_grouping": scan.get("series_grouping", "uid"),
+        "protocol": scan.protocol,
+        "kvp": scan.meta.get("kvp"),
+        "slice_thickness_mm": scan.meta.get("slice_thickness_mm"),
+        "slice_increment_mm": scan.spacing[0],
+        "series_grouping": scan.meta.get("series_grouping", "uid"),
     }
-    return LoadedScan(hu, labels, preprocess.scan_grid(scan, hu.shape), meta)
+    return LoadedScan(hu, labels, preprocess.scan_grid(scan.meta, hu.shape), meta)
 
 
-def shard_scans(pattern: str, *, context: int) -> tuple[list[ScanInput], _ShardReaders]:
+def shard_scans(pattern: str, *, context: int) -> tuple[list[ScanInput], shards.Readers]:
     """The scans of the shard files matching ``pattern``, in manifest order, and their readers."""
     paths = sorted(glob.glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no shard file matches {pattern!r}")
-    readers = _ShardReaders()
+    readers = shards.Readers()
     out = []
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
-        manifest = _manifest(folder)
-        built = manifest["settings"].get("context")
-        if built is not None and built != context:
+        manifest = shards.Manifest.read(folder)
+        if manifest.context != context:
             raise ValueError(
-                f"{folder} was built with {2 * built + 1} adjacent slices per record; the model takes "
-                f"{2 * context + 1}: rebuild the shards with --context {context} or use another checkpoint"
+                f"{folder} was built with {2 * manifest.context + 1} adjacent slices per record; the model "
+                f"takes {2 * context + 1}: rebuild the shards with --context {context} or use another "
+                "checkpoint"
             )
         wanted = {os.path.basename(p) for p in paths if os.path.dirname(os.path.abspath(p)) == folder}
-        for scan in manifest["scans"]:
-            if scan["shard"] not in wanted:
+        for scan in manifest.scans:
+            if scan.shard not in wanted:
                 continue
-            path = os.path.join(folder, scan["shard"])
+            path = os.path.join(folder, scan.shard)
             out.append(
                 ScanInput(
-                    scan_id=scan["scan_id"],
-                    source=scan["shard"],
+                    scan_id=scan.scan_id,
+                    source=scan.shard,
                     load=lambda s=scan, p=path: load_shard_scan(readers.get(p), s, context),
                 )
             )

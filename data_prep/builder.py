@@ -27,11 +27,11 @@ from tqdm import tqdm
 from calcjax import outputs
 from calcjax.io import deid, records
 from calcjax.io import discover as discover_lib
+from calcjax.io import shards as shard_folder
 from calcjax.io.atomic import write_atomic
 from calcjax.io.discover import discover, parse_split
 from data_prep.shards import shard_done, sidecar_path, write_shard
 
-MANIFEST_VERSION = 1
 BUILD_RECORD = "build"  # OUT/build.json
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -247,7 +247,7 @@ def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_f
         all_errors += side["errors"]
     manifest = {
         "schema_version": records.SCHEMA_VERSION,
-        "manifest_version": MANIFEST_VERSION,
+        "manifest_version": shard_folder.MANIFEST_VERSION,
         "settings": {
             "context": context,
             "channels": 2 * context + 1,
@@ -267,6 +267,6 @@ def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_f
         "num_warnings": sum(e.get("severity") == "warning" for e in all_errors),
         "scans": scans,
     }
-    write_atomic(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
+    shard_folder.write_manifest(out, manifest)
     write_atomic(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in all_errors))
     return manifest

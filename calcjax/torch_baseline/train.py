@@ -182,12 +182,7 @@ def evaluate(
         scan = item["scan"]
         summaries.append(
             metrics.summarize_scan(
-                scan["scan_id"],
-                scan["protocol"],
-                np.concatenate(preds),
-                item["labels"],
-                item["hu"],
-                tuple(scan["spacing"]),
+                scan.scan_id, scan.protocol, np.concatenate(preds), item["labels"], item["hu"], scan.spacing
             )
         )
     model.train()

@@ -1,0 +1,196 @@
+"""The shard folder of ``data_prep.build``: its manifest as types, and the one way to read a scan back.
+
+A shard folder holds ``{split}-{i:05d}-of-{n:05d}.array_record`` files of records (``calcjax.io.records``:
+one record per slice, ``C = 2 * context + 1`` adjacent int16 HU slices and the centre slice's uint8 label),
+and ``manifest.json``: the build's settings, per split its shard files, record count and the split-wide
+indices of records with calcium, and per scan where its records lie (one shard, contiguous, in z order)
+with its non-identifying metadata. ``data_prep.builder`` writes it (:func:`write_manifest`); training,
+validation, scoring and the PyTorch trainer read it through :class:`Manifest` and :func:`read_scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
+
+from calcjax.io import records
+from calcjax.io.atomic import write_atomic
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class NotAShardFolderError(FileNotFoundError):
+    """A folder without a readable ``manifest.json`` (the message says which and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanEntry:
+    """One scan of a shard folder.
+
+    Attributes:
+      scan_id: the salted scan id. split, shard: its split and shard file (a name in the folder).
+      record_start, num_records: its records in the shard (contiguous, z order); split_record_start: the
+        same start counted over the whole split (the training stream's index).
+      protocol: chest / cardiac / unknown. spacing: ``(dz, dy, dx)`` mm. labelled: has reference labels.
+      meta: the manifest's whole entry (kvp, thickness, geometry, calcium slices, grouping, ...).
+    """
+
+    scan_id: str
+    split: str
+    shard: str
+    record_start: int
+    num_records: int
+    split_record_start: int
+    protocol: str
+    spacing: tuple[float, float, float]
+    labelled: bool
+    meta: dict
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScanEntry:
+        return cls(
+            scan_id=d["scan_id"],
+            split=d["split"],
+            shard=d["shard"],
+            record_start=int(d["record_start"]),
+            num_records=int(d["num_records"]),
+            split_record_start=int(d.get("split_record_start", d["record_start"])),
+            protocol=d.get("protocol", "unknown"),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            labelled=bool(d.get("labelled", True)),
+            meta=d,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a shard folder: its shard ``paths``, ``num_records``, the split-wide indices of the
+    records with calcium, and its scans in manifest order."""
+
+    folder: str
+    name: str
+    paths: tuple[str, ...]
+    num_records: int
+    calcium_records: np.ndarray
+    scans: tuple[ScanEntry, ...]
+    context: int
+
+    @classmethod
+    def load(cls, folder: str, split: str) -> Split:
+        """``Manifest.read(folder).split(split)``."""
+        return Manifest.read(folder).split(split)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A shard folder's ``manifest.json``: ``context`` (records hold ``2 * context + 1`` slices), the
+    split names, the scans in order, and ``data`` (the whole JSON object)."""
+
+    folder: str
+    context: int
+    split_names: tuple[str, ...]
+    scans: tuple[ScanEntry, ...]
+    data: dict
+
+    @classmethod
+    def read(cls, folder: str) -> Manifest:
+        path = os.path.join(folder, MANIFEST)
+        if not os.path.isfile(path):
+            raise NotAShardFolderError(f"{folder} has no {MANIFEST}: is it a data_prep.build shard folder?")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            scans = tuple(ScanEntry.from_dict(s) for s in data["scans"])
+            context = int(data["settings"].get("context", 1))
+            names = tuple(data["splits"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise NotAShardFolderError(
+                f"{path} is not a readable shard manifest ({e.__class__.__name__}: {e}); rebuild the folder"
+            ) from None
+        return cls(folder=folder, context=context, split_names=names, scans=scans, data=data)
+
+    def split(self, name: str) -> Split:
+        """The split ``name``; a ValueError naming the splits there when it has none."""
+        if name not in self.data["splits"]:
+            raise ValueError(f"{self.folder} has no split {name!r}; it has {sorted(self.split_names)}")
+        entry = self.data["splits"][name]
+        return Split(
+            folder=self.folder,
+            name=name,
+            paths=tuple(os.path.join(self.folder, s["file"]) for s in entry["shards"]),
+            num_records=int(entry["num_records"]),
+            calcium_records=np.asarray(entry["calcium_records"], dtype=np.int64),
+            scans=tuple(s for s in self.scans if s.split == name),
+            context=self.context,
+        )
+
+
+def write_manifest(out: str, manifest: dict) -> None:
+    """Writes ``out/manifest.json`` atomically, after checking that :meth:`Manifest.read` can read it."""
+    text = json.dumps(manifest, indent=1)
+    tuple(ScanEntry.from_dict(s) for s in json.loads(text)["scans"])  # a manifest we could not read back
+    write_atomic(os.path.join(out, MANIFEST), text)
+
+
+class Readers:
+    """One ArrayRecordReader per shard file, opened on first use and reused; ``close()`` (or ``with``)."""
+
+    def __init__(self):
+        self._readers: dict[str, ArrayRecordReader] = {}
+
+    def get(self, path: str) -> ArrayRecordReader:
+        if path not in self._readers:
+            self._readers[path] = ArrayRecordReader(path)
+        return self._readers[path]
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def __enter__(self) -> Readers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_scan(
+    reader: ArrayRecordReader, scan: ScanEntry, context: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scan's int16 HU centre slices ``(Z, H, W)`` and uint8 labels ``(Z, H, W)`` (None if unlabelled).
+
+    Only the centre slices are kept: the 2.5D stacks are rebuilt from them by the rule the records were
+    written with (``calcjax.io.preprocess.slice_stacks``), so a scan costs one HU volume in memory, not C;
+    a test holds the rebuilt stacks equal to the stored ones. Raises :class:`calcjax.io.records.RecordError`
+    naming the shard, the record and the scan when a record cannot be read or decoded, or has another
+    channel count than ``2 * context + 1``.
+    """
+    start, count = scan.record_start, scan.num_records
+    where = f"{scan.shard}, scan {scan.scan_id}"
+    try:
+        raw = reader.read(start, start + count)
+    except Exception as e:  # array_record raises plain RuntimeErrors on damaged chunks
+        raise records.RecordError(f"{where}: records {start}-{start + count - 1} unreadable: {e}") from None
+    hu = labels = None
+    for i, data in enumerate(raw):
+        try:
+            rec = records.decode(data)
+        except records.RecordError as e:
+            raise records.RecordError(f"{where}: record {start + i}: {e}") from None
+        if rec["image"].shape[0] != 2 * context + 1:
+            raise records.RecordError(f"{where}: record {start + i} has {rec['image'].shape[0]} channels")
+        if hu is None:
+            hu = np.empty((count,) + rec["image"].shape[1:], np.int16)
+            labels = None if rec["label"] is None else np.empty((count,) + rec["image"].shape[1:], np.uint8)
+        hu[i] = rec["image"][context]
+        if labels is not None:
+            labels[i] = rec["label"]
+    if hu is None:
+        raise records.RecordError(f"{where}: no records")
+    return hu, labels

@@ -1,0 +1,101 @@
+"""The shard folder's one home (calcjax.io.shards): the builder's manifest reads back typed; training,
+validation and scoring read a scan through the same reader, with the same errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from calcjax import input_pipeline, scan_sources
+from calcjax.io import records, shards
+from data_prep import builder
+from data_prep.phantom.generator import generate_scan, write_scan
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    base = tmp_path_factory.mktemp("shard_folder")
+    for i, protocol in enumerate(("cardiac", "chest")):
+        write_scan(
+            generate_scan(53, i, protocol, size=48, target_category=2), str(base / "in"), seed=53, index=i
+        )
+    out = str(base / "shards")
+    builder.build(str(base / "in"), out, split="train=1", records_per_shard=40, progress=False)
+    return out
+
+
+def test_the_builders_manifest_reads_back_typed(folder):
+    m = shards.Manifest.read(folder)
+    with open(os.path.join(folder, shards.MANIFEST)) as f:
+        raw = json.load(f)
+    assert m.context == raw["settings"]["context"] == 1
+    assert [s.scan_id for s in m.scans] == [s["scan_id"] for s in raw["scans"]]
+    split = m.split("train")
+    assert split.num_records == sum(s.num_records for s in split.scans) == raw["num_records"]
+    for s in split.scans:
+        assert s.split == "train" and s.shard in {os.path.basename(p) for p in split.paths}
+        assert len(s.spacing) == 3 and s.labelled
+    # calcium_records index the split-wide record numbers of slices with calcium.
+    assert split.calcium_records.size and split.calcium_records.max() < split.num_records
+    with pytest.raises(ValueError, match=r"has no split 'val'; it has \['train'\]"):
+        m.split("val")
+
+
+def test_training_validation_and_scoring_read_the_same_arrays(folder):
+    split = input_pipeline.ShardSplit.load(folder, "train")
+    by_eval = {item["scan"].scan_id: item for item in input_pipeline.iter_scans(split)}
+    scans, readers = scan_sources.shard_scans(os.path.join(folder, "*.array_record"), context=1)
+    try:
+        assert {s.scan_id for s in scans} == set(by_eval)
+        for s in scans:
+            loaded = s.load()
+            item = by_eval[s.scan_id]
+            np.testing.assert_array_equal(loaded.hu, item["hu"])
+            np.testing.assert_array_equal(loaded.labels, item["labels"])
+            assert item["images"].shape == loaded.hu.shape + (3,)
+            np.testing.assert_array_equal(item["images"][..., 1], item["hu"])
+    finally:
+        readers.close()
+
+
+def test_a_folder_without_or_with_a_broken_manifest_is_one_clear_error_on_every_route(folder, tmp_path):
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    open(os.path.join(empty, "train-00000-of-00001.array_record"), "wb").close()
+    for read in (
+        lambda: input_pipeline.ShardSplit.load(empty, "train"),
+        lambda: scan_sources.shard_scans(os.path.join(empty, "*.array_record"), context=1),
+    ):
+        with pytest.raises(
+            shards.NotAShardFolderError, match="has no manifest.json: is it a data_prep.build"
+        ):
+            read()
+    broken = str(tmp_path / "broken")
+    shutil.copytree(folder, broken)
+    with open(os.path.join(broken, shards.MANIFEST), "w") as f:
+        f.write('{"scans": [')
+    with pytest.raises(shards.NotAShardFolderError, match="not a readable shard manifest.*rebuild"):
+        shards.Manifest.read(broken)
+
+
+def test_a_damaged_shard_is_a_record_error_naming_shard_and_scan_on_every_route(folder, tmp_path):
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(folder, damaged)
+    split = input_pipeline.ShardSplit.load(damaged, "train")
+    first = split.scans[0]
+    path = os.path.join(damaged, first.shard)
+    with open(path, "r+b") as f:  # overwrite the middle of the first shard's data
+        f.seek(os.path.getsize(path) // 3)
+        f.write(b"\x00" * 4096)
+    with pytest.raises(records.RecordError, match=rf"{first.shard}, scan {first.scan_id}"):
+        list(input_pipeline.iter_scans(split))
+    scans, readers = scan_sources.shard_scans(os.path.join(damaged, "*.array_record"), context=1)
+    try:
+        with pytest.raises(records.RecordError, match=rf"{first.shard}, scan {first.scan_id}"):
+            scans[0].load()
+    finally:
+        readers.close()
