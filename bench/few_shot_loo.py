@@ -112,7 +112,9 @@ def main() -> None:
                f"--workdir={run}", f"--config.data.shards={shards}",
                f"--config.train.init_from={model_file.DEFAULT_MODEL}",
                *[f"--config.{k}={v}" for k, v in overrides.items()]]  # fmt: skip
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"fine-tuning fold {held} failed:\n{done.stderr[-3000:]}")
         for name, ckpt in (("shipped", None), ("fine_tuned", run)):
             row, s = _score(test_root, ckpt, os.path.join(fold, f"score-{name}"))
             summaries[name].append(s)

@@ -7,9 +7,15 @@ returns its predicted labels, uint8 ``(Z, H, W)`` (0 background, 1 LM, 2 LAD, 3 
 by repeating its last slice, so one compilation serves every scan of a size); slices whose H or W is not a
 multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the labels cropped back.
 
-The mesh holds only this process's devices (``jax.local_devices()``): on several hosts each process
-scores its own scans with no cross-host collective. Up to ``max_in_flight`` batches are dispatched ahead
-of the one being read back, so host-to-device copies, compute and copies back overlap on accelerators.
+Validation during training runs through the same predictor (``calcjax.evaluation``): built once from the
+train state's graph, :meth:`Predictor.set_weights` gives it each evaluation's weights (no recompilation),
+and :meth:`Predictor.predict_with_loss` also returns the summed per-slice bootstrap-IoU loss (rho = 1,
+every pixel) against reference labels.
+
+The mesh (``sharding.make_mesh``) holds only this process's devices (``jax.local_devices()``): on several
+hosts each process scores its own scans with no cross-host collective. Up to ``max_in_flight`` batches are
+dispatched ahead of the one being read back, so host-to-device copies, compute and copies back overlap on
+accelerators.
 A NaN or infinite logit anywhere in a scan raises :class:`NonFiniteOutputError` (the scorer records an
 error row for the scan). ``forward_seconds`` accumulates the time from the first dispatch to the last
 labels back on the host (the jitted forward with its transfers) less the time spent building stacks on
@@ -25,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from calcjax import losses, sharding
 from calcjax import model as model_lib
 from calcjax.io import dicom, preprocess
 
@@ -44,32 +50,92 @@ class Predictor:
     """Jitted eval-mode forward of a :class:`calcjax.model.DenseRAUnet` over local devices."""
 
     def __init__(
-        self, model: model_lib.DenseRAUnet, *, batch_size: int = 0, devices=None, max_in_flight: int = 4
+        self,
+        model: model_lib.DenseRAUnet,
+        *,
+        batch_size: int = 0,
+        devices=None,
+        max_in_flight: int = 4,
+        loss_kwargs: dict | None = None,
     ):
         """``batch_size``: slices per forward (0: 4 per device), rounded up to a multiple of the devices;
-        ``max_in_flight``: batches dispatched ahead of the one being read back (bounds device memory)."""
+        ``max_in_flight``: batches dispatched ahead of the one being read back (bounds device memory);
+        ``loss_kwargs``: ``losses.bootstrap_iou_loss`` settings for :meth:`predict_with_loss`."""
         devices = list(devices if devices is not None else jax.local_devices())
-        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.mesh = sharding.make_mesh(devices)
         n = len(devices)
         batch_size = batch_size or 4 * n
         self.batch_size = -(-batch_size // n) * n
         self.multiple = 2 ** len(model.cfg.widths)
         self.in_channels = model.cfg.in_channels
         model.eval()
-        graphdef, state = nnx.split(model)
-        self._data = NamedSharding(self.mesh, PartitionSpec("data"))
-        self._state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        self._data = sharding.data_sharding(self.mesh)
+        self._rep = sharding.replicated(self.mesh)
+        self._state = jax.device_put((params, batch_stats), self._rep)
 
         def forward(state, images):
-            m = nnx.merge(graphdef, state, copy=True)
+            m = nnx.merge(graphdef, *state, copy=True)
             logits = m(images.astype(jnp.float32))
             finite = jnp.all(jnp.isfinite(logits), axis=(1, 2, 3))  # (B,) per slice
             return model_lib.labels_from_logits(logits), finite
 
+        def forward_with_loss(state, images, labels, weights):
+            m = nnx.merge(graphdef, *state, copy=True)
+            logits = m(images.astype(jnp.float32))
+            per_slice = jax.vmap(lambda lg, lb: losses.bootstrap_iou_loss(lg[None], lb[None], **loss_kwargs))(
+                logits, labels
+            )  # each slice's own loss; padded slices weigh 0
+            return model_lib.labels_from_logits(logits), (per_slice * weights).sum()
+
         self._forward = jax.jit(forward, out_shardings=(self._data, self._data))
+        self._forward_with_loss = (
+            jax.jit(forward_with_loss, out_shardings=(self._data, self._rep)) if loss_kwargs else None
+        )
         self.max_in_flight = max_in_flight
         self.forward_seconds = 0.0
         self.slices = 0
+
+    def set_weights(self, params, batch_stats) -> None:
+        """Replaces the weights (same structure: no recompilation). Global replicated arrays (a train
+        state's) are copied from this process's first shard onto its own devices."""
+
+        def local(x):
+            x = x.addressable_data(0) if isinstance(x, jax.Array) else x
+            return jax.device_put(x, self._rep)
+
+        self._state = jax.tree.map(local, (params, batch_stats))
+
+    def predict_with_loss(self, hu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+        """Labels uint8 ``(Z, H, W)`` of one scan and its summed per-slice loss against ``labels``
+        ``(Z, H, W)`` (validation; H and W must be multiples of ``2 ** depth``, as shard scans are)."""
+        if self._forward_with_loss is None:
+            raise ValueError("this Predictor was built without loss_kwargs")
+        z, h, w = hu.shape
+        if h % self.multiple or w % self.multiple:
+            raise ValueError(f"validation slices must be multiples of {self.multiple}, got {h} x {w}")
+        context = (self.in_channels - 1) // 2
+        b = self.batch_size
+        out = np.empty((z, h, w), np.uint8)
+        loss_sum = 0.0
+        for start in range(0, z, b):
+            chunk = preprocess.slice_stacks(hu, context, start, start + b)
+            lab = labels[start : start + b]
+            real = len(chunk)
+            weights = np.zeros(b, np.float32)
+            weights[:real] = 1.0
+            if real < b:  # pad to a fixed batch: one compilation
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
+                lab = np.concatenate([lab, np.repeat(lab[-1:], b - real, axis=0)])
+            pred, loss = self._forward_with_loss(
+                self._state,
+                jax.device_put(chunk, self._data),
+                jax.device_put(lab.astype(np.int32), self._data),
+                jax.device_put(weights, self._data),
+            )
+            out[start : start + real] = np.asarray(pred)[:real]
+            loss_sum += float(loss)
+        return out, loss_sum
 
     def predict(self, hu: np.ndarray) -> np.ndarray:
         """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``.

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from calcjax import agatston, config_schema
-from calcjax.io import dicom, preprocess, records, shards
+from calcjax.io import dicom, records, shards
 
 AIR_HU = float(dicom.AIR_HU)  # what a crop outside the image reads as
 CALCIUM_HU = agatston.CALCIUM_THRESHOLD_HU  # voxels below it are never calcium, whatever the label says
@@ -175,8 +175,8 @@ def train_dataset(
 def iter_scans(split: ShardSplit, *, process_index: int = 0, process_count: int = 1):
     """Yields this process's scans in manifest order, each whole and in slice order.
 
-    Each item: ``scan`` (:class:`calcjax.io.shards.ScanEntry`), ``hu`` int16 ``(Z, H, W)`` centre slices,
-    ``images`` int16 ``(Z, H, W, C)`` HU stacks (rebuilt from ``hu`` by the records' rule), ``labels``
+    Each item: ``scan`` (:class:`calcjax.io.shards.ScanEntry`), ``hu`` int16 ``(Z, H, W)`` centre slices
+    (a forward pass builds the 2.5D stacks from them, ``calcjax.io.preprocess.slice_stacks``), ``labels``
     uint8 ``(Z, H, W)`` or None. A record that cannot be read raises
     :class:`calcjax.io.records.RecordError` naming the shard and the scan (``calcjax.io.shards.read_scan``).
     """
@@ -186,5 +186,4 @@ def iter_scans(split: ShardSplit, *, process_index: int = 0, process_count: int 
                 continue
             reader = readers.get(os.path.join(split.folder, scan.shard))
             hu, labels = shards.read_scan(reader, scan, split.context)
-            images = preprocess.slice_stacks(hu, split.context)
-            yield {"scan": scan, "images": images, "hu": hu, "labels": labels}
+            yield {"scan": scan, "hu": hu, "labels": labels}

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
 
 import grain
@@ -31,7 +30,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax import checkpoint, cli, config_schema, evaluation, input_pipeline, metrics, sharding
+from calcjax import checkpoint, cli, config_schema, evaluation, input_pipeline, sharding
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 
@@ -166,13 +165,12 @@ def train_and_evaluate(
     except ValueError:
         val_split = None
         logging.warning("no val split in %s: no validation", dcfg.shards)
-    evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg)
+    evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg, state.params, state.batch_stats)
     writer = MetricWriter(workdir)
 
     start = int(jax.device_get(state.step))
-    acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
+    acc = evaluation.TrainMetrics()
     last = {}
-    t0 = time.time()
     with tqdm(
         total=tcfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0
     ) as bar:
@@ -192,28 +190,16 @@ def train_and_evaluate(
                         "Check the data (corrupt records, NaN HU) and the learning rate."
                     )
             else:
-                acc["loss"] += float(m["loss"])
-                acc["tp"] += int(m["tp"])
-                acc["fp"] += int(m["fp"])
-                acc["fn"] += int(m["fn"])
-                acc["n"] += 1
+                acc.add(m["loss"], m["tp"], m["fp"], m["fn"])
             if jax.process_index() == 0:
                 with open(os.path.join(workdir, "batches.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step + 1, "batch": fingerprint}) + "\n")
             bar.update()
             done = step + 1
             if done % tcfg.log_every == 0 or done == tcfg.steps:
-                rate = acc["n"] / max(time.time() - t0, 1e-9)
-                last = {
-                    "train_loss": acc["loss"] / max(acc["n"], 1),
-                    "train_voxel_f1": float(metrics.f1_from_counts(acc["tp"], acc["fp"], acc["fn"])),
-                    "steps_per_s": rate,
-                    "skipped_steps": int(state.skipped),
-                }
+                last = acc.line(int(state.skipped))
                 writer.write(done, last)
-                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{rate:.2f}")
-                acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
-                t0 = time.time()
+                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
             if val_split is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
                 val = evaluator.evaluate(
                     state, val_split, 0 if done == tcfg.steps else tcfg.get("eval_max_scans", 0)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import ml_collections
 import numpy as np
@@ -35,9 +34,10 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax import checkpoint, config_schema, input_pipeline, metrics
+from calcjax import checkpoint, config_schema, evaluation, input_pipeline, metrics
 from calcjax import model as model_lib
 from calcjax import train_step as ts
+from calcjax.io import preprocess
 from calcjax.torch_baseline import convert
 from calcjax.torch_baseline import losses as torch_losses
 from calcjax.torch_baseline import model as torch_model
@@ -165,8 +165,9 @@ def evaluate(
         if max_scans and len(summaries) >= max_scans:
             break
         preds = []
-        for start in range(0, len(item["images"]), batch_size):
-            chunk = np.moveaxis(item["images"][start : start + batch_size], -1, 1).astype(np.float32)
+        for start in range(0, len(item["hu"]), batch_size):
+            stacks = preprocess.slice_stacks(item["hu"], split.context, start, start + batch_size)
+            chunk = np.moveaxis(stacks, -1, 1).astype(np.float32)
             logits = model(torch.from_numpy(chunk).to(device))
             preds.append(labels_from_logits(logits).cpu().numpy())
             lab = torch.from_numpy(np.asarray(item["labels"][start : start + batch_size], np.int64)).to(
@@ -188,15 +189,7 @@ def evaluate(
     model.train()
     if not summaries:
         return {}
-    fig = metrics.evaluate(summaries, num_bootstrap=0)["all"]["figures"]
-    return {
-        "val_loss": loss_sum / max(num_slices, 1),
-        "val_voxel_precision": fig["voxel_precision"]["value"],
-        "val_voxel_recall": fig["voxel_recall"]["value"],
-        "val_voxel_f1": fig["voxel_f1"]["value"],
-        "val_risk_accuracy": fig["risk_accuracy"]["value"],
-        "val_scans": len(summaries),
-    }
+    return evaluation.validation_figures(summaries, loss_sum, num_slices)
 
 
 def _jax_state(twin: torch.nn.Module, config: ml_collections.ConfigDict, step: int):
@@ -255,9 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
         val_split = None
     it = iter(data)
     path = os.path.join(workdir, "metrics.jsonl")
-    acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
+    acc = evaluation.TrainMetrics()
     last, best = {}, None
-    t0 = time.time()
     with open(path, "a") as log, tqdm(total=t.steps, desc="train (torch)", unit="step") as bar:
         for step in range(t.steps):
             batch = next(it)
@@ -267,25 +259,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
                 if trainer.bad_in_a_row >= t.max_bad_steps:
                     raise RuntimeError(f"{t.max_bad_steps} non-finite steps in a row (last at step {step})")
             else:
-                acc["loss"] += m["loss"]
-                acc["n"] += 1
-                for k in ("tp", "fp", "fn"):
-                    acc[k] += m[k]
+                acc.add(m["loss"], m["tp"], m["fp"], m["fn"])
             bar.update()
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
-                rate = acc["n"] / max(time.time() - t0, 1e-9)
-                last = {
-                    "train_loss": acc["loss"] / max(acc["n"], 1),
-                    "train_voxel_f1": float(metrics.f1_from_counts(acc["tp"], acc["fp"], acc["fn"])),
-                    "steps_per_s": rate,
-                    "skipped_steps": trainer.skipped,
-                }
+                last = acc.line(trainer.skipped)
                 log.write(json.dumps({"step": done, **last}) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{rate:.2f}")
-                acc = {"loss": 0.0, "tp": 0, "fp": 0, "fn": 0, "n": 0}
-                t0 = time.time()
+                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
             if val_split is not None and (done % t.eval_every == 0 or done == t.steps):
                 max_scans = 0 if done == t.steps else t.get("eval_max_scans", 0)
                 val = evaluate(
