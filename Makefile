@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/phantom.py
 	$(BIN)/python bench/agatston.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/tfds_decode.py
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/heart_region.py
 	$(BIN)/python bench/scaling.py
