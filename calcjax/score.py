@@ -400,6 +400,8 @@ def main(argv):
         raise app.UsageError("--out is required")
     if (flags.FLAGS.shards is None) == (flags.FLAGS.dicom is None):
         raise app.UsageError("give exactly one of --shards and --dicom")
+    if flags.FLAGS.shards is not None and (flags.FLAGS.dicom_seg or flags.FLAGS.dicom_sr):
+        raise app.UsageError("--dicom_seg / --dicom_sr need --dicom: a shard scan has no source instances")
     logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed()
     summary = cli.run_or_exit(
