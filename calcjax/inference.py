@@ -106,6 +106,12 @@ class Predictor:
 
         self._state = jax.tree.map(local, (params, batch_stats))
 
+    def _stacks(self, hu: np.ndarray, start: int) -> tuple[np.ndarray, int]:
+        """The 2.5D stacks of slices ``start``.. of one batch, padded to the fixed batch size (one
+        compilation serves every scan), and how many of them are real."""
+        chunk = preprocess.slice_stacks(hu, (self.in_channels - 1) // 2, start, start + self.batch_size)
+        return _pad_batch(chunk, self.batch_size), len(chunk)
+
     def predict_with_loss(self, hu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
         """Labels uint8 ``(Z, H, W)`` of one scan and its summed per-slice loss against ``labels``
         ``(Z, H, W)`` (validation; H and W must be multiples of ``2 ** depth``, as shard scans are)."""
@@ -114,19 +120,14 @@ class Predictor:
         z, h, w = hu.shape
         if h % self.multiple or w % self.multiple:
             raise ValueError(f"validation slices must be multiples of {self.multiple}, got {h} x {w}")
-        context = (self.in_channels - 1) // 2
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
         loss_sum = 0.0
         for start in range(0, z, b):
-            chunk = preprocess.slice_stacks(hu, context, start, start + b)
-            lab = labels[start : start + b]
-            real = len(chunk)
+            chunk, real = self._stacks(hu, start)
+            lab = _pad_batch(labels[start : start + b], b)
             weights = np.zeros(b, np.float32)
             weights[:real] = 1.0
-            if real < b:  # pad to a fixed batch: one compilation
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
-                lab = np.concatenate([lab, np.repeat(lab[-1:], b - real, axis=0)])
             pred, loss = self._forward_with_loss(
                 self._state,
                 jax.device_put(chunk, self._data),
@@ -148,7 +149,6 @@ class Predictor:
         ph, pw = -h % self.multiple, -w % self.multiple
         if ph or pw:
             hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
-        context = (self.in_channels - 1) // 2
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
         t0 = time.perf_counter()
@@ -164,10 +164,7 @@ class Predictor:
         stacking = 0.0
         for start in range(0, z, b):
             t_stack = time.perf_counter()
-            chunk = preprocess.slice_stacks(hu, context, start, start + b)
-            real = len(chunk)
-            if real < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
+            chunk, real = self._stacks(hu, start)
             stacking += time.perf_counter() - t_stack
             pending.append((start, real, self._forward(self._state, jax.device_put(chunk, self._data))))
             if len(pending) > self.max_in_flight:
@@ -182,3 +179,8 @@ class Predictor:
                 "damaged weights or input; the scan is not scored"
             )
         return out
+
+
+def _pad_batch(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` with its last item repeated up to ``size`` items along the first axis."""
+    return a if len(a) >= size else np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)])

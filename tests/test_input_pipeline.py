@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from calcjax import input_pipeline as ip
-
-STILL = dict(
-    crop=32,
-    rotate_deg=0.0,
-    scale=0.0,
-    noise_sd_hu=0.0,
-    jitter=0.0,
-    calcium_crop_probability=0.9,
-    bright_crop_probability=0.8,
-)
+from configs import default
 
 
 def still(**kw) -> ip.AugmentConfig:
-    """Crops without rotation, zoom, noise or jitter (``kw`` overrides)."""
-    return ip.AugmentConfig(**{**STILL, **kw})
+    """32x32 crops of the default config without rotation, zoom, noise or jitter (``kw`` overrides)."""
+    base = ip.AugmentConfig.from_config(default.get_config().data)
+    return dataclasses.replace(
+        base, **{**dict(crop=32, rotate_deg=0.0, scale=0.0, noise_sd_hu=0.0, jitter=0.0), **kw}
+    )
 
 
 def slice_with(objects, calcium=None, size=256):

@@ -132,9 +132,9 @@ class Manifest:
 
 def write_manifest(out: str, manifest: dict) -> None:
     """Writes ``out/manifest.json`` atomically, after checking that :meth:`Manifest.read` can read it."""
-    text = json.dumps(manifest, indent=1)
-    tuple(ScanEntry.from_dict(s) for s in json.loads(text)["scans"])  # a manifest we could not read back
-    write_atomic(os.path.join(out, MANIFEST), text)
+    for scan in manifest["scans"]:
+        ScanEntry.from_dict(scan)  # raises on an entry Manifest.read could not read back
+    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1))
 
 
 class Readers:
