@@ -1,15 +1,16 @@
-"""Would a TFDS shard format cost the input pipeline? Decode and per-record work, both formats, one run.
+"""Did the TFDS shard format cost the input pipeline? Decode and per-record work, both formats, one run.
 
   python bench/tfds_decode.py [--records 200] [--size 512] [--repeats 3]
 
 The same records (real-looking 512x512 phantom slices: ``C = 3`` int16 HU slices, the uint8 label and the
-scalar fields) serialised two ways: calcjax's own (``calcjax.io.records``: JSON header, raw arrays, CRC-32)
-and TFDS's ``tf.train.Example`` without TensorFlow (``FeaturesDict`` of ``Tensor`` features,
-``example_serializer.ExampleSerializer`` / ``example_parser.ExampleParserNp`` and ``decode_example_np``,
-as ``tfds.data_source`` would read an array_record TFDS dataset). Per format, one JSON line each: records/s
-of decode alone, and of decode + the training stream's per-record work (``calcjax.input_pipeline.augment``
-on a 96x96 crop, configs/smoke.py), best of ``--repeats``; and ``tfds_over_calcjax`` for both (the issue's
-rule: keep TFDS only if the pipeline loses no more than 10%, i.e. the ratio >= 0.9).
+scalar fields) serialised two ways: calcjax's record today (``calcjax.io.records``: a TFDS
+``tf.train.Example`` of ``records.FEATURES``, decoded by TFDS's ``deserialize_example_np`` without
+TensorFlow, plus the schema and CRC-32 checks) and the baseline, calcjax's earlier record (schema 1: JSON
+header, raw arrays, CRC-32; its codec is kept below only as this baseline). Per format, one JSON line each:
+records/s of decode alone, and of decode + the training stream's per-record work
+(``calcjax.input_pipeline.augment`` on a 96x96 crop, configs/smoke.py), best of ``--repeats``; and
+``tfds_over_schema1`` for both (issue 16's rule: keep TFDS only if the pipeline loses no more than 10%,
+i.e. the ratio >= 0.9).
 """
 
 from __future__ import annotations
@@ -17,11 +18,51 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import time
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def _encode_schema1(record: dict) -> bytes:
+    """The schema-1 record (the baseline): MAGIC, header length (uint32 LE), JSON header, raw arrays."""
+    import numpy as np
+
+    arrays, chunks, offset = {}, [], 0
+    for name, dtype in (("image", "<i2"), ("label", "u1")):
+        a = np.ascontiguousarray(record[name], dtype=dtype)
+        arrays[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
+        chunks.append(a.tobytes())
+        offset += a.nbytes
+    payload = b"".join(chunks)
+    header = {k: v for k, v in record.items() if k not in ("image", "label")}
+    header.update(schema_version=1, arrays=arrays, payload_bytes=len(payload), crc32=zlib.crc32(payload))
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"CJXR" + struct.pack("<I", len(head)) + head + payload
+
+
+def _decode_schema1(data: bytes) -> dict:
+    """The schema-1 decoder as it was (checks magic, lengths, version and CRC; arrays without copying)."""
+    import numpy as np
+
+    data = memoryview(data)
+    if bytes(data[:4]) != b"CJXR":
+        raise ValueError("bad magic")
+    (n,) = struct.unpack("<I", data[4:8])
+    header = json.loads(bytes(data[8 : 8 + n]))
+    payload = data[8 + n :]
+    if header["schema_version"] != 1 or len(payload) != header["payload_bytes"]:
+        raise ValueError("bad record")
+    if zlib.crc32(payload) != header["crc32"]:
+        raise ValueError("checksum")
+    out = {k: v for k, v in header.items() if k not in ("arrays", "payload_bytes", "crc32")}
+    for name, spec in header["arrays"].items():
+        count = int(np.prod(spec["shape"]))
+        out[name] = np.frombuffer(payload, spec["dtype"], count, spec["offset"]).reshape(spec["shape"])
+    return out
 
 
 def main() -> None:
@@ -32,8 +73,6 @@ def main() -> None:
     args = p.parse_args()
 
     import numpy as np
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import example_parser, example_serializer
 
     from calcjax import input_pipeline
     from calcjax.io import records
@@ -62,32 +101,9 @@ def main() -> None:
                 "label": lab[k],
             }
         )
-    features = tfds.features.FeaturesDict(
-        {
-            "image": tfds.features.Tensor(shape=(3, None, None), dtype=np.int16, encoding="bytes"),
-            "label": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="bytes"),
-            "scan_id": tfds.features.Text(),
-            "slice_index": np.int32,
-            "num_slices": np.int32,
-            "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-            "slice_thickness": np.float32,
-            "protocol": tfds.features.Text(),
-            "kvp": np.float32,
-            "has_calcium": np.bool_,
-        }
-    )
-    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-    parser = example_parser.ExampleParserNp(features.get_serialized_info())
     ours = [records.encode(r) for r in recs]
-    theirs = [serializer.serialize_example(features.encode_example(r)) for r in recs]
-
-    def decode_ours(b):
-        return records.decode(b)
-
-    def decode_theirs(b):
-        return features.decode_example_np(parser.parse_example(b))
-
-    a, t = decode_ours(ours[3]), decode_theirs(theirs[3])
+    baseline = [_encode_schema1(r) for r in recs]
+    a, t = _decode_schema1(baseline[3]), records.decode(ours[3])
     assert np.array_equal(a["image"], t["image"]) and np.array_equal(a["label"], t["label"])
     aug = input_pipeline.AugmentConfig.from_config(smoke.get_config().data)
 
@@ -106,16 +122,16 @@ def main() -> None:
     out = {}
     for stage, with_augment in (("decode", False), ("decode_and_augment", True)):
         for name, fn, data in (
-            ("calcjax_records", decode_ours, ours),
-            ("tfds_example", decode_theirs, theirs),
+            ("schema1_json_header", _decode_schema1, baseline),
+            ("tfds_example", records.decode, ours),
         ):
             out[(stage, name)] = rate(fn, data, with_augment)
             print(json.dumps({"bench": "tfds_decode", "stage": stage, "format": name, "size": args.size,
                               "bytes_per_record": int(np.mean([len(x) for x in data])),
                               "records_per_s": round(out[(stage, name)], 1)}), flush=True)  # fmt: skip
-        ratio = out[(stage, "tfds_example")] / out[(stage, "calcjax_records")]
+        ratio = out[(stage, "tfds_example")] / out[(stage, "schema1_json_header")]
         print(
-            json.dumps({"bench": "tfds_decode", "stage": stage, "tfds_over_calcjax": round(ratio, 3)}),
+            json.dumps({"bench": "tfds_decode", "stage": stage, "tfds_over_schema1": round(ratio, 3)}),
             flush=True,
         )
 

@@ -5,7 +5,8 @@ r"""Builds ArrayRecord shards of 2.5D stacks from folders of DICOM CT (+ NIfTI /
       [--records_per_shard 512] [--salt S]
 
 Output (DESIGN.md "Shard folder"): ``{split}-{i:05d}-of-{n:05d}.array_record``, ``manifest.json``
-(schema version, settings, per-scan metadata with record ranges, indices of records with calcium) and
+(schema version, settings, per-scan metadata with record ranges, indices of records with calcium), TFDS's
+``dataset_info.json`` and ``features.json`` (the folder is a TFDS dataset: ``calcjax.io.shards``) and
 ``errors.jsonl`` (every skipped input and the reason; a series that was built but whose files made pydicom
 warn gets one ``reader_warnings`` line with ``"severity": "warning"``). Scans are named by a salted hash;
 the salt lives in ``SHARDS/salt.txt`` (created on the first build and reused so reruns keep their ids; a

@@ -170,6 +170,7 @@ def _build_locked(
         write_atomic(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
         raise discover_lib.no_scans_error(input_dir, errors)
     settings = {
+        "record_schema": records.SCHEMA_VERSION,
         "context": context,
         "split": split,
         "split_seed": split_seed,
@@ -267,6 +268,12 @@ def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_f
         "num_warnings": sum(e.get("severity") == "warning" for e in all_errors),
         "scans": scans,
     }
+    shard_folder.write_tfds_metadata(
+        out,
+        {name: [(s["file"], s["num_records"]) for s in entry["shards"]] for name, entry in splits.items()},
+        description="calcjax 2.5D CT slice stacks for coronary calcium segmentation; manifest.json holds "
+        "the scans, their record ranges and the build's settings.",
+    )
     shard_folder.write_manifest(out, manifest)
     write_atomic(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in all_errors))
     return manifest

@@ -1,31 +1,43 @@
-"""The shard record: one 2.5D stack of a CT slice, as bytes (schema versioned; numpy only).
+"""The shard record: one 2.5D stack of a CT slice, as a TFDS ``tf.train.Example`` (numpy only, no TensorFlow).
 
-A record is ``MAGIC`` (4 bytes) | header length (uint32 little-endian) | header (UTF-8 JSON) | payload.
-The header holds the scalar fields and, per array, its dtype, shape and offset in the payload, plus the
-payload's CRC-32, so a corrupt record is refused with a reason instead of decoding to garbage. No TensorFlow
-and no jax are needed to decode, and arrays come back without copying (read-only views of the bytes).
+A record is a ``tf.train.Example`` serialised by TFDS's own serializer for :data:`FEATURES` (schema
+versioned), so a shard folder is also a TFDS dataset (``calcjax.io.shards`` writes its
+``dataset_info.json`` and ``features.json``) and ``tfds.builder_from_directory(folder).as_data_source(split)``
+reads the very files the grain pipeline reads. :func:`decode` is the one decode path: TFDS's
+``deserialize_example_np`` (as the TFDS data source does), then the checks TFDS does not make (schema
+version, array shapes), each failure a :class:`RecordError` with the reason.
+
+Integrity: the records carry no checksum of their own (the schema-1 records had a CRC-32). ArrayRecord's
+Riegeli chunks are hashed (HighwayHash of each chunk's header and data), so a damaged shard fails in the
+reader, which ``calcjax.io.shards.read_scan`` turns into a RecordError naming the shard, record and scan;
+``tests/test_shard_folder.py`` flips single bits across a shard and finds every flip either refused there
+or outside the records' bytes. A record-level CRC never fired in that test and cost 45% of decode time.
+
+Why TFDS here (issue 16, point 7): ``bench/tfds_decode.py`` measured this format against calcjax's earlier
+JSON-header records in one run, decode alone and decode + the training crop's augmentation; it stays
+because the input pipeline loses less than the 10% the issue allows (figures in the README).
 
 Fields (DESIGN.md "Record"):
 - ``scan_id`` (str): pseudonymous scan id (salted hash; never a DICOM UID or name);
 - ``slice_index``, ``num_slices`` (int): the centre slice's index in the scan (z ascending) and the count;
 - ``image`` int16 ``(C, H, W)`` HU of the C = 2k+1 adjacent slices centred on ``slice_index`` (edges
   replicate the first / last slice);
-- ``label`` uint8 ``(H, W)`` of the centre slice, or absent (``None``) for unlabelled scans;
-- ``spacing`` ``[dz, dy, dx]`` mm (dz = slice increment), ``slice_thickness`` mm (or None),
+- ``label`` uint8 ``(H, W)`` of the centre slice, or ``None`` for unlabelled scans (stored as zeros with
+  ``labelled`` false: zstd makes them nearly free, and TFDS features have no optional field);
+- ``spacing`` ``[dz, dy, dx]`` mm (dz = slice increment, float64), ``slice_thickness`` mm (or None),
   ``protocol`` (chest / cardiac / unknown), ``kvp`` (or None), ``has_calcium`` (label has a voxel > 0).
+  None is stored as NaN.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-import zlib
+import math
 
 import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 
-SCHEMA_VERSION = 1
-MAGIC = b"CJXR"
-_HEADER_LEN = struct.Struct("<I")
+SCHEMA_VERSION = 2
 SCALAR_FIELDS = (
     "scan_id",
     "slice_index",
@@ -36,76 +48,108 @@ SCALAR_FIELDS = (
     "kvp",
     "has_calcium",
 )
-ARRAY_FIELDS = {"image": np.dtype("<i2"), "label": np.dtype("u1")}
+
+
+def _float64():
+    # A float64 scalar as raw bytes: tf.train.Example's float_list is float32.
+    return tfds.features.Tensor(shape=(), dtype=np.float64, encoding="bytes")
+
+
+FEATURES = tfds.features.FeaturesDict(
+    {
+        "schema_version": np.int32,
+        "scan_id": tfds.features.Text(),
+        "slice_index": np.int32,
+        "num_slices": np.int32,
+        "image": tfds.features.Tensor(shape=(None, None, None), dtype=np.int16, encoding="bytes"),
+        "label": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="bytes"),
+        "labelled": np.bool_,
+        "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float64, encoding="bytes"),
+        "slice_thickness": _float64(),
+        "protocol": tfds.features.Text(),
+        "kvp": _float64(),
+        "has_calcium": np.bool_,
+    },
+    doc="One 2.5D stack of a CT slice (calcjax.io.records).",
+)
+_SERIALIZER = example_serializer.ExampleSerializer(FEATURES.get_serialized_info())
 
 
 class RecordError(ValueError):
     """A record that cannot be decoded, with the reason."""
 
 
+def _optional(value) -> float:
+    return math.nan if value is None else float(value)
+
+
 def encode(record: dict) -> bytes:
     """Encodes a record dict (the fields in the module docstring) to bytes."""
-    header = {"schema_version": SCHEMA_VERSION}
-    for name in SCALAR_FIELDS:
-        header[name] = record.get(name)
-    header["spacing"] = [float(s) for s in record["spacing"]]
-    arrays, chunks, offset = {}, [], 0
-    for name, dtype in ARRAY_FIELDS.items():
-        value = record.get(name)
-        if value is None:
-            continue
-        a = np.ascontiguousarray(value, dtype=dtype)
-        arrays[name] = {"dtype": dtype.str, "shape": list(a.shape), "offset": offset}
-        chunks.append(a.tobytes())
-        offset += a.nbytes
-    image = record["image"]
-    if np.ndim(image) != 3:
-        raise RecordError(f"image must be (C, H, W), got shape {np.shape(image)}")
-    if record.get("label") is not None and np.shape(record["label"]) != np.shape(image)[1:]:
-        raise RecordError(f"label {np.shape(record['label'])} does not match image {np.shape(image)}")
-    payload = b"".join(chunks)
-    header["arrays"] = arrays
-    header["payload_bytes"] = len(payload)
-    header["crc32"] = zlib.crc32(payload)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return MAGIC + _HEADER_LEN.pack(len(head)) + head + payload
+    image = np.ascontiguousarray(record["image"], dtype="<i2")
+    if image.ndim != 3:
+        raise RecordError(f"image must be (C, H, W), got shape {image.shape}")
+    labelled = record.get("label") is not None
+    label = np.zeros(image.shape[1:], np.uint8)
+    if labelled:
+        if np.shape(record["label"]) != image.shape[1:]:
+            raise RecordError(f"label {np.shape(record['label'])} does not match image {image.shape}")
+        label = np.ascontiguousarray(record["label"], dtype=np.uint8)
+    example = {
+        "schema_version": SCHEMA_VERSION,
+        "scan_id": str(record["scan_id"]),
+        "slice_index": int(record["slice_index"]),
+        "num_slices": int(record["num_slices"]),
+        "image": image,
+        "label": label,
+        "labelled": labelled,
+        "spacing": np.asarray(record["spacing"], np.float64),
+        "slice_thickness": _optional(record.get("slice_thickness")),
+        "protocol": str(record.get("protocol") or "unknown"),
+        "kvp": _optional(record.get("kvp")),
+        "has_calcium": bool(record.get("has_calcium")),
+    }
+    # deterministic: the proto's feature map is otherwise written in a per-process hash order, and the
+    # same scan must give the same bytes in every build (a killed build's rerun is compared byte for byte).
+    return _SERIALIZER.get_tf_example(FEATURES.encode_example(example)).SerializeToString(deterministic=True)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _or_none(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def decode(data: bytes) -> dict:
-    """Decodes bytes from :func:`encode`; raises :class:`RecordError` naming what is wrong."""
-    data = memoryview(data)
-    if len(data) < 8 or bytes(data[:4]) != MAGIC:
-        raise RecordError("not a calcjax record (bad magic)")
-    (n,) = _HEADER_LEN.unpack(data[4:8])
-    if 8 + n > len(data):
-        raise RecordError(f"truncated record: header of {n} bytes, {len(data) - 8} available")
+    """Decodes bytes from :func:`encode` (the fields in the module docstring, plus ``schema_version``);
+    raises :class:`RecordError` naming what is wrong."""
+    if not data:
+        raise RecordError("empty record")
     try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except ValueError as e:
-        raise RecordError(f"corrupt record header ({e})") from None
-    version = header.get("schema_version")
+        ex = FEATURES.deserialize_example_np(data if isinstance(data, bytes) else bytes(data))
+    except Exception as e:  # protobuf / TFDS raise several types on damaged bytes
+        raise RecordError(f"not a readable calcjax record ({e.__class__.__name__}: {e})") from None
+    version = int(ex["schema_version"])
     if version != SCHEMA_VERSION:
         raise RecordError(f"record schema version {version}; this calcjax reads version {SCHEMA_VERSION}")
-    payload = data[8 + n :]
-    if len(payload) != header["payload_bytes"]:
-        raise RecordError(
-            f"truncated record: payload of {len(payload)} bytes, expected {header['payload_bytes']}"
-        )
-    if zlib.crc32(payload) != header["crc32"]:
-        raise RecordError("corrupt record: payload checksum mismatch")
-    out = {name: header.get(name) for name in SCALAR_FIELDS}
-    out["schema_version"] = version
-    for name in ARRAY_FIELDS:
-        spec = header["arrays"].get(name)
-        if spec is None:
-            out[name] = None
-            continue
-        dtype = np.dtype(spec["dtype"])
-        count = int(np.prod(spec["shape"]))
-        out[name] = np.frombuffer(payload, dtype=dtype, count=count, offset=spec["offset"]).reshape(
-            spec["shape"]
-        )
-    return out
+    image, label = ex["image"], ex["label"]
+    if image.ndim != 3 or label.shape != image.shape[1:]:
+        raise RecordError(f"corrupt record: image {image.shape} and label {label.shape} do not match")
+    return {
+        "schema_version": version,
+        "scan_id": _text(ex["scan_id"]),
+        "slice_index": int(ex["slice_index"]),
+        "num_slices": int(ex["num_slices"]),
+        "image": image,
+        "label": label if bool(ex["labelled"]) else None,
+        "spacing": [float(s) for s in ex["spacing"]],
+        "slice_thickness": _or_none(ex["slice_thickness"]),
+        "protocol": _text(ex["protocol"]),
+        "kvp": _or_none(ex["kvp"]),
+        "has_calcium": bool(ex["has_calcium"]),
+    }
 
 
 def stack_indices(k: int, num_slices: int, context: int) -> np.ndarray:

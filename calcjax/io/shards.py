@@ -6,6 +6,11 @@ and ``manifest.json``: the build's settings, per split its shard files, record c
 indices of records with calcium, and per scan where its records lie (one shard, contiguous, in z order)
 with its non-identifying metadata. ``data_prep.builder`` writes it (:func:`write_manifest`); training,
 validation, scoring and the PyTorch trainer read it through :class:`Manifest` and :func:`read_scan`.
+
+The folder is also a TFDS dataset (array_record format): :func:`write_tfds_metadata` adds TFDS's
+``dataset_info.json`` (name ``calcjax_shards``, splits with their shard lengths, the file template
+``{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}``) and ``features.json`` (:data:`calcjax.io.records.FEATURES`), so
+``tfds.builder_from_directory(folder).as_data_source("train")`` reads the same files, decoded the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
@@ -21,7 +28,9 @@ from calcjax.io import records
 from calcjax.io.atomic import write_atomic
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: records are TFDS examples (records.SCHEMA_VERSION 2) and the folder a TFDS dataset
+TFDS_NAME = "calcjax_shards"
+TFDS_FILE_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"  # = data_prep.builder.shard_name
 
 
 class NotAShardFolderError(FileNotFoundError):
@@ -105,6 +114,12 @@ class Manifest:
         try:
             with open(path) as f:
                 data = json.load(f)
+            version = data.get("manifest_version")
+            if version != MANIFEST_VERSION:
+                raise NotAShardFolderError(
+                    f"{path} has manifest version {version} (records of another format); this calcjax reads "
+                    f"version {MANIFEST_VERSION}: rebuild the folder with python -m data_prep.build"
+                )
             scans = tuple(ScanEntry.from_dict(s) for s in data["scans"])
             context = int(data["settings"].get("context", 1))
             names = tuple(data["splits"])
@@ -137,6 +152,56 @@ def write_manifest(out: str, manifest: dict) -> None:
     write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1))
 
 
+def write_tfds_metadata(out: str, split_shards: dict[str, list[tuple[str, int]]], description: str) -> None:
+    """Makes the shard folder ``out`` a TFDS dataset: writes ``dataset_info.json`` and ``features.json``.
+
+    Args:
+      split_shards: per split, its shard files' names (in index order, named by ``TFDS_FILE_TEMPLATE``)
+        and record counts.
+      description: the dataset description TFDS shows.
+
+    The files are written to a temporary folder in ``out`` and renamed into place one by one.
+    """
+    from tensorflow_datasets.core import dataset_info, file_adapters, naming, utils
+    from tensorflow_datasets.core import splits as splits_lib
+
+    infos = []
+    for name, shards in split_shards.items():
+        template = naming.ShardedFileTemplate(
+            data_dir=out,
+            template=TFDS_FILE_TEMPLATE,
+            dataset_name=TFDS_NAME,
+            split=name,
+            filetype_suffix=file_adapters.FileFormat.ARRAY_RECORD.file_suffix,
+        )
+        for i, (file, _) in enumerate(shards):
+            expected = os.path.basename(template.sharded_filepath(shard_index=i, num_shards=len(shards)))
+            if file != expected:
+                raise ValueError(f"shard {file} does not follow the TFDS file template (expected {expected})")
+        num_bytes = sum(os.path.getsize(os.path.join(out, f)) for f, _ in shards)
+        infos.append(
+            splits_lib.SplitInfo(
+                name=name,
+                shard_lengths=[n for _, n in shards],
+                num_bytes=num_bytes,
+                filename_template=template,
+            )
+        )
+    identity = dataset_info.DatasetIdentity(
+        name=TFDS_NAME, version=utils.Version(f"{records.SCHEMA_VERSION}.0.0"), data_dir=out, module_name=""
+    )
+    info = dataset_info.DatasetInfo(builder=identity, features=records.FEATURES, description=description)
+    info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
+    info.set_splits(splits_lib.SplitDict(infos))
+    tmp = tempfile.mkdtemp(prefix=".tfds-metadata-", dir=out)
+    try:
+        info.write_to_directory(tmp)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Readers:
     """One ArrayRecordReader per shard file, opened on first use and reused; ``close()`` (or ``with``)."""
 
@@ -144,8 +209,15 @@ class Readers:
         self._readers: dict[str, ArrayRecordReader] = {}
 
     def get(self, path: str) -> ArrayRecordReader:
+        """The reader of ``path``; a RecordError naming the file when it cannot be opened (a damaged
+        header or footer: array_record raises plain RuntimeErrors)."""
         if path not in self._readers:
-            self._readers[path] = ArrayRecordReader(path)
+            try:
+                self._readers[path] = ArrayRecordReader(path)
+            except Exception as e:
+                raise records.RecordError(
+                    f"{os.path.basename(path)}: unreadable ArrayRecord file: {e}"
+                ) from None
         return self._readers[path]
 
     def close(self) -> None:
