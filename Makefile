@@ -10,9 +10,10 @@ PYTEST_ARGS ?=
 # The real sample (never copied into the repository): $CALCJAX_REAL_DATA, else ../shared/data.
 REAL_DATA ?= $(or $(CALCJAX_REAL_DATA),../shared/data)
 REAL_OUT ?= real_eval
+REAL_SHARDS ?= real_shards
 CHECKPOINT ?=
 
-.PHONY: install test test-fast lint format demo bench clean real-eval check-install
+.PHONY: install test test-fast lint format demo bench clean real-eval real-shards check-install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,13 @@ real-eval: $(STAMP)
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 	@cat $(REAL_OUT)/report.md
 
+# The real gated scans (with their calcium masks) as a shard folder, for training's real_* figure:
+# --config.data.real_val_shards=$(REAL_SHARDS) (watched, never used to choose a checkpoint).
+real-shards: $(STAMP)
+	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-shards: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
+	$(BIN)/python -m data_prep.build --input "$(REAL_DATA)/coca-sample/Gated_release_final" --out $(REAL_SHARDS) \
+		--split test=1 --workers 2
+
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py
 	$(BIN)/python bench/agatston.py
@@ -76,4 +84,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 
 clean:
-	rm -rf $(DEMO_OUT) $(REAL_OUT) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_OUT) $(REAL_OUT) $(REAL_SHARDS) .pytest_cache .ruff_cache

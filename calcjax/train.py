@@ -165,6 +165,10 @@ def train_and_evaluate(
     except ValueError:
         val_split = None
         logging.warning("no val split in %s: no validation", dcfg.shards)
+    # Real labelled scans: an extra figure at each validation, never a checkpoint selector (configs/default).
+    real_split = None
+    if dcfg.real_val_shards:
+        real_split = input_pipeline.ShardSplit.load(dcfg.real_val_shards, dcfg.real_val_split)
     evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg, state.params, state.batch_stats)
     writer = MetricWriter(workdir)
 
@@ -211,6 +215,12 @@ def train_and_evaluate(
                     if best is None or val["val_voxel_f1"] > best:
                         best = val["val_voxel_f1"]
                         ckpt.save_best(state, cfg_dict, {**val, "step": done})
+            if real_split is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+                real = evaluator.evaluate(state, real_split, use_heart_region=True, prefix="real")
+                if real:
+                    writer.write(done, real)
+                    last.update(real)
+                    logging.info("step %d: %s", done, real)
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
                 ckpt.save(state, data_iter, cfg_dict)
     ckpt.wait()

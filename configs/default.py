@@ -46,6 +46,12 @@ def get_config() -> ml_collections.ConfigDict:
             jitter=0.03,
             seed=0,
             worker_count=4,
+            # An extra figure, never a selector: a shard folder of real labelled scans (make real-shards
+            # builds the COCA gated sample into one) scored at every validation through the scorer's
+            # forward pass and heart region, logged as real_* beside val_*. The best checkpoint is chosen
+            # by val_voxel_f1 alone, since the real gated scans are the test set (issue 14).
+            real_val_shards="",
+            real_val_split="test",
         )
     )
     c.train = ml_collections.ConfigDict(

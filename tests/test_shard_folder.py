@@ -208,3 +208,21 @@ def test_validation_runs_the_scorers_forward_pass(folder):
         )
     assert sum(int((s.voxel_tp + s.voxel_fp) > 0) for s in summaries) > 0  # it predicts some calcium
     assert got == evaluation.validation_figures(summaries, loss_sum, slices)
+
+    # The real-sample figure: the same, with the scorer's heart region applied to each prediction.
+    from calcjax import heart_region
+
+    regional = []
+    for item in input_pipeline.iter_scans(split):
+        scan = item["scan"]
+        pred = heart_region.restrict(
+            scorer.predict(item["hu"]), heart_region.heart_region(item["hu"], scan.spacing)
+        )
+        regional.append(
+            metrics.summarize_scan(
+                scan.scan_id, scan.protocol, pred, item["labels"], item["hu"], scan.spacing
+            )
+        )
+    real = evaluator.evaluate(state, split, use_heart_region=True, prefix="real")
+    assert real == evaluation.validation_figures(regional, loss_sum, slices, "real")
+    assert set(real) == {k.replace("val_", "real_") for k in got}

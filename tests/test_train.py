@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,49 @@ def test_best_checkpoint_holds_the_params_of_the_best_step_and_a_worse_one_keeps
     for got, want in zip(loaded, saved[4], strict=True):
         np.testing.assert_array_equal(got, want)
     assert any(not np.array_equal(x, y) for x, y in zip(saved[2], saved[4], strict=True))  # it trained on
+
+
+def test_the_real_sample_figure_is_logged_at_each_validation_and_never_selects(shards, tmp_path, monkeypatch):
+    """data.real_val_shards: at each validation the real folder is evaluated too, with the heart region, and
+    logged as real_*; the best checkpoint still follows val_voxel_f1 alone (here the real figure peaks at
+    step 6, where validation is worst)."""
+    import jax
+
+    from calcjax import checkpoint, evaluation, train
+
+    val_f1 = {2: 0.5, 4: 0.7, 6: 0.2, 8: 0.6}
+    real_f1 = {2: 0.1, 4: 0.2, 6: 0.9, 8: 0.3}
+    calls = []
+
+    def fake_evaluate(self, state, split, max_scans=0, *, use_heart_region=False, prefix="val"):
+        step = int(jax.device_get(state.step))
+        calls.append((step, prefix, use_heart_region, split.folder))
+        f1 = (real_f1 if prefix == "real" else val_f1)[step]
+        return {f"{prefix}_voxel_f1": f1, f"{prefix}_loss": 1.0}
+
+    monkeypatch.setattr(evaluation.Evaluator, "evaluate", fake_evaluate)
+    real = str(tmp_path / "real")
+    shutil.copytree(shards, real)  # a stand-in folder: the real sample is not in the repository
+    c = small_config(shards, steps=8, eval_every=2, checkpoint_every=2)
+    c.data.real_val_shards, c.data.real_val_split = real, "val"
+    last = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert [(s, p, r) for s, p, r, _ in calls if p == "real"] == [(s, "real", True) for s in (2, 4, 6, 8)]
+    assert all(folder == real for _, p, _, folder in calls if p == "real")
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["real_voxel_f1"] for r in logged if "real_voxel_f1" in r] == [0.1, 0.2, 0.9, 0.3]
+    assert last["real_voxel_f1"] == 0.3 and last["val_voxel_f1"] == 0.6
+    assert checkpoint.resolve(str(tmp_path / "run"), "best").endswith(os.path.join("best", "4"))
+
+
+def test_a_missing_real_folder_stops_the_run_before_training(shards, tmp_path):
+    from calcjax import train
+    from calcjax.io import shards as shard_folder
+
+    c = small_config(shards)
+    c.data.real_val_shards = str(tmp_path / "nowhere")
+    with pytest.raises(shard_folder.NotAShardFolderError, match="nowhere has no manifest.json"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 EIGHT_DEVICES = textwrap.dedent(

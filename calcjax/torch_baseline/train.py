@@ -227,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
     config_schema.check_config(config)
     if config.train.init_from:
         raise config_schema.ConfigError("train.init_from (fine-tuning) is not supported by the PyTorch twin")
+    if config.data.real_val_shards:
+        raise config_schema.ConfigError("data.real_val_shards is not supported by the PyTorch twin")
     os.makedirs(os.path.join(workdir, "torch"), exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1))
