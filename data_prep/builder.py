@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -74,6 +75,8 @@ def _remove_stale_temporaries(out: str) -> None:
     for name in os.listdir(out):
         if ".array_record.tmp-" in name or (name.startswith(".") and ".json.tmp-" in name):
             os.remove(os.path.join(out, name))
+        elif name.startswith(shard_folder.TFDS_METADATA_TMP):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def plan_shards(jobs, records_per_shard: int) -> dict[str, list[list]]:

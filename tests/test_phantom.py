@@ -182,3 +182,60 @@ def test_cli_writes_scans_and_keeps_finished_ones(tmp_path):
     before = os.path.getmtime(out / folders[0] / "truth.json")
     subprocess.run(cmd[:-2], capture_output=True, text=True, check=True)
     assert os.path.getmtime(out / folders[0] / "truth.json") == before
+
+
+def _v2_draws(count: int, version: int):
+    """Lesion plans of ``count`` random patients (category 3, gated), without rendering."""
+    from data_prep.phantom import calcium
+    from data_prep.phantom.acquisition import sample_acquisition
+    from data_prep.phantom.anatomy import coronary_centerlines, sample_patient
+
+    plan = calcium.plan_lesions_v2 if version == 2 else calcium.plan_lesions
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng(np.random.SeedSequence([20261130, i]))
+        acq = sample_acquisition("cardiac", rng, 128)
+        coronaries = coronary_centerlines(sample_patient(rng))
+        out.append((plan(3, coronaries, acq, rng), coronaries))
+    return out
+
+
+def test_phantom_v2_plaques_are_clustered_along_one_vessel_and_peak_lower():
+    """Phantom v2 (issue 14): a share of lesions become runs of 2-4 overlapping blobs on one artery, next
+    to each other along it; the target peaks are lower than v1's (the real sample's median is 306 HU)."""
+    from data_prep.phantom import calcium
+
+    v1, v2 = _v2_draws(40, 1), _v2_draws(40, 2)
+
+    def neighbours(draws) -> int:
+        """Consecutive lesions on one artery less than their combined length apart."""
+        n = 0
+        for blobs, coronaries in draws:
+            big = [b for b in blobs if b.scalable]
+            for a, b in zip(big, big[1:], strict=False):
+                if a.artery == b.artery and np.linalg.norm(a.centre - b.centre) < 2 * (
+                    a.semi_mm[0] + b.semi_mm[0]
+                ):
+                    n += 1
+                    assert np.linalg.norm(coronaries[a.artery].points - b.centre, axis=1).min() < 3.0
+        return n
+
+    assert neighbours(v2) >= 60 and neighbours(v1) <= 20  # measured: 167 and 7
+    assert sum(len(b) for b, _ in v2) > sum(len(b) for b, _ in v1)
+    peaks = [np.median([b.target_peak_hu for b in blobs]) for blobs, _ in v2]
+    peaks_v1 = [np.median([b.target_peak_hu for b in blobs]) for blobs, _ in v1]
+    assert np.median(peaks) < np.median(peaks_v1)
+    assert all(b.target_peak_hu <= calcium.MAX_DENSITY_HU for blobs, _ in v2 for b in blobs)
+
+
+def test_phantom_v2_scan_reaches_its_category_with_v2_noise_and_says_its_version():
+    from data_prep.phantom import generator
+
+    scan = generate_scan(11, 3, "chest", size=96, target_category=3, version=2)
+    truth = scan.truth
+    assert truth["phantom_version"] == 2 and truth["reference"]["risk_category"] == 3
+    lo, hi = generator.V2_NOISE_SD_HU["chest"]
+    assert lo <= truth["acquisition"]["noise_sd_hu"] <= hi
+    assert generate_scan(11, 3, "chest", size=96, target_category=3).truth["phantom_version"] == 1
+    with pytest.raises(ValueError, match="phantom version 3"):
+        generate_scan(11, 3, "chest", size=96, version=3)

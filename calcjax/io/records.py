@@ -38,16 +38,6 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
 SCHEMA_VERSION = 2
-SCALAR_FIELDS = (
-    "scan_id",
-    "slice_index",
-    "num_slices",
-    "spacing",
-    "slice_thickness",
-    "protocol",
-    "kvp",
-    "has_calcium",
-)
 
 
 def _float64():

@@ -31,6 +31,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 2: records are TFDS examples (records.SCHEMA_VERSION 2) and the folder a TFDS dataset
 TFDS_NAME = "calcjax_shards"
 TFDS_FILE_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"  # = data_prep.builder.shard_name
+TFDS_METADATA_TMP = ".tfds-metadata-"  # write_tfds_metadata's temporary folder (a killed build's is removed)
 
 
 class NotAShardFolderError(FileNotFoundError):
@@ -123,7 +124,7 @@ class Manifest:
             scans = tuple(ScanEntry.from_dict(s) for s in data["scans"])
             context = int(data["settings"].get("context", 1))
             names = tuple(data["splits"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise NotAShardFolderError(
                 f"{path} is not a readable shard manifest ({e.__class__.__name__}: {e}); rebuild the folder"
             ) from None
@@ -193,7 +194,7 @@ def write_tfds_metadata(out: str, split_shards: dict[str, list[tuple[str, int]]]
     info = dataset_info.DatasetInfo(builder=identity, features=records.FEATURES, description=description)
     info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
     info.set_splits(splits_lib.SplitDict(infos))
-    tmp = tempfile.mkdtemp(prefix=".tfds-metadata-", dir=out)
+    tmp = tempfile.mkdtemp(prefix=TFDS_METADATA_TMP, dir=out)
     try:
         info.write_to_directory(tmp)
         for name in sorted(os.listdir(tmp)):

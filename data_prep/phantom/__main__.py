@@ -1,7 +1,7 @@
 r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground truth.
 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
-      [--workers W] [--preview DIR/preview.png] [--overwrite]
+      [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
 ``label.nii.gz``, ``calcium.xml`` (COCA-style plist) and ``truth.json``. A scan folder appears whole or not
@@ -30,15 +30,18 @@ _WORKERS = flags.DEFINE_integer("workers", 1, "Processes generating scans in par
 _PREVIEW = flags.DEFINE_string("preview", None, "Write a PNG of a few slices of the first scans here.")
 _PREVIEW_SCANS = flags.DEFINE_list("preview_scans", ["0", "1"], "Indices of the scans the preview shows.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Regenerate scans whose folder already exists.")
+_VERSION = flags.DEFINE_enum(
+    "phantom_version", "1", ["1", "2"], "Generator version (data_prep.phantom.generator: what v2 changes)."
+)
 
 
 def _one(args):
     """Generates and writes one scan; returns (index, summary, scan kept for the preview or None)."""
-    out, seed, index, protocol, size, keep, overwrite = args
+    out, seed, index, protocol, size, keep, overwrite, version = args
     folder = os.path.join(out, scan_name(seed, index, protocol))
     if not overwrite and not keep and os.path.exists(os.path.join(folder, "truth.json")):
         return index, None, None
-    scan = generate_scan(seed, index, protocol, size=size)
+    scan = generate_scan(seed, index, protocol, size=size, version=version)
     write_scan(scan, out, seed=seed, index=index)
     ref = scan.truth["reference"]
     summary = (scan.name, protocol, scan.hu.shape[0], ref["agatston"], ref["risk_category_name"])
@@ -58,6 +61,7 @@ def main(argv):
             _SIZE.value,
             _PREVIEW.value is not None and str(i) in _PREVIEW_SCANS.value,
             _OVERWRITE.value,
+            int(_VERSION.value),
         )
         for i in range(_SCANS.value)
     ]

@@ -119,8 +119,14 @@ def plan_lesions(
     return blobs
 
 
-def _lesion_on(arteries, coronaries, z_lo, z_hi, rng, motion, *, length, width, peak, scalable) -> Blob:
-    for _ in range(100):
+def _lesion_on(
+    arteries, coronaries, z_lo, z_hi, rng, motion, *, length, width, peak, scalable, at=None
+) -> Blob:
+    """A lesion on a random artery point inside ``z_lo..z_hi`` (or at ``at = (artery, point index)``)."""
+    if at is not None:
+        artery, i = at
+        line = coronaries[artery]
+    for _ in range(0 if at is not None else 100):
         artery = str(rng.choice(arteries, p=_artery_weights(arteries)))
         line = coronaries[artery]
         i = int(rng.integers(0, len(line.points)))
@@ -141,6 +147,65 @@ def _lesion_on(arteries, coronaries, z_lo, z_hi, rng, motion, *, length, width, 
         motion=motion if moving else np.zeros(3),
         scalable=scalable,
     )
+
+
+# Phantom v2 plaques (issue 14, driven by docs/realism): the real sample's lesions peak lower (median 306
+# against v1's 449 HU) and its large plaques are confluent runs along the LAD and LCX. v2 draws the weight
+# band with these probabilities (130-199, 200-299, 300-399, >= 400 HU) instead of uniformly, and turns a
+# lesion, with CLUSTER_PROBABILITY, into 2-4 overlapping eccentric blobs along its vessel.
+V2_BAND_PROBABILITIES = (0.3, 0.3, 0.2, 0.2)
+CLUSTER_PROBABILITY = 0.45
+CLUSTER_STEP = (0.5, 0.9)  # spacing of a cluster's blobs along the vessel, in blob lengths
+
+
+def plan_lesions_v2(
+    target_category: int,
+    coronaries: dict[str, Centerline],
+    acq: Acquisition,
+    rng: np.random.Generator,
+) -> list[Blob]:
+    """Phantom v2 lesions: v1's sizes per category, lower peaks, and confluent clusters (see above)."""
+    if target_category == 0:
+        return []
+    (n_lo, n_hi), (l_lo, l_hi), (w_lo, w_hi) = _CATEGORY_PLAN[target_category]
+    n = int(rng.integers(n_lo, n_hi + 1))
+    zs = acq.slice_z()
+    z_lo, z_hi = zs[0] + 4.0, zs[-1] - 4.0
+    motion_dir = np.array([np.cos(acq.motion_angle_rad), np.sin(acq.motion_angle_rad), 0.0])
+    place = functools.partial(
+        _lesion_on, list(coronaries), coronaries, z_lo, z_hi, rng, motion_dir * acq.motion_mm
+    )
+    blobs = []
+    for _ in range(n):
+        band = int(rng.choice(4, p=V2_BAND_PROBABILITIES))
+        length, width = rng.uniform(l_lo, l_hi), rng.uniform(w_lo, w_hi)
+        peak = rng.uniform(*WEIGHT_BANDS_HU[band])
+        first = place(length=length, width=width, peak=peak, scalable=True)
+        blobs.append(first)
+        if rng.uniform() >= CLUSTER_PROBABILITY:
+            continue
+        line = coronaries[first.artery]
+        i = int(np.argmin(np.linalg.norm(line.points - first.centre, axis=1)))
+        step_mm = float(np.linalg.norm(np.diff(line.points, axis=0), axis=1).mean())
+        direction = 1 if rng.uniform() < 0.5 else -1
+        for _ in range(int(rng.integers(1, 4))):
+            i += direction * max(1, int(round(rng.uniform(*CLUSTER_STEP) * length / step_mm)))
+            if not (0 <= i < len(line.points)) or not (z_lo <= line.points[i, 2] <= z_hi):
+                break
+            peak_k = float(np.clip(peak * rng.uniform(0.8, 1.2), WEIGHT_BANDS_HU[0][0], MAX_DENSITY_HU))
+            blobs.append(
+                place(
+                    length=length * rng.uniform(0.7, 1.2),
+                    width=width * rng.uniform(0.8, 1.1),
+                    peak=peak_k,
+                    scalable=True,
+                    at=(first.artery, i),
+                )
+            )
+    if rng.uniform() < 0.6:  # a speck under the 1 mm^2 Agatston limit, as in v1
+        peak = rng.uniform(*WEIGHT_BANDS_HU[int(rng.integers(1, 4))])
+        blobs.append(place(length=0.7, width=0.6, peak=peak, scalable=False))
+    return blobs
 
 
 def _artery_weights(arteries):

@@ -6,6 +6,13 @@ category (``target_category``); lesion sizes are rescaled (up to ``MAX_TRIES`` r
 reference Agatston of the written image falls in it, so a seeded set covers every category.
 
 Noise is Gaussian, correlated in-plane (CT kernels; sigma 0.7 px) and scaled to the protocol's SD.
+
+``version`` 2 (phantom v2, issue 14; ``truth.json`` says which) changes what ``docs/realism`` showed the
+real sample does differently, and nothing else: plaques (``calcium.plan_lesions_v2``: lower peaks,
+confluent clusters along the vessel), noise SD (cardiac 10-25, chest 12-35 HU, where v1's chest noise was
+four times the sample's) and noise texture (correlation sigma drawn per scan, 0.7-1.6 px: the real gated
+noise is coarser than v1's). Version 1 stays the default and byte-identical, since reference outputs
+(``calcjax/models/reference_scores.csv``) and tests are pinned to it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from data_prep.phantom.tissue import AxialGrid, render_tissue
 MAX_TRIES = 8
 MAX_LESION_MM = 11.0  # largest lesion extent the size search may reach ("sizes ... to ~10 mm")
 NOISE_CORRELATION_PX = 0.7
+V2_NOISE_SD_HU = {"cardiac": (10.0, 25.0), "chest": (12.0, 35.0)}
+V2_NOISE_CORRELATION_PX = (0.7, 1.6)
+VERSIONS = (1, 2)
 AIR_HU = float(dicom.AIR_HU)
 
 
@@ -74,22 +84,34 @@ def scan_name(seed: int, index: int, protocol: str) -> str:
     return f"phantom-s{seed}-{index:04d}-{protocol}"
 
 
-def _noise(shape, sd: float, rng: np.random.Generator) -> np.ndarray:
+def _noise(shape, sd: float, rng: np.random.Generator, sigma_px: float = NOISE_CORRELATION_PX) -> np.ndarray:
     n = rng.standard_normal(shape, dtype=np.float32)
-    ndimage.gaussian_filter(n, sigma=(0, NOISE_CORRELATION_PX, NOISE_CORRELATION_PX), output=n)
-    delta = np.zeros((9, 9), dtype=np.float64)
-    delta[4, 4] = 1.0
-    gain = np.sqrt((ndimage.gaussian_filter(delta, NOISE_CORRELATION_PX) ** 2).sum())
+    ndimage.gaussian_filter(n, sigma=(0, sigma_px, sigma_px), output=n)
+    delta = np.zeros((15, 15), dtype=np.float64)
+    delta[7, 7] = 1.0
+    gain = np.sqrt((ndimage.gaussian_filter(delta, sigma_px) ** 2).sum())
     n *= np.float32(sd / gain)
     return n
 
 
 def generate_scan(
-    seed: int, index: int, protocol: str, *, size: int = 512, target_category: int | None = None
+    seed: int,
+    index: int,
+    protocol: str,
+    *,
+    size: int = 512,
+    target_category: int | None = None,
+    version: int = 1,
 ) -> PhantomScan:
-    """Generates scan ``index`` of the run ``seed`` in memory (see module docstring)."""
+    """Generates scan ``index`` of the run ``seed`` in memory (see module docstring; ``version`` 1 or 2)."""
+    if version not in VERSIONS:
+        raise ValueError(f"phantom version {version!r}; expected one of {VERSIONS}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
+    noise_sigma_px = NOISE_CORRELATION_PX
+    if version == 2:
+        acq = dataclasses.replace(acq, noise_sd_hu=float(rng.uniform(*V2_NOISE_SD_HU[protocol])))
+        noise_sigma_px = float(rng.uniform(*V2_NOISE_CORRELATION_PX))
     patient = sample_patient(rng)
     if target_category is None:
         target_category = index % 5
@@ -97,13 +119,14 @@ def generate_scan(
     zs = acq.slice_z()
     aorta = aorta_centerline(patient, float(zs[0]))
     base = render_tissue(acq, patient, list(coronaries.values()), aorta, rng)
-    noise = _noise(base.shape, acq.noise_sd_hu, rng)
+    noise = _noise(base.shape, acq.noise_sd_hu, rng, noise_sigma_px)
     axial = AxialGrid.from_acquisition(acq)
     off = (np.arange(size) - (size - 1) / 2.0) * acq.pixel_mm
     in_fov = (off[None, :] ** 2 + off[:, None] ** 2) <= (acq.fov_mm / 2.0) ** 2
 
     confounders = calcium.plan_confounders(patient, coronaries, aorta, acq, rng)
-    lesions = calcium.plan_lesions(target_category, coronaries, acq, rng)
+    plan = calcium.plan_lesions_v2 if version == 2 else calcium.plan_lesions
+    lesions = plan(target_category, coronaries, acq, rng)
     conf_hu = np.full(base.shape, -np.inf, dtype=np.float32)
     conf_id = np.zeros(base.shape, dtype=np.int32)
     calcium.render_blobs(confounders, base, axial, acq, conf_hu, conf_id, first_id=1)
@@ -151,6 +174,7 @@ def generate_scan(
     truth = _truth(
         name, acq, grid, hu, label, owner_id, lesions, confounders, first_lesion, ref, target_category, scale
     )
+    truth["phantom_version"] = version
     return PhantomScan(name, acq, grid, hu, stored, label, truth)
 
 

@@ -273,14 +273,15 @@ def real_scans(root: str) -> dict[str, list[tuple]]:
     return out
 
 
-def phantom_scans(count: int, seed: int, size: int) -> dict[str, list[tuple]]:
-    """``count`` phantom scans per protocol, generated in memory (``data_prep.phantom.generator``)."""
+def phantom_scans(count: int, seed: int, size: int, version: int = 1) -> dict[str, list[tuple]]:
+    """``count`` phantom scans per protocol, generated in memory (``data_prep.phantom.generator``, its
+    ``version``)."""
     from data_prep.phantom.generator import generate_scan
 
     out: dict[str, list[tuple]] = {"phantom gated": [], "phantom chest": []}
     for i in tqdm(range(2 * count), desc="phantom scans", unit="scan"):
         protocol = "cardiac" if i % 2 == 0 else "chest"
-        scan = generate_scan(seed, i, protocol, size=size, target_category=2 + (i // 2) % 3)
+        scan = generate_scan(seed, i, protocol, size=size, target_category=2 + (i // 2) % 3, version=version)
         group = "phantom gated" if protocol == "cardiac" else "phantom chest"
         out[group].append((scan.hu, scan.label, scan.grid.spacing))
     return out
@@ -372,11 +373,15 @@ _OUT = flags.DEFINE_string("out", "docs/realism", "Output folder (realism.png, r
 _PHANTOMS = flags.DEFINE_integer("phantoms", 2, "Phantom scans per protocol.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Phantom seed.")
 _SIZE = flags.DEFINE_integer("size", 512, "Phantom matrix size.")
+_VERSION = flags.DEFINE_integer("phantom_version", 1, "Phantom generator version (1 or 2).")
 
 
 def main(argv):
     del argv
-    groups = {**real_scans(_REAL.value), **phantom_scans(_PHANTOMS.value, _SEED.value, _SIZE.value)}
+    groups = {
+        **real_scans(_REAL.value),
+        **phantom_scans(_PHANTOMS.value, _SEED.value, _SIZE.value, _VERSION.value),
+    }
     result = measure(groups)
     os.makedirs(_OUT.value, exist_ok=True)
     write_jsonl(result, os.path.join(_OUT.value, "realism.jsonl"))
