@@ -190,13 +190,12 @@ def _v2_draws(count: int, version: int):
     from data_prep.phantom.acquisition import sample_acquisition
     from data_prep.phantom.anatomy import coronary_centerlines, sample_patient
 
-    plan = calcium.plan_lesions_v2 if version == 2 else calcium.plan_lesions
     out = []
     for i in range(count):
         rng = np.random.default_rng(np.random.SeedSequence([20261130, i]))
         acq = sample_acquisition("cardiac", rng, 128)
         coronaries = coronary_centerlines(sample_patient(rng))
-        out.append((plan(3, coronaries, acq, rng), coronaries))
+        out.append((calcium.plan_lesions(3, coronaries, acq, rng, version), coronaries))
     return out
 
 

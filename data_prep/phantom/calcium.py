@@ -87,36 +87,26 @@ _CATEGORY_PLAN = {
 }
 
 
-def plan_lesions(
-    target_category: int,
-    coronaries: dict[str, Centerline],
-    acq: Acquisition,
-    rng: np.random.Generator,
-) -> list[Blob]:
-    """Coronary lesions sized for ``target_category`` (0-4), within the scan's z coverage."""
-    if target_category == 0:
-        return []
-    (n_lo, n_hi), (l_lo, l_hi), (w_lo, w_hi) = _CATEGORY_PLAN[target_category]
+def _lesion_plan(target_category, coronaries, acq, rng):
+    """The lesion count (drawn), length and width ranges (mm) of ``target_category``, the z range (mm) a
+    lesion centre may take (the scan's coverage less 4 mm margins), and ``place``: a lesion placed on a
+    coronary point in that range."""
+    (n_lo, n_hi), lengths, widths = _CATEGORY_PLAN[target_category]
     n = int(rng.integers(n_lo, n_hi + 1))
     zs = acq.slice_z()
     z_lo, z_hi = zs[0] + 4.0, zs[-1] - 4.0
     motion_dir = np.array([np.cos(acq.motion_angle_rad), np.sin(acq.motion_angle_rad), 0.0])
-    bands = rng.permutation(4) if target_category == 4 else rng.integers(0, 4, size=n)
     place = functools.partial(
         _lesion_on, list(coronaries), coronaries, z_lo, z_hi, rng, motion_dir * acq.motion_mm
     )
-    blobs = []
-    for i in range(n):
-        band = int(bands[i % len(bands)])
-        length, width = rng.uniform(l_lo, l_hi), rng.uniform(w_lo, w_hi)
-        blobs.append(
-            place(length=length, width=width, peak=rng.uniform(*WEIGHT_BANDS_HU[band]), scalable=True)
-        )
-    # A speck under the 1 mm^2 Agatston limit: annotated, must not count.
+    return n, lengths, widths, (z_lo, z_hi), place
+
+
+def _add_speck(blobs: list[Blob], place, rng: np.random.Generator) -> None:
+    """With probability 0.6, a speck under the 1 mm^2 Agatston limit: annotated, must not count."""
     if rng.uniform() < 0.6:
         peak = rng.uniform(*WEIGHT_BANDS_HU[int(rng.integers(1, 4))])
         blobs.append(place(length=0.7, width=0.6, peak=peak, scalable=False))
-    return blobs
 
 
 def _lesion_on(
@@ -158,54 +148,59 @@ CLUSTER_PROBABILITY = 0.45
 CLUSTER_STEP = (0.5, 0.9)  # spacing of a cluster's blobs along the vessel, in blob lengths
 
 
-def plan_lesions_v2(
+def plan_lesions(
     target_category: int,
     coronaries: dict[str, Centerline],
     acq: Acquisition,
     rng: np.random.Generator,
+    version: int = 1,
 ) -> list[Blob]:
-    """Phantom v2 lesions: v1's sizes per category, lower peaks, and confluent clusters (see above)."""
+    """Coronary lesions sized for ``target_category`` (0-4), within the scan's z coverage. ``version`` 2
+    (phantom v2): peaks drawn with ``V2_BAND_PROBABILITIES`` and confluent clusters (above); version 1
+    draws exactly what it always drew."""
     if target_category == 0:
         return []
-    (n_lo, n_hi), (l_lo, l_hi), (w_lo, w_hi) = _CATEGORY_PLAN[target_category]
-    n = int(rng.integers(n_lo, n_hi + 1))
-    zs = acq.slice_z()
-    z_lo, z_hi = zs[0] + 4.0, zs[-1] - 4.0
-    motion_dir = np.array([np.cos(acq.motion_angle_rad), np.sin(acq.motion_angle_rad), 0.0])
-    place = functools.partial(
-        _lesion_on, list(coronaries), coronaries, z_lo, z_hi, rng, motion_dir * acq.motion_mm
-    )
+    n, (l_lo, l_hi), (w_lo, w_hi), z_range, place = _lesion_plan(target_category, coronaries, acq, rng)
+    if version == 1:
+        bands = rng.permutation(4) if target_category == 4 else rng.integers(0, 4, size=n)
     blobs = []
-    for _ in range(n):
-        band = int(rng.choice(4, p=V2_BAND_PROBABILITIES))
+    for i in range(n):
+        band = int(bands[i % len(bands)]) if version == 1 else int(rng.choice(4, p=V2_BAND_PROBABILITIES))
         length, width = rng.uniform(l_lo, l_hi), rng.uniform(w_lo, w_hi)
-        peak = rng.uniform(*WEIGHT_BANDS_HU[band])
-        first = place(length=length, width=width, peak=peak, scalable=True)
+        first = place(length=length, width=width, peak=rng.uniform(*WEIGHT_BANDS_HU[band]), scalable=True)
         blobs.append(first)
-        if rng.uniform() >= CLUSTER_PROBABILITY:
-            continue
-        line = coronaries[first.artery]
-        i = int(np.argmin(np.linalg.norm(line.points - first.centre, axis=1)))
-        step_mm = float(np.linalg.norm(np.diff(line.points, axis=0), axis=1).mean())
-        direction = 1 if rng.uniform() < 0.5 else -1
-        for _ in range(int(rng.integers(1, 4))):
-            i += direction * max(1, int(round(rng.uniform(*CLUSTER_STEP) * length / step_mm)))
-            if not (0 <= i < len(line.points)) or not (z_lo <= line.points[i, 2] <= z_hi):
-                break
-            peak_k = float(np.clip(peak * rng.uniform(0.8, 1.2), WEIGHT_BANDS_HU[0][0], MAX_DENSITY_HU))
-            blobs.append(
-                place(
-                    length=length * rng.uniform(0.7, 1.2),
-                    width=width * rng.uniform(0.8, 1.1),
-                    peak=peak_k,
-                    scalable=True,
-                    at=(first.artery, i),
-                )
-            )
-    if rng.uniform() < 0.6:  # a speck under the 1 mm^2 Agatston limit, as in v1
-        peak = rng.uniform(*WEIGHT_BANDS_HU[int(rng.integers(1, 4))])
-        blobs.append(place(length=0.7, width=0.6, peak=peak, scalable=False))
+        if version == 2 and rng.uniform() < CLUSTER_PROBABILITY:
+            blobs += _cluster(first, length, width, coronaries, z_range, place, rng)
+    _add_speck(blobs, place, rng)
     return blobs
+
+
+def _cluster(first: Blob, length, width, coronaries, z_range, place, rng: np.random.Generator) -> list[Blob]:
+    """1-3 more blobs next to ``first`` (drawn ``length`` x ``width`` mm) along its vessel, in one
+    direction, each ``CLUSTER_STEP`` of the length further on, with sizes and peaks near ``first``'s
+    (stops at the vessel's end or the z range)."""
+    line = coronaries[first.artery]
+    i = int(np.argmin(np.linalg.norm(line.points - first.centre, axis=1)))
+    step_mm = float(np.linalg.norm(np.diff(line.points, axis=0), axis=1).mean())
+    direction = 1 if rng.uniform() < 0.5 else -1
+    out = []
+    for _ in range(int(rng.integers(1, 4))):
+        i += direction * max(1, int(round(rng.uniform(*CLUSTER_STEP) * length / step_mm)))
+        if not (0 <= i < len(line.points)) or not (z_range[0] <= line.points[i, 2] <= z_range[1]):
+            break
+        peak = float(
+            np.clip(first.target_peak_hu * rng.uniform(0.8, 1.2), WEIGHT_BANDS_HU[0][0], MAX_DENSITY_HU)
+        )
+        out.append(
+            place(
+                length=length * rng.uniform(0.7, 1.2),
+                width=width * rng.uniform(0.8, 1.1),
+                peak=peak,
+                scalable=True,
+                at=(first.artery, i),
+            )
+        )
+    return out
 
 
 def _artery_weights(arteries):

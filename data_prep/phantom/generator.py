@@ -8,7 +8,7 @@ reference Agatston of the written image falls in it, so a seeded set covers ever
 Noise is Gaussian, correlated in-plane (CT kernels; sigma 0.7 px) and scaled to the protocol's SD.
 
 ``version`` 2 (phantom v2, issue 14; ``truth.json`` says which) changes what ``docs/realism`` showed the
-real sample does differently, and nothing else: plaques (``calcium.plan_lesions_v2``: lower peaks,
+real sample does differently, and nothing else: plaques (``calcium.plan_lesions``: lower peaks,
 confluent clusters along the vessel), noise SD (cardiac 10-25, chest 12-35 HU, where v1's chest noise was
 four times the sample's) and noise texture (correlation sigma drawn per scan, 0.7-1.6 px: the real gated
 noise is coarser than v1's). Version 1 stays the default and byte-identical, since reference outputs
@@ -125,8 +125,7 @@ def generate_scan(
     in_fov = (off[None, :] ** 2 + off[:, None] ** 2) <= (acq.fov_mm / 2.0) ** 2
 
     confounders = calcium.plan_confounders(patient, coronaries, aorta, acq, rng)
-    plan = calcium.plan_lesions_v2 if version == 2 else calcium.plan_lesions
-    lesions = plan(target_category, coronaries, acq, rng)
+    lesions = calcium.plan_lesions(target_category, coronaries, acq, rng, version)
     conf_hu = np.full(base.shape, -np.inf, dtype=np.float32)
     conf_id = np.zeros(base.shape, dtype=np.int32)
     calcium.render_blobs(confounders, base, axial, acq, conf_hu, conf_id, first_id=1)
