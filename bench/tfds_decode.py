@@ -5,12 +5,12 @@
 The same records (real-looking 512x512 phantom slices: ``C = 3`` int16 HU slices, the uint8 label and the
 scalar fields) serialised two ways: calcjax's record today (``calcjax.io.records``: a TFDS
 ``tf.train.Example`` of ``records.FEATURES``, decoded by TFDS's ``deserialize_example_np`` without
-TensorFlow, plus the schema and CRC-32 checks) and the baseline, calcjax's earlier record (schema 1: JSON
-header, raw arrays, CRC-32; its codec is kept below only as this baseline). Per format, one JSON line each:
-records/s of decode alone, and of decode + the training stream's per-record work
-(``calcjax.input_pipeline.augment`` on a 96x96 crop, configs/smoke.py), best of ``--repeats``; and
-``tfds_over_schema1`` for both (issue 16's rule: keep TFDS only if the pipeline loses no more than 10%,
-i.e. the ratio >= 0.9).
+TensorFlow, plus its schema and shape checks; no CRC, since ArrayRecord's chunks are hashed) and the
+baseline, calcjax's earlier record (schema 1: JSON header, raw arrays, CRC-32; its codec is kept below only
+as this baseline). Per format, one JSON line each: records/s of decode alone, and of decode + the training
+stream's per-record work (``calcjax.input_pipeline.augment`` on a 96x96 crop, configs/smoke.py), best of
+``--repeats``; and ``tfds_over_schema1`` for both (issue 16's rule: keep TFDS only if the pipeline loses
+no more than 10%, i.e. the ratio >= 0.9).
 """
 
 from __future__ import annotations

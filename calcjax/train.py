@@ -204,7 +204,8 @@ def train_and_evaluate(
                 last = acc.line(int(state.skipped))
                 writer.write(done, last)
                 bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
-            if val_split is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+            evaluating = done % tcfg.eval_every == 0 or done == tcfg.steps
+            if val_split is not None and evaluating:
                 val = evaluator.evaluate(
                     state, val_split, 0 if done == tcfg.steps else tcfg.get("eval_max_scans", 0)
                 )
@@ -215,7 +216,7 @@ def train_and_evaluate(
                     if best is None or val["val_voxel_f1"] > best:
                         best = val["val_voxel_f1"]
                         ckpt.save_best(state, cfg_dict, {**val, "step": done})
-            if real_split is not None and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+            if real_split is not None and evaluating:
                 real = evaluator.evaluate(state, real_split, use_heart_region=True, prefix="real")
                 if real:
                     writer.write(done, real)
