@@ -1,7 +1,7 @@
 r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground truth.
 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
-      [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2]
+      [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
 ``label.nii.gz``, ``calcium.xml`` (COCA-style plist) and ``truth.json``. A scan folder appears whole or not
@@ -31,7 +31,7 @@ _PREVIEW = flags.DEFINE_string("preview", None, "Write a PNG of a few slices of 
 _PREVIEW_SCANS = flags.DEFINE_list("preview_scans", ["0", "1"], "Indices of the scans the preview shows.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Regenerate scans whose folder already exists.")
 _VERSION = flags.DEFINE_enum(
-    "phantom_version", "1", ["1", "2"], "Generator version (data_prep.phantom.generator: what v2 changes)."
+    "phantom_version", "1", ["1", "2", "3"], "Generator version (data_prep.phantom.generator: what v2 and v3 change)."
 )
 
 

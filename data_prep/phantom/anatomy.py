@@ -64,6 +64,12 @@ class Patient:
       cancellous_hu: mean HU of vertebral cancellous bone (150-300, crossing 130 HU).
       cortical_hu: HU of cortical bone (800-1500).
       z_diaphragm: z (mm) of the right hemidiaphragm dome; the left one lies 15 mm lower.
+      thorax_scale: (x, y) factors on the lungs' and the spine's in-plane positions and sizes (v3 scales
+        them with the body; 1 before).
+      groove_fat_mm: fat around each coronary lumen (mm): v1/v2 a 3 mm sleeve, v3 a 5-8 mm groove.
+      pericardial_fat_mm: thickness of the fat shell around the heart (mm).
+      chambers: v3 only: atria, pulmonary trunk and ventricular cavity are drawn (``anatomy_v3``).
+      cavity_contrast_hu: how much lower the ventricular blood reads than the myocardium (HU; v3).
     """
 
     body_axes: tuple[float, float]
@@ -76,6 +82,11 @@ class Patient:
     cancellous_hu: float
     cortical_hu: float
     z_diaphragm: float
+    thorax_scale: tuple[float, float] = (1.0, 1.0)
+    groove_fat_mm: float = 3.0
+    pericardial_fat_mm: float = 4.0
+    chambers: bool = False
+    cavity_contrast_hu: float = 0.0
 
     @property
     def heart_centre(self) -> np.ndarray:

@@ -48,6 +48,8 @@ class Blob:
       target_peak_hu: noise-free peak HU the density is solved for.
       motion: LPS mm vector of in-plane cardiac motion (blur along it), zeros when gated.
       scalable: whether the risk-category search may scale the size.
+      max_density_hu: cap on the solved density (calcium 3000 HU; metal far above, so a thin wire still
+        saturates the 12-bit range as steel does).
       density_hu, peak_noise_free_hu: set by rendering.
     """
 
@@ -59,6 +61,7 @@ class Blob:
     target_peak_hu: float
     motion: np.ndarray
     scalable: bool = True
+    max_density_hu: float = MAX_DENSITY_HU
     density_hu: float = float("nan")
     peak_noise_free_hu: float = float("nan")
 
@@ -156,8 +159,8 @@ def plan_lesions(
     version: int = 1,
 ) -> list[Blob]:
     """Coronary lesions sized for ``target_category`` (0-4), within the scan's z coverage. ``version`` 2
-    (phantom v2): peaks drawn with ``V2_BAND_PROBABILITIES`` and confluent clusters (above); version 1
-    draws exactly what it always drew."""
+    and 3 (phantom v2/v3): peaks drawn with ``V2_BAND_PROBABILITIES`` and confluent clusters (above);
+    version 1 draws exactly what it always drew."""
     if target_category == 0:
         return []
     n, (l_lo, l_hi), (w_lo, w_hi), z_range, place = _lesion_plan(target_category, coronaries, acq, rng)
@@ -169,7 +172,7 @@ def plan_lesions(
         length, width = rng.uniform(l_lo, l_hi), rng.uniform(w_lo, w_hi)
         first = place(length=length, width=width, peak=rng.uniform(*WEIGHT_BANDS_HU[band]), scalable=True)
         blobs.append(first)
-        if version == 2 and rng.uniform() < CLUSTER_PROBABILITY:
+        if version >= 2 and rng.uniform() < CLUSTER_PROBABILITY:
             blobs += _cluster(first, length, width, coronaries, z_range, place, rng)
     _add_speck(blobs, place, rng)
     return blobs
@@ -255,16 +258,10 @@ def plan_confounders(
             blobs.append(ball(p, 1.3, peak, "mitral_annulus"))
     # Costal cartilage calcification: specks in the anterior cartilage beside the sternum.
     if rng.uniform() < 0.6:
-        a, b = patient.body_axes
         for _ in range(int(rng.integers(2, 6))):
             alpha = np.pi - rng.uniform(0.2, 0.45)
             sign = rng.choice([-1.0, 1.0])
-            depth = 21.0
-            rr = np.sqrt((a * np.sin(alpha)) ** 2 + (b * np.cos(alpha)) ** 2)
-            scale = (rr - depth) / rr
-            p = np.array(
-                [sign * a * np.sin(alpha) * scale, b * np.cos(alpha) * scale, rng.uniform(-60.0, 20.0)]
-            )
+            p = chest_wall_point(patient, alpha, sign, rng.uniform(-60.0, 20.0))
             blobs.append(ball(p, rng.uniform(0.8, 1.8), rng.uniform(200.0, 600.0), "costal_cartilage"))
     # Blobs just above 130 HU in the myocardium beside the arteries (noise makes some cross 130).
     for _ in range(int(rng.integers(3, 8))):
@@ -274,6 +271,16 @@ def plan_confounders(
         p = line.points[i] + inward / np.linalg.norm(inward) * (line.radii[i] + 4.0)
         blobs.append(ball(p, rng.uniform(0.8, 1.3), rng.uniform(135.0, 165.0), "near_threshold"))
     return [bl for bl in blobs if in_z(bl.centre)]
+
+
+def chest_wall_point(patient: Patient, alpha: float, sign: float, z: float, depth: float = 21.0) -> np.ndarray:
+    """LPS mm of the rib / costal cartilage line (``depth`` mm under the skin of the body ellipse) at the
+    body-polar angle ``alpha`` (0 posterior, pi anterior; ``tissue._paint_ribs``), on the patient's left
+    (``sign`` +1) or right (-1), at height ``z``."""
+    a, b = patient.body_axes
+    rr = np.sqrt((a * np.sin(alpha)) ** 2 + (b * np.cos(alpha)) ** 2)
+    scale = (rr - depth) / rr
+    return np.array([sign * a * np.sin(alpha) * scale, b * np.cos(alpha) * scale, z])
 
 
 def render_blobs(
@@ -331,7 +338,7 @@ def render_blobs(
         k = int(np.argmax(frac))
         p_max, b_at = frac.flat[k], sub_base.flat[k]
         density = b_at + (blob.target_peak_hu - b_at) / max(p_max, 1e-6)
-        blob.density_hu = float(min(density, MAX_DENSITY_HU))
+        blob.density_hu = float(min(density, blob.max_density_hu))
         hu = sub_base * (1.0 - frac) + blob.density_hu * frac
         blob.peak_noise_free_hu = float(hu.max())
         claim = (frac > 0.01) & (hu > owner_hu[box])

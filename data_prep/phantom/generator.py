@@ -13,6 +13,12 @@ confluent clusters along the vessel), noise SD (cardiac 10-25, chest 12-35 HU, w
 four times the sample's) and noise texture (correlation sigma drawn per scan, 0.7-1.6 px: the real gated
 noise is coarser than v1's). Version 1 stays the default and byte-identical, since reference outputs
 (``calcjax/models/reference_scores.csv``) and tests are pinned to it.
+
+``version`` 3 is v2 plus anatomy and confounders (``anatomy_v3``, ``confounders_v3``): an adult-sized
+body that a chest field of view is fitted to (body width + 5-40 mm), a larger heart with atria, a
+ventricular cavity, the pulmonary trunk and fat-filled grooves around the coronaries, lung vessel trees,
+and rib ends, costal cartilage calcification, calcified lymph nodes, sternal wires and pacemaker leads.
+Its extra draws come after v2's, so v2 scans stay what they were.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from scipy import ndimage
 from calcjax import agatston
 from calcjax.io import dicom, labels
 from calcjax.io.geometry import Grid
-from data_prep.phantom import annotations, calcium, dicom_series
+from data_prep.phantom import anatomy_v3, annotations, calcium, confounders_v3, dicom_series
 from data_prep.phantom.acquisition import (
     HU_MAX,
     HU_MIN,
@@ -46,7 +52,8 @@ MAX_LESION_MM = 11.0  # largest lesion extent the size search may reach ("sizes 
 NOISE_CORRELATION_PX = 0.7
 V2_NOISE_SD_HU = {"cardiac": (10.0, 25.0), "chest": (12.0, 35.0)}
 V2_NOISE_CORRELATION_PX = (0.7, 1.6)
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
+CHEST_FOV_MARGIN_MM = (5.0, 40.0)  # v3: chest FOV = body width + this (clipped to 320-480 mm)
 AIR_HU = float(dicom.AIR_HU)
 
 
@@ -109,22 +116,31 @@ def generate_scan(
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
     noise_sigma_px = NOISE_CORRELATION_PX
-    if version == 2:
+    if version >= 2:
         acq = dataclasses.replace(acq, noise_sd_hu=float(rng.uniform(*V2_NOISE_SD_HU[protocol])))
         noise_sigma_px = float(rng.uniform(*V2_NOISE_CORRELATION_PX))
     patient = sample_patient(rng)
     if target_category is None:
         target_category = index % 5
+    lung_vessels = []
+    if version >= 3:
+        patient = anatomy_v3.enlarge(patient, rng)
+        lung_vessels = anatomy_v3.lung_vessel_trees(patient, rng)
+        if protocol == "chest":
+            fov = 2.0 * patient.body_axes[0] + float(rng.uniform(*CHEST_FOV_MARGIN_MM))
+            acq = dataclasses.replace(acq, fov_mm=float(np.clip(fov, 320.0, 480.0)))
     coronaries = coronary_centerlines(patient)
     zs = acq.slice_z()
     aorta = aorta_centerline(patient, float(zs[0]))
-    base = render_tissue(acq, patient, list(coronaries.values()), aorta, rng)
+    base = render_tissue(acq, patient, list(coronaries.values()), aorta, rng, lung_vessels)
     noise = _noise(base.shape, acq.noise_sd_hu, rng, noise_sigma_px)
     axial = AxialGrid.from_acquisition(acq)
     off = (np.arange(size) - (size - 1) / 2.0) * acq.pixel_mm
     in_fov = (off[None, :] ** 2 + off[:, None] ** 2) <= (acq.fov_mm / 2.0) ** 2
 
     confounders = calcium.plan_confounders(patient, coronaries, aorta, acq, rng)
+    if version >= 3:
+        confounders += confounders_v3.plan_confounders_v3(patient, acq, rng)
     lesions = calcium.plan_lesions(target_category, coronaries, acq, rng, version)
     conf_hu = np.full(base.shape, -np.inf, dtype=np.float32)
     conf_id = np.zeros(base.shape, dtype=np.int32)

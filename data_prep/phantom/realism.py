@@ -373,7 +373,7 @@ _OUT = flags.DEFINE_string("out", "docs/realism", "Output folder (realism.png, r
 _PHANTOMS = flags.DEFINE_integer("phantoms", 2, "Phantom scans per protocol.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Phantom seed.")
 _SIZE = flags.DEFINE_integer("size", 512, "Phantom matrix size.")
-_VERSION = flags.DEFINE_integer("phantom_version", 1, "Phantom generator version (1 or 2).")
+_VERSION = flags.DEFINE_integer("phantom_version", 1, "Phantom generator version (1, 2 or 3).")
 
 
 def main(argv):

@@ -11,10 +11,12 @@ Edges are soft ramps one pixel wide (partial volume). The output is float32 ``(z
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from data_prep.phantom import anatomy_v3
 from data_prep.phantom.acquisition import Acquisition
 from data_prep.phantom.anatomy import Centerline, Patient
 
@@ -22,6 +24,7 @@ AIR, LUNG, FAT, MUSCLE, BLOOD, CARTILAGE, LIVER, CSF = -1000.0, -850.0, -100.0, 
 RIB_TOP_Z, RIB_PITCH_MM, RIB_DROP_MM, NUM_RIBS = 150.0, 27.0, 60.0, 12
 VERTEBRA_PITCH_MM, DISC_MM = 26.0, 6.0
 LUNG_APEX_Z = 140.0
+LUNG_VESSEL_BELOW_HU = -500.0  # v3 lung vessels are painted only where the tissue reads below this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +107,14 @@ def render_tissue(
     coronaries: list[Centerline],
     aorta: Centerline,
     rng: np.random.Generator,
+    lung_vessels: Sequence[Centerline] = (),
 ) -> np.ndarray:
-    """Noise-free HU volume ``(z, y, x)`` float32 of the thorax for ``acq``."""
+    """Noise-free HU volume ``(z, y, x)`` float32 of the thorax for ``acq``.
+
+    Phantom v3 (``patient.chambers``, ``anatomy_v3``) adds the atria, the ventricular cavity, the
+    pulmonary trunk and the posterior interventricular groove; ``lung_vessels`` (v3) are painted as blood
+    where the lungs are.
+    """
     grid = AxialGrid.from_acquisition(acq)
     w = grid.pixel_mm
     x, y = np.meshgrid(grid.xs, grid.ys)  # (y, x) arrays of LPS mm
@@ -120,19 +129,20 @@ def render_tissue(
     _paint(tmpl, cavity, FAT - 10)
     for sx in (-1.0, 1.0):
         _paint(tmpl, _ramp(_ellipse_distance(x, y, 38 * sx, b - 30, 26, 17), w), MUSCLE)
-    lung_r = _ramp(_ellipse_distance(x, y, -70.0, 10.0, 66.0, 90.0), w) * cavity
-    lung_l = _ramp(_ellipse_distance(x, y, 76.0, 15.0, 62.0, 86.0), w) * cavity
+    sx, sy = patient.thorax_scale  # 1 before v3: the template's mm as drawn for the v1 body
+    lung_r = _ramp(_ellipse_distance(x, y, -70.0 * sx, 10.0 * sy, 66.0 * sx, 90.0 * sy), w) * cavity
+    lung_l = _ramp(_ellipse_distance(x, y, 76.0 * sx, 15.0 * sy, 62.0 * sx, 86.0 * sy), w) * cavity
     esophagus = _ramp(_ellipse_distance(x, y, 4.0, 28.0, 6.0, 6.0), w)
-    vb = _ellipse_distance(x, y, 0.0, 55.0, 19.0, 16.0)
+    vb = _ellipse_distance(x, y, 0.0, 55.0 * sy, 19.0, 16.0)
     vb_out, vb_in = _ramp(vb, w), _ramp(vb + 1.5, w)
-    canal = _ramp(_ellipse_distance(x, y, 0.0, 79.0, 8.0, 8.0), w)
-    arch = _ramp(_ellipse_distance(x, y, 0.0, 79.0, 13.0, 13.0), w)
+    canal = _ramp(_ellipse_distance(x, y, 0.0, 79.0 * sy, 8.0, 8.0), w)
+    arch = _ramp(_ellipse_distance(x, y, 0.0, 79.0 * sy, 13.0, 13.0), w)
     posterior_bone = np.maximum.reduce(
         [
             arch,
-            _ramp(_ellipse_distance(x, y, 0.0, 98.0, 5.0, 10.0), w),
-            _ramp(_ellipse_distance(x, y, -22.0, 78.0, 10.0, 5.0), w),
-            _ramp(_ellipse_distance(x, y, 22.0, 78.0, 10.0, 5.0), w),
+            _ramp(_ellipse_distance(x, y, 0.0, 98.0 * sy, 5.0, 10.0), w),
+            _ramp(_ellipse_distance(x, y, -22.0, 78.0 * sy, 10.0, 5.0), w),
+            _ramp(_ellipse_distance(x, y, 22.0, 78.0 * sy, 10.0, 5.0), w),
         ]
     )
     sternum_d = _ellipse_distance(x, y, 0.0, -b + 19.0, 14.0, 6.0)
@@ -193,11 +203,20 @@ def render_tissue(
         _paint_ribs(s, ring_idx, ring_alpha, ring_depth, z, canc, cort, w)
         vol[k] = s
 
+    if lung_vessels:
+        d_lung = tube_distance(grid, list(lung_vessels), reach_mm=w)
+        _paint(vol, _ramp(d_lung, w) * (vol < LUNG_VESSEL_BELOW_HU), BLOOD)
     _paint_heart(vol, grid, patient)
+    if patient.chambers:
+        _paint_chambers(vol, grid, patient)
     d_aorta = tube_distance(grid, [aorta], reach_mm=2.0 * w)
     _paint(vol, _ramp(d_aorta, w), BLOOD)
-    d_cor = tube_distance(grid, coronaries, reach_mm=4.0)
-    _paint(vol, _ramp(d_cor - 3.0, w), FAT)
+    if patient.chambers:
+        _paint(vol, _ramp(tube_distance(grid, [anatomy_v3.pulmonary_trunk(patient)], 2.0 * w), w), BLOOD)
+        groove = tube_distance(grid, [anatomy_v3.posterior_groove(patient)], patient.groove_fat_mm + w)
+        _paint(vol, _ramp(groove - patient.groove_fat_mm, w), FAT)
+    d_cor = tube_distance(grid, coronaries, reach_mm=max(4.0, patient.groove_fat_mm + 1.0))
+    _paint(vol, _ramp(d_cor - patient.groove_fat_mm, w), FAT)
     _paint(vol, _ramp(d_cor, w), BLOOD)
     return vol
 
@@ -219,10 +238,28 @@ def _paint_ribs(s, ring_idx, ring_alpha, ring_depth, z, canc, cort, w) -> None:
 
 
 def _paint_heart(vol: np.ndarray, grid: AxialGrid, patient: Patient) -> None:
-    """Pericardial fat shell (4 mm) and the heart (blood and myocardium, +42 HU) as one ellipsoid."""
-    c = patient.heart_centre
+    """Pericardial fat shell (``patient.pericardial_fat_mm``; 4 mm before v3) and the heart (blood and
+    myocardium, +42 HU) as one ellipsoid."""
     frame = np.stack([patient.heart_u, patient.heart_v, patient.heart_w])  # rows: u, v, w
-    reach = max(patient.heart_axes) + 6.0
+    fat = patient.pericardial_fat_mm
+    layers = ((np.asarray(patient.heart_axes) + fat, FAT), (np.asarray(patient.heart_axes) + 0.0, BLOOD))
+    _paint_ellipsoid(vol, grid, patient.heart_centre, frame, layers, reach=max(patient.heart_axes) + fat + 2.0)
+
+
+def _paint_chambers(vol: np.ndarray, grid: AxialGrid, patient: Patient) -> None:
+    """v3: the ventricular cavity (``cavity_contrast_hu`` under the myocardium), then the atria (blood,
+    merged with the heart; the AV groove's fat, painted with the coronaries, marks where they meet)."""
+    cavity = anatomy_v3.ventricular_cavity(patient)
+    layers = ((cavity.semi_mm, BLOOD - patient.cavity_contrast_hu),)
+    _paint_ellipsoid(vol, grid, cavity.centre, cavity.axes, layers, reach=cavity.semi_mm.max() + 2.0)
+    for atrium in anatomy_v3.chambers(patient):
+        _paint_ellipsoid(vol, grid, atrium.centre, atrium.axes, ((atrium.semi_mm, BLOOD),), atrium.semi_mm.max() + 2.0)
+
+
+def _paint_ellipsoid(vol, grid: AxialGrid, centre, frame, layers, reach: float) -> None:
+    """Paints nested ellipsoids (``layers``: (semi-axes mm along ``frame``'s rows, HU), outermost first)
+    with one-pixel partial-volume edges, inside the box ``centre +- reach`` (mm)."""
+    c = np.asarray(centre)
     box = grid.box(c - reach, c + reach)
     if box is None:
         return
@@ -231,8 +268,7 @@ def _paint_heart(vol: np.ndarray, grid: AxialGrid, patient: Patient) -> None:
     py = grid.ys[None, by, None] - c[1]
     px = grid.xs[None, None, bx] - c[0]
     sub = vol[box]
-    for extra, value in ((4.0, FAT), (0.0, BLOOD)):
-        axes = np.asarray(patient.heart_axes) + extra
+    for axes, value in layers:
         q = sum(((frame[i, 0] * px + frame[i, 1] * py + frame[i, 2] * pz) / axes[i]) ** 2 for i in range(3))
         d = (np.sqrt(q) - 1.0) * axes.min()
         _paint(sub, _ramp(d, grid.pixel_mm).astype(np.float32), value)
