@@ -69,6 +69,8 @@ class Patient:
       groove_fat_mm: fat around each coronary lumen (mm): v1/v2 a 3 mm sleeve, v3 a 5-8 mm groove.
       pericardial_fat_mm: thickness of the fat shell around the heart (mm).
       chambers: v3 only: atria, pulmonary trunk and ventricular cavity are drawn (``anatomy_v3``).
+      lungs_fill_cavity: v3 only: the lungs fill the thoracic cavity beside a central mediastinal strip, so
+        they meet the heart (before: two fixed ellipses with mediastinal fat between them and the heart).
       cavity_contrast_hu: how much lower the ventricular blood reads than the myocardium (HU; v3).
     """
 
@@ -86,6 +88,7 @@ class Patient:
     groove_fat_mm: float = 3.0
     pericardial_fat_mm: float = 4.0
     chambers: bool = False
+    lungs_fill_cavity: bool = False
     cavity_contrast_hu: float = 0.0
 
     @property

@@ -7,8 +7,8 @@ in fat where a real gated FOV is filled by the heart (fat fraction within 50 mm 
 real, 0.19-0.36 phantom), and its lungs empty.
 
 Sizes (adult thorax, CT anatomy): body 320-385 x 230-290 mm at the heart's level; heart long axis 120-140
-mm, transverse 105-125 mm, antero-posterior 95-110 mm; left atrium about 40 x 50 x 45 mm behind the base,
-right atrium to the right of the base; pulmonary trunk 25-30 mm wide, anterior-left of the aortic root,
+mm, transverse 105-125 mm, antero-posterior 95-110 mm, its anterior surface close behind the sternum;
+left atrium about 55 x 60 x 70 mm behind the base, right atrium about 60 x 60 x 55 mm to its right; pulmonary trunk 25-30 mm wide, anterior-left of the aortic root,
 rising 40-50 mm to its bifurcation under the arch; epicardial fat fills the atrioventricular and
 interventricular grooves (5-8 mm around the coronaries), the fat over the rest of the heart is 1-3 mm.
 Unenhanced, ventricular blood reads 0-12 HU lower than myocardium (haematocrit). Lung vessels branch from
@@ -27,6 +27,7 @@ import numpy as np
 from data_prep.phantom.anatomy import AV_GROOVE_THETA, Centerline, Patient, _resample, _smooth
 
 NOMINAL_BODY_MM = (160.0, 115.0)  # the v1 body the lung / spine template was drawn for
+ANTERIOR_SHIFT = 0.8  # mm the heart moves forward per mm of extra body half-depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +49,19 @@ def enlarge(patient: Patient, rng: np.random.Generator) -> Patient:
         float(rng.uniform(48.0, 55.0)),
         float(rng.uniform(52.0, 62.0)),
     )
+    # The heart lies against the anterior chest wall whatever the body's depth: move it (and the aortic
+    # root everything hangs from) forward with the sternum.
+    x0, y0, z0 = patient.aortic_root
     return dataclasses.replace(
         patient,
+        aortic_root=(x0, y0 - ANTERIOR_SHIFT * (b - NOMINAL_BODY_MM[1]), z0),
         body_axes=(a, b),
         heart_axes=heart,
         thorax_scale=(a / NOMINAL_BODY_MM[0], b / NOMINAL_BODY_MM[1]),
         groove_fat_mm=float(rng.uniform(5.0, 8.0)),
         pericardial_fat_mm=float(rng.uniform(1.0, 3.0)),
         chambers=True,
+        lungs_fill_cavity=True,
         cavity_contrast_hu=float(rng.uniform(0.0, 12.0)),
     )
 
@@ -67,8 +73,8 @@ def chambers(patient: Patient) -> list[Ellipsoid]:
     u, v, w = (np.asarray(e) for e in (patient.heart_u, patient.heart_v, patient.heart_w))
     frame = np.stack([u, v, w])
     centre = patient.heart_centre
-    left_atrium = Ellipsoid(centre - 0.8 * a * u - 0.5 * b * v - 0.15 * c * w, frame, np.array([24.0, 20.0, 27.0]))
-    right_atrium = Ellipsoid(centre - 0.6 * a * u - 0.05 * b * v + 0.72 * c * w, frame, np.array([26.0, 24.0, 22.0]))
+    left_atrium = Ellipsoid(centre - 0.85 * a * u - 0.55 * b * v - 0.1 * c * w, frame, np.array([28.0, 30.0, 36.0]))
+    right_atrium = Ellipsoid(centre - 0.65 * a * u - 0.05 * b * v + 0.75 * c * w, frame, np.array([30.0, 30.0, 28.0]))
     return [left_atrium, right_atrium]
 
 

@@ -49,7 +49,7 @@ class Blob:
       motion: LPS mm vector of in-plane cardiac motion (blur along it), zeros when gated.
       scalable: whether the risk-category search may scale the size.
       max_density_hu: cap on the solved density (calcium 3000 HU; metal far above, so a thin wire still
-        saturates the 12-bit range as steel does).
+        reaches its target peak, as steel does).
       density_hu, peak_noise_free_hu: set by rendering.
     """
 

@@ -13,7 +13,8 @@ Each is a set of ``calcium.Blob`` (label 0) rendered like calcium (slab, motion,
 - a pacemaker / ICD lead (left subclavian vein, superior vena cava, right atrium, right ventricular apex;
   about 1 in 12).
 
-Metal saturates the 12-bit range (``max_density_hu``), whatever its partial volume. Coronary stents are not
+Metal peaks at 3000 HU (near the top of the 12-bit range) however thin it is: its density may go far
+above calcium's 3000 HU cap (``max_density_hu``), so partial volume does not dim it as it dims calcium. Coronary stents are not
 drawn: stented patients are scored differently (their calcium score is not defined in the usual protocols),
 so a stent would need its own label rather than being calcium or background.
 

@@ -15,7 +15,8 @@ noise is coarser than v1's). Version 1 stays the default and byte-identical, sin
 (``calcjax/models/reference_scores.csv``) and tests are pinned to it.
 
 ``version`` 3 is v2 plus anatomy and confounders (``anatomy_v3``, ``confounders_v3``): an adult-sized
-body that a chest field of view is fitted to (body width + 5-40 mm), a larger heart with atria, a
+body that a chest field of view is fitted to (body width + 5-40 mm), a gated field of view centred on
+the heart (+-5 mm), a larger heart against the anterior chest wall with atria, a
 ventricular cavity, the pulmonary trunk and fat-filled grooves around the coronaries, lung vessel trees,
 and rib ends, costal cartilage calcification, calcified lymph nodes, sternal wires and pacemaker leads.
 Its extra draws come after v2's, so v2 scans stay what they were.
@@ -129,6 +130,9 @@ def generate_scan(
         if protocol == "chest":
             fov = 2.0 * patient.body_axes[0] + float(rng.uniform(*CHEST_FOV_MARGIN_MM))
             acq = dataclasses.replace(acq, fov_mm=float(np.clip(fov, 320.0, 480.0)))
+        else:  # a gated FOV is centred on the heart, which v3 moves with the body
+            centre = patient.heart_centre[:2] + rng.uniform(-5.0, 5.0, 2)
+            acq = dataclasses.replace(acq, fov_centre_xy=(float(centre[0]), float(centre[1])))
     coronaries = coronary_centerlines(patient)
     zs = acq.slice_z()
     aorta = aorta_centerline(patient, float(zs[0]))

@@ -24,6 +24,9 @@ AIR, LUNG, FAT, MUSCLE, BLOOD, CARTILAGE, LIVER, CSF = -1000.0, -850.0, -100.0, 
 RIB_TOP_Z, RIB_PITCH_MM, RIB_DROP_MM, NUM_RIBS = 150.0, 27.0, 60.0, 12
 VERTEBRA_PITCH_MM, DISC_MM = 26.0, 6.0
 LUNG_APEX_Z = 140.0
+# v3: half-width (mm) of the mediastinal strip between the lungs where the heart does not fill it: the
+# anterior junction line (y < -20 mm) to the posterior mediastinum around the spine (y > 0).
+MEDIASTINUM_HALF_MM = (4.0, 18.0)
 LUNG_VESSEL_BELOW_HU = -500.0  # v3 lung vessels are painted only where the tissue reads below this
 
 
@@ -132,6 +135,11 @@ def render_tissue(
     sx, sy = patient.thorax_scale  # 1 before v3: the template's mm as drawn for the v1 body
     lung_r = _ramp(_ellipse_distance(x, y, -70.0 * sx, 10.0 * sy, 66.0 * sx, 90.0 * sy), w) * cavity
     lung_l = _ramp(_ellipse_distance(x, y, 76.0 * sx, 15.0 * sy, 62.0 * sx, 86.0 * sy), w) * cavity
+    if patient.lungs_fill_cavity:  # v3: the heart, painted later, then meets the lungs
+        pleura = _ramp(_ellipse_distance(x, y, 0.0, 0.0, a - 31, b - 29), w)
+        half = np.clip(MEDIASTINUM_HALF_MM[0] + (y + 20.0) * 0.7, *MEDIASTINUM_HALF_MM)
+        lung_r = pleura * _ramp(x + half, w)
+        lung_l = pleura * _ramp(half - x, w)
     esophagus = _ramp(_ellipse_distance(x, y, 4.0, 28.0, 6.0, 6.0), w)
     vb = _ellipse_distance(x, y, 0.0, 55.0 * sy, 19.0, 16.0)
     vb_out, vb_in = _ramp(vb, w), _ramp(vb + 1.5, w)
