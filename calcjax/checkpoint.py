@@ -308,7 +308,7 @@ def load_for_inference(path: str | None, which: str = "best"):
         raise CheckpointError(
             f"{folder}: no readable config in the checkpoint ({e.__class__.__name__})"
         ) from None
-    mcfg = model_lib.ModelConfig.from_config(config["model"])
+    mcfg = model_lib.ModelConfig.from_saved(config["model"])
     model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     ckptr = ocp.StandardCheckpointer()

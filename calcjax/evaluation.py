@@ -109,8 +109,8 @@ class Evaluator:
         sub = dataclasses.replace(split, scans=tuple(scans))
         rows = []  # (scan index, summary vector, loss sum, slices) of this process's scans
         for k, item in enumerate(input_pipeline.iter_scans(sub, process_index=pid, process_count=pcount)):
-            pred, loss_sum = self.predictor.predict_with_loss(item["hu"], item["labels"])
             scan = item["scan"]
+            pred, loss_sum = self.predictor.predict_with_loss(item["hu"], item["labels"], scan.spacing)
             if use_heart_region:
                 pred = heart_region.restrict(pred, heart_region.heart_region(item["hu"], scan.spacing))
             s = metrics.summarize_scan(

@@ -5,7 +5,9 @@
 returns its predicted labels, uint8 ``(Z, H, W)`` (0 background, 1 LM, 2 LAD, 3 LCX, 4 RCA; rule:
 ``model.labels_from_logits``). Slices go through in fixed batches of ``batch_size`` (the last one padded
 by repeating its last slice, so one compilation serves every scan of a size); slices whose H or W is not a
-multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the labels cropped back.
+multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the labels cropped back. A model
+with ``pixel_mm`` > 0 gets the scan resampled in-plane to that pixel size and its labels come back on the
+scan's grid (``calcjax.io.pixel_size``); ``predict`` then needs the scan's spacing.
 
 Validation during training runs through the same predictor (``calcjax.evaluation``): built once from the
 train state's graph, :meth:`Predictor.set_weights` gives it each evaluation's weights (no recompilation),
@@ -34,7 +36,7 @@ from flax import nnx
 
 from calcjax import losses, sharding
 from calcjax import model as model_lib
-from calcjax.io import dicom, preprocess
+from calcjax.io import dicom, pixel_size, preprocess
 
 AIR_HU = dicom.AIR_HU  # what padding reads as
 
@@ -68,6 +70,7 @@ class Predictor:
         self.batch_size = -(-batch_size // n) * n
         self.multiple = 2 ** len(model.cfg.widths)
         self.in_channels = model.cfg.in_channels
+        self.pixel_mm = model.cfg.pixel_mm
         model.eval()
         graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         self._data = sharding.data_sharding(self.mesh)
@@ -112,14 +115,27 @@ class Predictor:
         chunk = preprocess.slice_stacks(hu, (self.in_channels - 1) // 2, start, start + self.batch_size)
         return _pad_batch(chunk, self.batch_size), len(chunk)
 
-    def predict_with_loss(self, hu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    def _model_grid(self, hu: np.ndarray, spacing) -> np.ndarray:
+        """``hu`` on the model's pixel grid (itself for a native-pixel model)."""
+        if self.pixel_mm > 0 and spacing is None:
+            raise ValueError(f"this model reads {self.pixel_mm} mm pixels: predict needs the scan's spacing")
+        return pixel_size.to_model_grid(hu, spacing, self.pixel_mm) if self.pixel_mm > 0 else hu
+
+    def predict_with_loss(self, hu: np.ndarray, labels: np.ndarray, spacing=None) -> tuple[np.ndarray, float]:
         """Labels uint8 ``(Z, H, W)`` of one scan and its summed per-slice loss against ``labels``
-        ``(Z, H, W)`` (validation; H and W must be multiples of ``2 ** depth``, as shard scans are)."""
+        ``(Z, H, W)`` (validation). ``spacing`` ``(dz, dy, dx)`` mm: needed by a model with ``pixel_mm``,
+        whose loss is taken on its own grid and whose labels come back on the scan's."""
         if self._forward_with_loss is None:
             raise ValueError("this Predictor was built without loss_kwargs")
+        native_hw = hu.shape[1:]
+        hu = self._model_grid(hu, spacing)
+        if self.pixel_mm > 0:
+            labels = pixel_size.labels_to_model_grid(labels, spacing, self.pixel_mm)
         z, h, w = hu.shape
-        if h % self.multiple or w % self.multiple:
-            raise ValueError(f"validation slices must be multiples of {self.multiple}, got {h} x {w}")
+        ph, pw = -h % self.multiple, -w % self.multiple
+        if ph or pw:  # air, and background labels, to the model's multiple
+            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
+            labels = np.pad(labels, ((0, 0), (0, ph), (0, pw)))
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
         loss_sum = 0.0
@@ -134,17 +150,22 @@ class Predictor:
                 jax.device_put(lab.astype(np.int32), self._data),
                 jax.device_put(weights, self._data),
             )
-            out[start : start + real] = np.asarray(pred)[:real]
+            out[start : start + real] = np.asarray(pred)[:real, :h, :w]
             loss_sum += float(loss)
+        if self.pixel_mm > 0:
+            out = pixel_size.labels_to_native(out, native_hw)
         return out, loss_sum
 
-    def predict(self, hu: np.ndarray) -> np.ndarray:
-        """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``.
+    def predict(self, hu: np.ndarray, spacing=None) -> np.ndarray:
+        """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``; ``spacing`` ``(dz, dy,
+        dx)`` mm is needed by a model with ``pixel_mm`` (resampled to its grid and the labels back).
 
         Raises :class:`NonFiniteOutputError` (naming the slices) when any logit of the scan is not finite.
         """
         if hu.ndim != 3:
             raise ValueError(f"hu must be a (Z, H, W) volume, got {hu.shape}")
+        native_hw = hu.shape[1:]
+        hu = self._model_grid(hu, spacing)
         z, h, w = hu.shape
         ph, pw = -h % self.multiple, -w % self.multiple
         if ph or pw:
@@ -178,7 +199,7 @@ class Predictor:
                 f"non-finite logits on {len(bad_slices)} of {z} slices (first: slice {bad_slices[0]}): "
                 "damaged weights or input; the scan is not scored"
             )
-        return out
+        return pixel_size.labels_to_native(out, native_hw) if self.pixel_mm > 0 else out
 
 
 def _pad_batch(a: np.ndarray, size: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from calcjax import agatston, config_schema
-from calcjax.io import dicom, records, shards
+from calcjax.io import dicom, pixel_size, records, shards
 
 AIR_HU = float(dicom.AIR_HU)  # what a crop outside the image reads as
 CALCIUM_HU = agatston.CALCIUM_THRESHOLD_HU  # voxels below it are never calcium, whatever the label says
@@ -100,11 +100,14 @@ class ReadRecord(grain.transforms.Map):
 class Augment(grain.transforms.RandomMap):
     """Decoded record -> (crop x crop x C image, crop x crop label) with anatomy-keeping augmentation."""
 
-    def __init__(self, cfg: AugmentConfig):
+    def __init__(self, cfg: AugmentConfig, pixel_mm: float = 0.0):
+        """``pixel_mm``: the model's input pixel size (``model.pixel_mm``; 0 = native pixels)."""
         self.cfg = cfg
+        self.pixel_mm = pixel_mm
 
     def random_map(self, rec, rng: np.random.Generator):
-        return augment(rec["image"], rec["label"], self.cfg, rng)
+        to_mm = pixel_size.crop_zoom(rec["spacing"][1:], self.pixel_mm)
+        return augment(rec["image"], rec["label"], self.cfg, rng, to_mm)
 
 
 def bright_objects(hu: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, int]:
@@ -113,9 +116,11 @@ def bright_objects(hu: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label((hu >= CALCIUM_HU) & (label == 0), structure=np.ones((3, 3)))
 
 
-def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator) -> dict:
+def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator, to_mm: float = 1.0) -> dict:
     """Crop (biased to calcium, else to bright objects), rotation / scale about the crop centre, HU noise
-    and jitter (module doc; :class:`AugmentConfig`)."""
+    and jitter (module doc; :class:`AugmentConfig`). ``to_mm``: zoom that makes one crop pixel the model's
+    pixel size (``pixel_size.crop_zoom``; 1 = native pixels); the crop then covers ``crop / to_mm`` record
+    pixels."""
     c, h, w = image_chw.shape
     s = cfg.crop
     ys, xs = np.nonzero(label)
@@ -127,12 +132,12 @@ def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator) -> d
                 ys, xs = np.nonzero(objects == rng.integers(1, n + 1))
     if ys.size:
         i = rng.integers(0, ys.size)
-        cy = ys[i] + rng.uniform(-0.3, 0.3) * s
-        cx = xs[i] + rng.uniform(-0.3, 0.3) * s
+        cy = ys[i] + rng.uniform(-0.3, 0.3) * (s / to_mm)  # record pixels
+        cx = xs[i] + rng.uniform(-0.3, 0.3) * (s / to_mm)
     else:
         cy, cx = rng.uniform(s / 2, max(h - s / 2, s / 2)), rng.uniform(s / 2, max(w - s / 2, s / 2))
     angle = np.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
-    zoom = 1.0 + rng.uniform(-cfg.scale, cfg.scale)
+    zoom = (1.0 + rng.uniform(-cfg.scale, cfg.scale)) * to_mm
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / zoom
     grid = np.stack(np.meshgrid(np.arange(s) - (s - 1) / 2, np.arange(s) - (s - 1) / 2, indexing="ij"))
     coords = np.einsum("ij,jyx->iyx", rot, grid) + np.array([cy, cx])[:, None, None]
@@ -156,14 +161,16 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     worker_count: int = 0,
+    pixel_mm: float = 0.0,
 ) -> grain.IterDataset:
-    """The training stream of this process: ``batch_size`` local examples per batch (see module doc)."""
+    """The training stream of this process: ``batch_size`` local examples per batch (see module doc);
+    ``pixel_mm``: the model's input pixel size (0 = native pixels)."""
     n = split.num_records
     n_cal = int(round(calcium_fraction * n)) if split.calcium_records.size else 0
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
     ds = ds.random_map(PickRecord(n, split.calcium_records, n_cal), seed=seed + 1)
     ds = ds.map(ReadRecord(split.paths))
-    ds = ds.random_map(Augment(aug), seed=seed + 2)
+    ds = ds.random_map(Augment(aug, pixel_mm), seed=seed + 2)
     ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
     it = it.batch(batch_size, drop_remainder=True)

@@ -4,6 +4,8 @@ Our reading of Ma & Zhang (arXiv 1907.11392), whose code and hyper-parameters we
 size is a config value (``configs/default.py``: the recipe at 512x512, C = 3 slices; ``configs/smoke.py``:
 a small CPU model). Layout NHWC. Layers, in order:
 
+- input grid: ``pixel_mm`` > 0 means the model sees slices resampled in-plane to pixels of that size (mm)
+  in training and inference (``calcjax.io.pixel_size``); 0 means native pixels;
 - input window (the only place it is applied): HU clipped to ``[hu_min, hu_max]`` and scaled linearly to
   [-1, 1]; default [-400, 1200] HU, which keeps the 130 HU calcium threshold and the 200/300/400 HU weight
   bands well resolved and saturates only above the highest Agatston band;
@@ -58,6 +60,7 @@ class ModelConfig:
     hu_min: float
     hu_max: float
     dtype: str
+    pixel_mm: float = 0.0
 
     @property
     def depth(self) -> int:
@@ -67,6 +70,14 @@ class ModelConfig:
     def from_config(cls, cfg) -> ModelConfig:
         """From a config's ``model`` block (``config_schema.fields_of``: every field, no other key)."""
         return cls(**config_schema.fields_of(cls, cfg, "model"))
+
+    @classmethod
+    def from_saved(cls, cfg) -> ModelConfig:
+        """From the ``model`` block saved with a model file or checkpoint: one written before
+        ``pixel_mm`` existed is a native-resolution model (``pixel_mm`` 0)."""
+        block = dict(cfg)
+        block.setdefault("pixel_mm", 0.0)
+        return cls.from_config(block)
 
 
 def _conv(cin, cout, k, rngs, dtype, *, stride=1, dilation=1, bias=False, kernel_init=_HE):

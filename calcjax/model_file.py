@@ -91,7 +91,7 @@ def load(path: str):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a {FORMAT} file")
     config = json.loads(payload["config"])
-    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(0))
+    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_saved(config["model"]), rngs=nnx.Rngs(0))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     try:
         nnx.replace_by_pure_dict(params, payload["params"])

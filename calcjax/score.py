@@ -251,7 +251,7 @@ def _score_locked(
             t0 = time.perf_counter()
             try:
                 loaded = scan.load()
-                pred = predictor.predict(loaded.hu)
+                pred = predictor.predict(loaded.hu, loaded.grid.spacing)
                 region_status = "off"
                 if use_heart_region:
                     region = heart_region.heart_region(loaded.hu, loaded.grid.spacing)

@@ -81,9 +81,11 @@ def _to_dict(config: ml_collections.ConfigDict) -> dict:
 def initial_weights_from(path: str, mcfg: model_lib.ModelConfig, model: nnx.Module) -> nnx.Module:
     """``model`` with the parameters and BatchNorm statistics of a model file or checkpoint (``path``, as
     ``calcjax.score --checkpoint`` takes it) for fine-tuning; its architecture must be ``mcfg``'s (the
-    compute dtype may differ). A run that resumes from its own checkpoint does not come here."""
+    compute dtype and the input pixel size may differ). A run that resumes from its own checkpoint does
+    not come here."""
     config, loaded = checkpoint.load_for_inference(path, "best")
-    theirs = dataclasses.replace(model_lib.ModelConfig.from_config(config["model"]), dtype=mcfg.dtype)
+    theirs = model_lib.ModelConfig.from_saved(config["model"])
+    theirs = dataclasses.replace(theirs, dtype=mcfg.dtype, pixel_mm=mcfg.pixel_mm)  # architecture only
     if theirs != mcfg:
         raise config_schema.ConfigError(
             f"train.init_from: {path} holds another architecture than config.model ({theirs} vs {mcfg})"
@@ -145,6 +147,7 @@ def train_and_evaluate(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         worker_count=dcfg.worker_count,
+        pixel_mm=mcfg.pixel_mm,
     )
     if transform_data is not None:
         data = transform_data(data)

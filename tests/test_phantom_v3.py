@@ -78,7 +78,12 @@ def test_v3_chest_body_fills_the_fov_and_lung_vessels_stay_in_the_lungs():
     patient = anatomy_v3.enlarge(sample_patient(rng), rng)
     trees = anatomy_v3.lung_vessel_trees(patient, rng)
     assert len(trees) >= 5 * 15  # 5-7 trunks a side, 15 segments each
-    args = (acq, patient, list(coronary_centerlines(patient).values()), aorta_centerline(patient, acq.slice_z()[0]))
+    args = (
+        acq,
+        patient,
+        list(coronary_centerlines(patient).values()),
+        aorta_centerline(patient, acq.slice_z()[0]),
+    )
     plain = tissue.render_tissue(*args, np.random.default_rng(0))
     with_vessels = tissue.render_tissue(*args, np.random.default_rng(0), trees)
     changed = with_vessels != plain

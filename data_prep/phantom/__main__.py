@@ -31,7 +31,10 @@ _PREVIEW = flags.DEFINE_string("preview", None, "Write a PNG of a few slices of 
 _PREVIEW_SCANS = flags.DEFINE_list("preview_scans", ["0", "1"], "Indices of the scans the preview shows.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Regenerate scans whose folder already exists.")
 _VERSION = flags.DEFINE_enum(
-    "phantom_version", "1", ["1", "2", "3"], "Generator version (data_prep.phantom.generator: what v2 and v3 change)."
+    "phantom_version",
+    "1",
+    ["1", "2", "3"],
+    "Generator version (data_prep.phantom.generator: what v2 and v3 change).",
 )
 
 

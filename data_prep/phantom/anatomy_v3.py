@@ -8,11 +8,12 @@ real, 0.19-0.36 phantom), and its lungs empty.
 
 Sizes (adult thorax, CT anatomy): body 320-385 x 230-290 mm at the heart's level; heart long axis 120-140
 mm, transverse 105-125 mm, antero-posterior 95-110 mm, its anterior surface close behind the sternum;
-left atrium about 55 x 60 x 70 mm behind the base, right atrium about 60 x 60 x 55 mm to its right; pulmonary trunk 25-30 mm wide, anterior-left of the aortic root,
-rising 40-50 mm to its bifurcation under the arch; epicardial fat fills the atrioventricular and
-interventricular grooves (5-8 mm around the coronaries), the fat over the rest of the heart is 1-3 mm.
-Unenhanced, ventricular blood reads 0-12 HU lower than myocardium (haematocrit). Lung vessels branch from
-each hilum, about 6 mm wide there, halving over 4 generations to about 1 mm at the periphery.
+left atrium about 55 x 60 x 70 mm behind the base, right atrium about 60 x 60 x 55 mm to its right;
+pulmonary trunk 25-30 mm wide, anterior-left of the aortic root, rising 40-50 mm to its bifurcation under
+the arch; epicardial fat fills the atrioventricular and interventricular grooves (5-8 mm around the
+coronaries), the fat over the rest of the heart is 1-3 mm. Unenhanced, ventricular blood reads 0-12 HU
+lower than myocardium (haematocrit). Lung vessels branch from each hilum, about 6 mm wide there, x0.7
+per generation to about 2 mm at the fourth (thinner ones are below a chest CT's resolution at 3 mm slices).
 
 World coordinates are LPS mm with z = 0 at the aortic root (``anatomy``). Geometry only; ``tissue``
 renders it.
@@ -73,8 +74,12 @@ def chambers(patient: Patient) -> list[Ellipsoid]:
     u, v, w = (np.asarray(e) for e in (patient.heart_u, patient.heart_v, patient.heart_w))
     frame = np.stack([u, v, w])
     centre = patient.heart_centre
-    left_atrium = Ellipsoid(centre - 0.85 * a * u - 0.55 * b * v - 0.1 * c * w, frame, np.array([28.0, 30.0, 36.0]))
-    right_atrium = Ellipsoid(centre - 0.65 * a * u - 0.05 * b * v + 0.75 * c * w, frame, np.array([30.0, 30.0, 28.0]))
+    left_atrium = Ellipsoid(
+        centre - 0.85 * a * u - 0.55 * b * v - 0.1 * c * w, frame, np.array([28.0, 30.0, 36.0])
+    )
+    right_atrium = Ellipsoid(
+        centre - 0.65 * a * u - 0.05 * b * v + 0.75 * c * w, frame, np.array([30.0, 30.0, 28.0])
+    )
     return [left_atrium, right_atrium]
 
 
@@ -83,7 +88,9 @@ def ventricular_cavity(patient: Patient) -> Ellipsoid:
     a, b, c = patient.heart_axes
     u, v, w = (np.asarray(e) for e in (patient.heart_u, patient.heart_v, patient.heart_w))
     return Ellipsoid(
-        patient.heart_centre + 0.1 * a * u - 0.2 * c * w, np.stack([u, v, w]), np.array([0.62 * a, 0.55 * b, 0.45 * c])
+        patient.heart_centre + 0.1 * a * u - 0.2 * c * w,
+        np.stack([u, v, w]),
+        np.array([0.62 * a, 0.55 * b, 0.45 * c]),
     )
 
 
@@ -130,4 +137,13 @@ def _branch(start, direction, radius, length, generation, rng, step, out) -> Non
         perp /= np.linalg.norm(perp)
         angle = np.radians(rng.uniform(25.0, 45.0))
         d = np.cos(angle) * direction + sign * np.sin(angle) * perp
-        _branch(end, d / np.linalg.norm(d), radius * 0.7, length * rng.uniform(0.65, 0.85), generation + 1, rng, step, out)
+        _branch(
+            end,
+            d / np.linalg.norm(d),
+            radius * 0.7,
+            length * rng.uniform(0.65, 0.85),
+            generation + 1,
+            rng,
+            step,
+            out,
+        )

@@ -273,7 +273,9 @@ def plan_confounders(
     return [bl for bl in blobs if in_z(bl.centre)]
 
 
-def chest_wall_point(patient: Patient, alpha: float, sign: float, z: float, depth: float = 21.0) -> np.ndarray:
+def chest_wall_point(
+    patient: Patient, alpha: float, sign: float, z: float, depth: float = 21.0
+) -> np.ndarray:
     """LPS mm of the rib / costal cartilage line (``depth`` mm under the skin of the body ellipse) at the
     body-polar angle ``alpha`` (0 posterior, pi anterior; ``tissue._paint_ribs``), on the patient's left
     (``sign`` +1) or right (-1), at height ``z``."""

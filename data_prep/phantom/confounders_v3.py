@@ -14,9 +14,9 @@ Each is a set of ``calcium.Blob`` (label 0) rendered like calcium (slab, motion,
   about 1 in 12).
 
 Metal peaks at 3000 HU (near the top of the 12-bit range) however thin it is: its density may go far
-above calcium's 3000 HU cap (``max_density_hu``), so partial volume does not dim it as it dims calcium. Coronary stents are not
-drawn: stented patients are scored differently (their calcium score is not defined in the usual protocols),
-so a stent would need its own label rather than being calcium or background.
+above calcium's 3000 HU cap (``max_density_hu``), so partial volume does not dim it as it dims calcium.
+Coronary stents are not drawn: stented patients are scored differently (their calcium score is not
+defined in the usual protocols), so a stent would need its own label rather than calcium or background.
 
 World coordinates are LPS mm with z = 0 at the aortic root (``anatomy``).
 """
@@ -31,7 +31,8 @@ from data_prep.phantom.calcium import Blob, _frame, chest_wall_point
 from data_prep.phantom.tissue import NUM_RIBS, RIB_DROP_MM, RIB_PITCH_MM, RIB_TOP_Z
 
 METAL_DENSITY_HU = 30000.0
-CARTILAGE_ALPHA = (np.pi - 0.5, np.pi - 0.12)  # body-polar angles of the costal cartilage (tissue._paint_ribs)
+# Body-polar angles of the costal cartilage (tissue._paint_ribs draws cartilage beyond pi - 0.5).
+CARTILAGE_ALPHA = (np.pi - 0.5, np.pi - 0.12)
 WIRE_PROBABILITY, LEAD_PROBABILITY, NODE_PROBABILITY, CARTILAGE_PROBABILITY = 0.12, 0.08, 0.35, 0.85
 
 
@@ -52,7 +53,17 @@ def plan_confounders_v3(patient: Patient, acq: Acquisition, rng: np.random.Gener
 
 def _blob(kind, centre, axes, semi, peak, max_density=None) -> Blob:
     extra = {} if max_density is None else {"max_density_hu": max_density}
-    return Blob(kind, None, np.asarray(centre, float), axes, np.asarray(semi, float), float(peak), np.zeros(3), False, **extra)
+    return Blob(
+        kind,
+        None,
+        np.asarray(centre, float),
+        axes,
+        np.asarray(semi, float),
+        float(peak),
+        np.zeros(3),
+        False,
+        **extra,
+    )
 
 
 def _rib_z(alpha: float, k: int) -> float:
@@ -110,7 +121,9 @@ def _lymph_nodes(patient, rng) -> list[Blob]:
         size, peak = rng.uniform(1.5, 5.0), rng.uniform(250.0, 1000.0)
         for _ in range(int(rng.integers(1, 4))):
             p = centre + rng.normal(0.0, size * 0.6, 3)
-            out.append(_blob("lymph_node", p, _frame(rng.normal(size=3), rng), size * rng.uniform(0.5, 1.0, 3), peak))
+            out.append(
+                _blob("lymph_node", p, _frame(rng.normal(size=3), rng), size * rng.uniform(0.5, 1.0, 3), peak)
+            )
     return out
 
 
@@ -122,11 +135,22 @@ def _sternal_wires(patient, rng) -> list[Blob]:
     for z in np.linspace(-70.0, 40.0, int(rng.integers(5, 8))) + rng.normal(0.0, 3.0):
         r = rng.uniform(0.5, 0.8)
         angles = np.linspace(0.0, 2.0 * np.pi, 40, endpoint=False)
-        pts = np.stack([17.0 * np.cos(angles), centre_y + 9.0 * np.sin(angles), np.full(angles.size, z)], axis=1)
+        pts = np.stack(
+            [17.0 * np.cos(angles), centre_y + 9.0 * np.sin(angles), np.full(angles.size, z)], axis=1
+        )
         t = np.roll(pts, -1, axis=0) - np.roll(pts, 1, axis=0)
         for p, tan in zip(pts, t, strict=True):
             out.append(_blob("sternal_wire", p, _frame(tan, rng), (1.6, r, r), 3000.0, METAL_DENSITY_HU))
-        out.append(_blob("sternal_wire", (0.0, centre_y - 10.0, z), np.eye(3), (1.5, 1.5, 1.5), 3000.0, METAL_DENSITY_HU))
+        out.append(
+            _blob(
+                "sternal_wire",
+                (0.0, centre_y - 10.0, z),
+                np.eye(3),
+                (1.5, 1.5, 1.5),
+                3000.0,
+                METAL_DENSITY_HU,
+            )
+        )
     return out
 
 

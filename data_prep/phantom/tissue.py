@@ -251,7 +251,9 @@ def _paint_heart(vol: np.ndarray, grid: AxialGrid, patient: Patient) -> None:
     frame = np.stack([patient.heart_u, patient.heart_v, patient.heart_w])  # rows: u, v, w
     fat = patient.pericardial_fat_mm
     layers = ((np.asarray(patient.heart_axes) + fat, FAT), (np.asarray(patient.heart_axes) + 0.0, BLOOD))
-    _paint_ellipsoid(vol, grid, patient.heart_centre, frame, layers, reach=max(patient.heart_axes) + fat + 2.0)
+    _paint_ellipsoid(
+        vol, grid, patient.heart_centre, frame, layers, reach=max(patient.heart_axes) + fat + 2.0
+    )
 
 
 def _paint_chambers(vol: np.ndarray, grid: AxialGrid, patient: Patient) -> None:
@@ -261,7 +263,9 @@ def _paint_chambers(vol: np.ndarray, grid: AxialGrid, patient: Patient) -> None:
     layers = ((cavity.semi_mm, BLOOD - patient.cavity_contrast_hu),)
     _paint_ellipsoid(vol, grid, cavity.centre, cavity.axes, layers, reach=cavity.semi_mm.max() + 2.0)
     for atrium in anatomy_v3.chambers(patient):
-        _paint_ellipsoid(vol, grid, atrium.centre, atrium.axes, ((atrium.semi_mm, BLOOD),), atrium.semi_mm.max() + 2.0)
+        _paint_ellipsoid(
+            vol, grid, atrium.centre, atrium.axes, ((atrium.semi_mm, BLOOD),), atrium.semi_mm.max() + 2.0
+        )
 
 
 def _paint_ellipsoid(vol, grid: AxialGrid, centre, frame, layers, reach: float) -> None:
