@@ -51,6 +51,13 @@ class AugmentConfig:
     connected objects, so a rib or a valve nodule counts as much as the spine): hard negatives, the
     confounders (aortic wall and valve, mitral annulus, cartilage) a scorer must reject. Uniform crops alone
     rarely contain them and a model trained so calls them calcium.
+
+    Randomisation against the phantom's tells (issue 14; 0 turns each off and draws nothing, so a config
+    without them gives the stream it always gave): blur_px: in-plane Gaussian blur of the crop, sigma
+    uniform in [0, blur_px] pixels (reconstruction kernels differ); hu_offset: a constant added to the crop,
+    uniform +-hu_offset HU (scanner calibration); noise_correlation_px: the added noise is smoothed with a
+    sigma uniform in [0, noise_correlation_px] pixels and rescaled to its drawn SD (kernel-shaped texture
+    instead of white noise). The labels stay the reference's.
     """
 
     crop: int
@@ -60,6 +67,9 @@ class AugmentConfig:
     jitter: float
     calcium_crop_probability: float
     bright_crop_probability: float
+    blur_px: float
+    hu_offset: float
+    noise_correlation_px: float
 
     @classmethod
     def from_config(cls, data_cfg) -> AugmentConfig:
@@ -146,8 +156,27 @@ def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator, to_m
         out[..., ch] = ndimage.map_coordinates(image_chw[ch].astype(np.float32), coords, order=1, cval=AIR_HU)
     lab = ndimage.map_coordinates(label, coords, order=0, cval=0).astype(np.int32)
     out = (out - AIR_HU) * np.float32(1.0 + rng.uniform(-cfg.jitter, cfg.jitter)) + AIR_HU
-    out += rng.normal(0.0, rng.uniform(0.0, cfg.noise_sd_hu), size=out.shape).astype(np.float32)
+    if cfg.blur_px > 0:
+        sigma = rng.uniform(0.0, cfg.blur_px)
+        out = ndimage.gaussian_filter(out, sigma=(sigma, sigma, 0.0), mode="nearest")
+    if cfg.hu_offset > 0:
+        out += np.float32(rng.uniform(-cfg.hu_offset, cfg.hu_offset))
+    sd = rng.uniform(0.0, cfg.noise_sd_hu)
+    if cfg.noise_correlation_px > 0:
+        out += correlated_noise(out.shape, sd, rng.uniform(0.0, cfg.noise_correlation_px), rng)
+    else:
+        out += rng.normal(0.0, sd, size=out.shape).astype(np.float32)
     return {"images": out, "labels": lab}
+
+
+def correlated_noise(shape_hwc, sd: float, sigma_px: float, rng: np.random.Generator) -> np.ndarray:
+    """float32 noise of ``shape_hwc`` with standard deviation ``sd`` (HU), smoothed in-plane by a Gaussian
+    of ``sigma_px`` pixels (each channel its own field)."""
+    n = rng.normal(0.0, 1.0, size=shape_hwc)
+    if sigma_px > 0:
+        n = ndimage.gaussian_filter(n, sigma=(sigma_px, sigma_px, 0.0), mode="wrap")
+        n /= max(float(n.std()), 1e-6)
+    return (n * sd).astype(np.float32)
 
 
 def train_dataset(

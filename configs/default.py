@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
             scale=0.1,
             noise_sd_hu=10.0,
             jitter=0.03,
+            # Randomisation against the phantom's tells (issue 14); 0 = off, as the shipped model was trained.
+            blur_px=0.0,
+            hu_offset=0.0,
+            noise_correlation_px=0.0,
             seed=0,
             worker_count=4,
             # An extra figure, never a selector: a shard folder of real labelled scans (make real-shards

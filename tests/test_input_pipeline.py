@@ -81,3 +81,34 @@ def test_a_slice_without_bright_objects_falls_back_to_uniform_crops():
         assert c.min() >= lo - 1 and c.max() <= hi + 1
         np.testing.assert_allclose(c.mean(axis=0), (lo + hi) / 2, atol=12, err_msg=f"p={p}")
         np.testing.assert_allclose(c.std(axis=0), uniform_sd, rtol=0.12, err_msg=f"p={p}")
+
+
+def test_randomisation_blurs_offsets_and_correlates_noise():
+    """data.blur_px / hu_offset / noise_correlation_px (issue 14): each does what it says on a crop."""
+    hu, label = slice_with([(128, 128, 20)], calcium=(100, 100))
+    plain = still(calcium_crop_probability=1.0)
+
+    def sharpest(cfg):  # mean over crops of the largest step between neighbouring pixels (HU)
+        return np.mean(
+            [np.abs(np.diff(c["images"][..., 1], axis=1)).max() for c in crops(hu, label, cfg, n=20)]
+        )
+
+    assert sharpest(still(calcium_crop_probability=1.0, blur_px=2.0)) < 0.8 * sharpest(plain)
+    shifted = crops(hu, label, still(calcium_crop_probability=1.0, hu_offset=20.0), n=40)
+    corner = np.array([c["images"][0, 0, 1] for c in shifted])  # soft tissue, 40 HU before the offset
+    assert corner.min() >= 20.0 and corner.max() <= 60.0 and corner.std() > 5.0
+    same_crop = crops(hu, label, still(calcium_crop_probability=1.0, hu_offset=20.0), n=1)[0]
+    np.testing.assert_array_equal(same_crop["labels"], crops(hu, label, plain, n=1)[0]["labels"])
+
+    flat = np.full((3, 256, 256), 40, np.int16)
+    empty = np.zeros((256, 256), np.uint8)
+
+    def lag1(cfg):
+        img = crops(flat, empty, cfg, n=10)
+        return np.mean(
+            [np.corrcoef(c["images"][:, :-1, 0].ravel(), c["images"][:, 1:, 0].ravel())[0, 1] for c in img]
+        )
+
+    white = lag1(still(noise_sd_hu=20.0))
+    textured = lag1(still(noise_sd_hu=20.0, noise_correlation_px=3.0))
+    assert abs(white) < 0.1 and textured > 0.3, (white, textured)
