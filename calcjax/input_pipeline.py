@@ -145,7 +145,8 @@ def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator, to_m
         cy = ys[i] + rng.uniform(-0.3, 0.3) * (s / to_mm)  # record pixels
         cx = xs[i] + rng.uniform(-0.3, 0.3) * (s / to_mm)
     else:
-        cy, cx = rng.uniform(s / 2, max(h - s / 2, s / 2)), rng.uniform(s / 2, max(w - s / 2, s / 2))
+        half = s / (2 * to_mm)  # the crop's half-width in record pixels
+        cy, cx = rng.uniform(half, max(h - half, half)), rng.uniform(half, max(w - half, half))
     angle = np.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
     zoom = (1.0 + rng.uniform(-cfg.scale, cfg.scale)) * to_mm
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / zoom

@@ -60,7 +60,7 @@ class ModelConfig:
     hu_min: float
     hu_max: float
     dtype: str
-    pixel_mm: float = 0.0
+    pixel_mm: float
 
     @property
     def depth(self) -> int:
