@@ -132,25 +132,25 @@ def render_tissue(
     _paint(tmpl, cavity, FAT - 10)
     for sx in (-1.0, 1.0):
         _paint(tmpl, _ramp(_ellipse_distance(x, y, 38 * sx, b - 30, 26, 17), w), MUSCLE)
-    sx, sy = patient.thorax_scale  # 1 before v3: the template's mm as drawn for the v1 body
-    lung_r = _ramp(_ellipse_distance(x, y, -70.0 * sx, 10.0 * sy, 66.0 * sx, 90.0 * sy), w) * cavity
-    lung_l = _ramp(_ellipse_distance(x, y, 76.0 * sx, 15.0 * sy, 62.0 * sx, 86.0 * sy), w) * cavity
+    tx, ty = patient.thorax_scale  # 1 before v3: the template's mm as drawn for the v1 body
+    lung_r = _ramp(_ellipse_distance(x, y, -70.0 * tx, 10.0 * ty, 66.0 * tx, 90.0 * ty), w) * cavity
+    lung_l = _ramp(_ellipse_distance(x, y, 76.0 * tx, 15.0 * ty, 62.0 * tx, 86.0 * ty), w) * cavity
     if patient.lungs_fill_cavity:  # v3: the heart, painted later, then meets the lungs
         pleura = _ramp(_ellipse_distance(x, y, 0.0, 0.0, a - 31, b - 29), w)
         half = np.clip(MEDIASTINUM_HALF_MM[0] + (y + 20.0) * 0.7, *MEDIASTINUM_HALF_MM)
         lung_r = pleura * _ramp(x + half, w)
         lung_l = pleura * _ramp(half - x, w)
     esophagus = _ramp(_ellipse_distance(x, y, 4.0, 28.0, 6.0, 6.0), w)
-    vb = _ellipse_distance(x, y, 0.0, 55.0 * sy, 19.0, 16.0)
+    vb = _ellipse_distance(x, y, 0.0, 55.0 * ty, 19.0, 16.0)
     vb_out, vb_in = _ramp(vb, w), _ramp(vb + 1.5, w)
-    canal = _ramp(_ellipse_distance(x, y, 0.0, 79.0 * sy, 8.0, 8.0), w)
-    arch = _ramp(_ellipse_distance(x, y, 0.0, 79.0 * sy, 13.0, 13.0), w)
+    canal = _ramp(_ellipse_distance(x, y, 0.0, 79.0 * ty, 8.0, 8.0), w)
+    arch = _ramp(_ellipse_distance(x, y, 0.0, 79.0 * ty, 13.0, 13.0), w)
     posterior_bone = np.maximum.reduce(
         [
             arch,
-            _ramp(_ellipse_distance(x, y, 0.0, 98.0 * sy, 5.0, 10.0), w),
-            _ramp(_ellipse_distance(x, y, -22.0, 78.0 * sy, 10.0, 5.0), w),
-            _ramp(_ellipse_distance(x, y, 22.0, 78.0 * sy, 10.0, 5.0), w),
+            _ramp(_ellipse_distance(x, y, 0.0, 98.0 * ty, 5.0, 10.0), w),
+            _ramp(_ellipse_distance(x, y, -22.0, 78.0 * ty, 10.0, 5.0), w),
+            _ramp(_ellipse_distance(x, y, 22.0, 78.0 * ty, 10.0, 5.0), w),
         ]
     )
     sternum_d = _ellipse_distance(x, y, 0.0, -b + 19.0, 14.0, 6.0)
