@@ -119,7 +119,7 @@ class Predictor:
         """``hu`` on the model's pixel grid (itself for a native-pixel model)."""
         if self.pixel_mm > 0 and spacing is None:
             raise ValueError(f"this model reads {self.pixel_mm} mm pixels: predict needs the scan's spacing")
-        return pixel_size.to_model_grid(hu, spacing, self.pixel_mm) if self.pixel_mm > 0 else hu
+        return pixel_size.to_model_grid(hu, spacing, self.pixel_mm)  # hu itself at native pixels
 
     def predict_with_loss(self, hu: np.ndarray, labels: np.ndarray, spacing=None) -> tuple[np.ndarray, float]:
         """Labels uint8 ``(Z, H, W)`` of one scan and its summed per-slice loss against ``labels``
@@ -129,8 +129,7 @@ class Predictor:
             raise ValueError("this Predictor was built without loss_kwargs")
         native_hw = hu.shape[1:]
         hu = self._model_grid(hu, spacing)
-        if self.pixel_mm > 0:
-            labels = pixel_size.labels_to_model_grid(labels, spacing, self.pixel_mm)
+        labels = pixel_size.labels_to_model_grid(labels, spacing, self.pixel_mm)
         z, h, w = hu.shape
         ph, pw = -h % self.multiple, -w % self.multiple
         if ph or pw:  # air, and background labels, to the model's multiple
@@ -152,9 +151,7 @@ class Predictor:
             )
             out[start : start + real] = np.asarray(pred)[:real, :h, :w]
             loss_sum += float(loss)
-        if self.pixel_mm > 0:
-            out = pixel_size.labels_to_native(out, native_hw)
-        return out, loss_sum
+        return pixel_size.labels_to_native(out, native_hw), loss_sum  # out itself at native pixels
 
     def predict(self, hu: np.ndarray, spacing=None) -> np.ndarray:
         """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``; ``spacing`` ``(dz, dy,
@@ -199,7 +196,7 @@ class Predictor:
                 f"non-finite logits on {len(bad_slices)} of {z} slices (first: slice {bad_slices[0]}): "
                 "damaged weights or input; the scan is not scored"
             )
-        return pixel_size.labels_to_native(out, native_hw) if self.pixel_mm > 0 else out
+        return pixel_size.labels_to_native(out, native_hw)  # out itself at native pixels
 
 
 def _pad_batch(a: np.ndarray, size: int) -> np.ndarray:
