@@ -1,0 +1,185 @@
+"""Lesion-insertion probe: does a model find a standard calcification placed where reference lesions are?
+
+Issue 14 asks why a phantom-trained model misses real plaques. A miss has two possible causes: the real
+lesion looks unlike a phantom lesion, or the real *surroundings* make the model say background. The probe
+separates them. For every 3D reference lesion (6-connected voxels with label > 0) of a scan it
+
+1. erases the lesion: its voxels, grown ``ERASE_GROW_PX`` pixels in-plane, take the median HU of a ring
+   ``RING_PX`` pixels wide around them on the same slices (reference calcium left out of the ring);
+2. paints one standard lesion at the lesion's centroid, on the centroid's slice: a Gaussian disc of
+   in-plane SD ``sigma_mm`` blended to the peak, ``hu = hu * (1 - g) + peak_hu * g`` (``g`` = 1 at the
+   centre);
+3. predicts the scan and counts the disc *found* when a voxel of it (``g > FOUND_G``) with HU >= 130 is
+   predicted calcium (any artery).
+
+The same standard lesion at the same kind of place, scored in real scans and in phantoms: the gap between
+the two found fractions is the model's context gap, the part that better lesions cannot close. ``peak_hu``
+None scores the reference lesions as they are (found: any of its voxels predicted calcium), the baseline.
+
+No heart region is applied (inserted lesions lie where reference calcium is, inside it by construction).
+Output: one JSON line per peak with the counts over all probed scans; no scan id or header value.
+
+    python -m calcjax.lesion_probe --shards 'real_shards/*.array_record' --out probe_real.jsonl
+    python -m calcjax.lesion_probe --shards 'PHANTOM_SHARDS/test-*.array_record' --protocol cardiac ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from scipy import ndimage
+
+from calcjax import agatston, checkpoint, cli, inference, model_file, scan_sources
+from calcjax.io import atomic
+
+ERASE_GROW_PX = 2
+RING_PX = 3
+FOUND_G = 0.3
+HU_MIN, HU_MAX = -1024, 3071
+
+
+def reference_lesions(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """3D 6-connected components of ``labels > 0`` (uint8 ``(Z, H, W)``) and their count."""
+    return ndimage.label(labels > 0)
+
+
+def erase_lesions(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """float32 copy of ``hu`` ``(Z, H, W)`` with every reference lesion (``labels > 0``) replaced, slice
+    by slice, by the median HU of the ring around it (module doc, step 1)."""
+    out = hu.astype(np.float32)
+    grow = np.ones((2 * ERASE_GROW_PX + 1,) * 2, bool)
+    ring_el = np.ones((2 * RING_PX + 1,) * 2, bool)
+    for z in np.flatnonzero((labels > 0).any(axis=(1, 2))):
+        comps, n = ndimage.label(labels[z] > 0)
+        for i in range(1, n + 1):
+            core = ndimage.binary_dilation(comps == i, grow)
+            ring = ndimage.binary_dilation(core, ring_el) & ~core & (labels[z] == 0)
+            if ring.any():
+                out[z][core] = np.median(hu[z][ring])
+    return out
+
+
+def disc_weight(shape_hw: tuple[int, int], centre_yx, sigma_mm: float, pixel_mm) -> np.ndarray:
+    """Gaussian weight ``(H, W)`` in [0, 1], 1 at ``centre_yx`` (pixels), in-plane SD ``sigma_mm``;
+    ``pixel_mm`` = (dy, dx) mm."""
+    yy, xx = np.indices(shape_hw, dtype=np.float32)
+    d2 = ((yy - centre_yx[0]) * pixel_mm[0]) ** 2 + ((xx - centre_yx[1]) * pixel_mm[1]) ** 2
+    return np.exp(-d2 / (2.0 * sigma_mm**2)).astype(np.float32)
+
+
+def insert_lesions(
+    hu: np.ndarray, labels: np.ndarray, spacing, peak_hu: float, sigma_mm: float
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """int16 HU with every reference lesion erased and a standard one painted at its centroid (module
+    doc), and per lesion ``(slice, disc mask (H, W))`` where it is judged."""
+    comps, n = reference_lesions(labels)
+    out = erase_lesions(hu, labels)
+    discs = []
+    for c in ndimage.center_of_mass(np.ones_like(comps), comps, range(1, n + 1)):
+        z = int(round(c[0]))
+        g = disc_weight(hu.shape[1:], c[1:], sigma_mm, spacing[1:])
+        out[z] = out[z] * (1.0 - g) + np.float32(peak_hu) * g
+        discs.append((z, g > FOUND_G))
+    return np.clip(np.round(out), HU_MIN, HU_MAX).astype(np.int16), discs
+
+
+def probe_scan(
+    predictor: inference.Predictor, loaded: scan_sources.LoadedScan, peaks, sigma_mm: float
+) -> dict:
+    """``{peak: (found, lesions)}`` of one labelled scan; key None = its reference lesions as they are."""
+    spacing = loaded.grid.spacing
+    comps, n = reference_lesions(loaded.labels)
+    out = {}
+    pred = predictor.predict(loaded.hu, spacing) > 0
+    out[None] = (len(set(np.unique(comps[pred])) - {0}), n)
+    for peak in peaks:
+        hu, discs = insert_lesions(loaded.hu, loaded.labels, spacing, peak, sigma_mm)
+        pred = (predictor.predict(hu, spacing) > 0) & agatston.candidate_mask(hu)
+        out[peak] = (sum(bool(pred[z][m].any()) for z, m in discs), n)
+    return out
+
+
+def probe(
+    shards: str,
+    *,
+    checkpoint_path: str | None,
+    peaks=(200.0, 350.0, 600.0),
+    sigma_mm: float = 1.0,
+    protocol: str | None = None,
+    max_scans: int = 0,
+    progress=True,
+) -> list[dict]:
+    """The probe over the labelled scans of ``shards`` (a glob; ``protocol`` keeps one protocol;
+    ``max_scans`` > 0 stops after that many probed scans): one dict per peak (None first) with
+    ``found``, ``lesions``, ``fraction``, ``scans``."""
+    _, model = checkpoint.load_for_inference(checkpoint_path)
+    predictor = inference.Predictor(model)
+    scans, _ = scan_sources.shard_scans(shards, context=(predictor.in_channels - 1) // 2)
+    totals = {p: [0, 0] for p in (None, *peaks)}
+    probed = 0
+    for scan in scans:
+        loaded = scan.load()
+        if loaded.labels is None or not (loaded.labels > 0).any():
+            continue
+        if protocol and loaded.meta.get("protocol") != protocol:
+            continue
+        for p, (k, n) in probe_scan(predictor, loaded, peaks, sigma_mm).items():
+            totals[p][0] += k
+            totals[p][1] += n
+        probed += 1
+        if progress:
+            logging.info("probed %d scans", probed)
+        if max_scans and probed >= max_scans:
+            break
+    return [
+        {
+            "peak_hu": p,
+            "sigma_mm": sigma_mm if p is not None else None,
+            "found": k,
+            "lesions": n,
+            "fraction": round(k / n, 4) if n else None,
+            "scans": probed,
+        }
+        for p, (k, n) in totals.items()
+    ]
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("shards", None, "Glob of shard files with labelled scans.", required=True)
+    flags.DEFINE_string("checkpoint", None, "Workdir, step folder or model file (default: shipped model).")
+    flags.DEFINE_list("peaks", ["200", "350", "600"], "Peak HU of the inserted standard lesion.")
+    flags.DEFINE_float("sigma_mm", 1.0, "In-plane SD (mm) of the inserted Gaussian disc.")
+    flags.DEFINE_string("protocol", None, "Probe only scans of this protocol (cardiac / chest).")
+    flags.DEFINE_integer("max_scans", 0, "Stop after this many probed scans (0: all).")
+    flags.DEFINE_string("out", None, "JSONL file to write (atomically); the lines are printed too.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    rows = cli.run_or_exit(
+        "calcjax.lesion_probe",
+        lambda: probe(
+            flags.FLAGS.shards,
+            checkpoint_path=flags.FLAGS.checkpoint,
+            peaks=tuple(float(p) for p in flags.FLAGS.peaks),
+            sigma_mm=flags.FLAGS.sigma_mm,
+            protocol=flags.FLAGS.protocol,
+            max_scans=flags.FLAGS.max_scans,
+        ),
+        (checkpoint.CheckpointError, model_file.ModelFileError),
+    )
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    sys.stdout.write(text)
+    if flags.FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
+        atomic.write_atomic(flags.FLAGS.out, text)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,89 @@
+"""The lesion-insertion probe (calcjax.lesion_probe): erasing, painting, counting, and its command."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from calcjax import lesion_probe, scan_sources
+from calcjax.io import geometry
+
+SPACING = (3.0, 0.5, 0.5)
+
+
+def _volume():
+    """Fat (-100 HU) with a soft-tissue band, two labelled lesions (one faint on 2 slices, one bright)."""
+    hu = np.full((6, 64, 64), -100, np.int16)
+    hu[:, 40:48, :] = 40
+    labels = np.zeros(hu.shape, np.uint8)
+    yy, xx = np.indices((64, 64))
+    faint = (yy - 20) ** 2 + (xx - 20) ** 2 <= 9
+    bright = (yy - 20) ** 2 + (xx - 45) ** 2 <= 6
+    for z in (2, 3):
+        hu[z][faint] = 180
+        labels[z][faint] = 2
+    hu[4][bright] = 700
+    labels[4][bright] = 4
+    return hu, labels
+
+
+def test_erasing_leaves_no_calcium_where_the_lesions_were_and_touches_nothing_else():
+    hu, labels = _volume()
+    out = lesion_probe.erase_lesions(hu, labels)
+    assert out.max() < 130
+    assert np.all(out[labels > 0] == -100)  # the rings around both lesions are fat
+    far = np.ones(hu.shape, bool)
+    far[2:5, 10:31, 10:56] = False
+    assert np.array_equal(out[far], hu[far].astype(np.float32))
+
+
+def test_one_standard_lesion_per_reference_lesion_at_its_centroid_with_the_asked_peak():
+    hu, labels = _volume()
+    out, discs = lesion_probe.insert_lesions(hu, labels, SPACING, peak_hu=350.0, sigma_mm=1.0)
+    assert out.dtype == np.int16
+    assert [z for z, _ in discs] == [2, 4]  # the faint lesion's centroid (slice 2.5) rounds to 2
+    assert out[2, 20, 20] == 350 and out[4, 20, 45] == 350
+    assert out[3].max() < 130  # the faint lesion's second slice is erased, not painted
+    for z, m in discs:
+        # g > 0.3 around the centre: radius sqrt(2 ln(1/0.3)) sigma = 1.55 mm = 3 px -> 29 pixels
+        assert 21 <= m.sum() <= 37 and out[z][m].max() == 350
+
+
+class _ThresholdPredictor:
+    """Calls calcium (LAD) wherever HU >= ``cut``: a model whose only rule is a threshold."""
+
+    def __init__(self, cut):
+        self.cut = cut
+
+    def predict(self, hu, spacing):
+        assert spacing == SPACING
+        return np.where(hu >= self.cut, 2, 0).astype(np.uint8)
+
+
+def test_probe_counts_found_lesions_per_peak_and_the_reference_baseline():
+    hu, labels = _volume()
+    grid = geometry.Grid(hu.shape, SPACING, (0.0, 0.0, 0.0))
+    loaded = scan_sources.LoadedScan(hu, labels, grid, {"protocol": "cardiac"})
+    got = lesion_probe.probe_scan(_ThresholdPredictor(300), loaded, (200.0, 350.0, 600.0), sigma_mm=1.0)
+    # baseline: only the 700 HU lesion reaches the threshold; inserted lesions are found from 350 HU up
+    assert got == {None: (1, 2), 200.0: (0, 2), 350.0: (2, 2), 600.0: (2, 2)}
+
+
+def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
+    from data_prep import builder
+    from data_prep.phantom.generator import generate_scan, write_scan
+
+    scan = generate_scan(13, 0, "cardiac", size=96, target_category=3)
+    write_scan(scan, str(tmp_path / "dicom"), seed=13, index=0)
+    builder.build(str(tmp_path / "dicom"), str(tmp_path / "shards"), split="test=1", progress=False)
+    out = tmp_path / "probe" / "probe.jsonl"
+    cmd = [sys.executable, "-m", "calcjax.lesion_probe", f"--shards={tmp_path}/shards/*.array_record"]
+    proc = subprocess.run([*cmd, "--peaks=600", f"--out={out}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["peak_hu"] for r in rows] == [None, 600.0]
+    n = rows[0]["lesions"]
+    assert n > 0 and all(r["lesions"] == n and 0 <= r["found"] <= n and r["scans"] == 1 for r in rows)
+    bad = subprocess.run([*cmd, "--checkpoint=/nonexistent/run"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "/nonexistent/run" in bad.stderr
