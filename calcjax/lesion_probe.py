@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from scipy import ndimage
 
-from calcjax import agatston, checkpoint, cli, inference, model_file, scan_sources
+from calcjax import agatston, checkpoint, cli, inference, metrics, model_file, scan_sources
 from calcjax.io import atomic
 
 ERASE_GROW_PX = 2
@@ -92,14 +92,12 @@ def probe_scan(
 ) -> dict:
     """``{peak: (found, lesions)}`` of one labelled scan; key None = its reference lesions as they are."""
     spacing = loaded.grid.spacing
-    comps, n = reference_lesions(loaded.labels)
-    out = {}
-    pred = predictor.predict(loaded.hu, spacing) > 0
-    out[None] = (len(set(np.unique(comps[pred])) - {0}), n)
+    as_is = metrics.lesion_counts(predictor.predict(loaded.hu, spacing) > 0, loaded.labels > 0)
+    out = {None: (as_is["detected_lesions"], as_is["ref_lesions"])}
     for peak in peaks:
         hu, discs = insert_lesions(loaded.hu, loaded.labels, spacing, peak, sigma_mm)
         pred = (predictor.predict(hu, spacing) > 0) & agatston.candidate_mask(hu)
-        out[peak] = (sum(bool(pred[z][m].any()) for z, m in discs), n)
+        out[peak] = (sum(bool(pred[z][m].any()) for z, m in discs), len(discs))
     return out
 
 
