@@ -28,7 +28,7 @@ from calcjax.io.atomic import write_atomic
 
 FORMAT = "calcjax-model-v1"
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-DEFAULT_MODEL = os.path.join(MODELS_DIR, "calcjax-smoke-phantom-v1.msgpack")
+DEFAULT_MODEL = os.path.join(MODELS_DIR, "calcjax-smoke-phantom-v3-rand.msgpack")
 
 
 class ModelFileError(ValueError):

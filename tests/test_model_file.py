@@ -15,7 +15,7 @@ from flax import nnx
 
 from calcjax import model as model_lib
 from calcjax import model_file
-from configs import smoke
+from configs import shipped, smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +72,16 @@ def test_the_shipped_model_loads_and_matches_its_digest():
     assert os.path.getsize(model_file.DEFAULT_MODEL) < 8e6
     card = open(os.path.join(model_file.MODELS_DIR, "README.md")).read()
     assert digest in card  # the model card names the file it describes
+
+
+def test_configs_shipped_is_the_shipped_models_recipe():
+    """``configs/shipped.py`` gives the config stored in the shipped model, but for where its shards were."""
+    stored, _, _ = model_file.load(model_file.DEFAULT_MODEL)
+    recipe = json.loads(shipped.get_config().to_json())
+    for cfg in (stored, recipe):
+        cfg["data"].pop("shards"), cfg["data"].pop("real_val_shards")
+    assert stored == recipe
+    assert stored["data"]["blur_px"] == 1.5 and stored["train"]["steps"] == 1600
 
 
 def _score_cli(*args):

@@ -49,6 +49,19 @@ def test_bright_components_count_objects_outside_the_labels_inside_the_body():
     assert sorted(b["areas_mm2"]) == [0.25, 1.0]
 
 
+def test_lesion_fat_reads_what_each_lesion_sits_in():
+    hu = np.full((3, 60, 80), 40, np.int16)  # soft tissue
+    hu[:, :, :30] = -100  # fat on the left
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[1, 29:31, 9:11] = 2  # in the fat
+    labels[1:3, 29:31, 59:61] = 4  # in soft tissue, two slices: one lesion
+    hu[labels > 0] = 400
+    fat = realism.lesion_fat(hu, labels, (3.0, 0.5, 0.5))
+    assert fat["fat_5mm"] == [1.0, 0.0]  # 5 mm = 10 px: each disc stays on its own side
+    assert 0.3 < fat["fat_15mm"][0] < 0.9 and fat["fat_15mm"][1] == 0.0  # 30 px reaches across for the first
+    assert realism.lesion_fat(hu, np.zeros_like(labels), (3.0, 0.5, 0.5)) == {"fat_5mm": [], "fat_15mm": []}
+
+
 def test_every_group_gets_every_figure(tmp_path):
     phantoms = realism.phantom_scans(1, seed=2, size=96)
     groups = {**phantoms, "real gated": phantoms["phantom gated"], "real chest": phantoms["phantom chest"]}
@@ -58,7 +71,7 @@ def test_every_group_gets_every_figure(tmp_path):
     lines = [json.loads(line) for line in open(path)]
     figures = {(x["group"], x["figure"]) for x in lines}
     for group in realism.GROUPS:
-        for figure in ("hu_body", "hu_heart", "nps", "bright", "lesions"):
+        for figure in ("hu_body", "hu_heart", "nps", "bright", "lesions", "lesion_fat"):
             assert (group, figure) in figures
     # The same scans under two names measure the same.
     by = {(x["group"], x["figure"]): x for x in lines}

@@ -1,7 +1,7 @@
 r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground truth.
 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
-      [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3]
+      [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3|4]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
 ``label.nii.gz``, ``calcium.xml`` (COCA-style plist) and ``truth.json``. A scan folder appears whole or not
@@ -33,8 +33,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Regenerate scans whose folde
 _VERSION = flags.DEFINE_enum(
     "phantom_version",
     "1",
-    ["1", "2", "3"],
-    "Generator version (data_prep.phantom.generator: what v2 and v3 change).",
+    ["1", "2", "3", "4"],
+    "Generator version (data_prep.phantom.generator: what v2, v3 and v4 change).",
 )
 
 

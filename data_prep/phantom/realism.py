@@ -26,6 +26,10 @@ pooled figure: one JSON line per (group, figure) in ``OUT/realism.jsonl`` and on
   calcium is counted here too (a few components at most).
 - ``lesions``: the reference lesions (``calcjax.agatston`` 2D lesions of the labels): count per scan,
   median and IQR of area (mm^2) and peak HU, the fraction with peak >= 400 HU.
+- ``lesion_fat``: what a plaque sits in. For each 3D reference lesion (6-connected component of the
+  labels), the fraction of fat (-190..-30 HU) among the unlabelled voxels of the slice through its
+  centroid within :data:`LESION_FAT_RADII_MM` of it (in-plane discs); pooled: the median over lesions.
+  A coronary in a thick fat groove reads near 1; one against myocardium, blood or the aortic root lower.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ HEART_HALF_HEIGHT_MM = 15.0
 NPS_ROI_PX = 32
 NPS_ROIS = 16
 NPS_BINS = 24
+LESION_FAT_RADII_MM = (5.0, 15.0)
 WINDOW = (40.0, 400.0)  # level, width (HU)
 HIST_EDGES = np.arange(-1024.0, 1601.0, 16.0)
 GROUPS = ("real gated", "phantom gated", "real chest", "phantom chest")
@@ -187,6 +192,25 @@ def bright_components(hu: np.ndarray, labels: np.ndarray | None, body: np.ndarra
     }
 
 
+def lesion_fat(hu: np.ndarray, labels: np.ndarray, spacing) -> dict:
+    """``{"fat_{r}mm": [fraction per 3D reference lesion]}`` for r in :data:`LESION_FAT_RADII_MM` (module
+    docstring); ``hu``, ``labels`` ``(z, y, x)``, ``spacing`` (dz, dy, dx) mm."""
+    comps, n = ndimage.label(labels > 0)
+    out: dict[str, list[float]] = {f"fat_{r:g}mm": [] for r in LESION_FAT_RADII_MM}
+    if n == 0:
+        return out
+    yy, xx = np.indices(hu.shape[1:], dtype=np.float32)
+    for cz, cy, cx in ndimage.center_of_mass(np.ones(comps.shape, np.float32), comps, range(1, n + 1)):
+        z = int(round(cz))
+        d_mm = np.hypot((yy - cy) * spacing[1], (xx - cx) * spacing[2])
+        free = labels[z] == 0
+        fat = (hu[z] >= FAT_HU[0]) & (hu[z] < FAT_HU[1])
+        for r in LESION_FAT_RADII_MM:
+            disc = (d_mm <= r) & free
+            out[f"fat_{r:g}mm"].append(round(float(fat[disc].mean()), 4) if disc.any() else float("nan"))
+    return out
+
+
 def lesion_summary(lesions: list[dict]) -> dict:
     """Count, area and peak-HU distribution of reference 2D lesions (counted ones)."""
     area = np.array([l_["area_mm2"] for l_ in lesions if l_["counted"]], float)
@@ -221,6 +245,7 @@ def measure_scan(hu: np.ndarray, labels: np.ndarray | None, spacing) -> dict:
         "nps": noise_power(uniform_rois(hu, body), spacing[1], spacing[2]),
         "bright": bright_components(hu, labels, body, spacing),
         "lesions": lesion_summary(lesions) if labels is not None else None,
+        "lesion_fat": lesion_fat(hu, labels, spacing) if labels is not None else None,
     }
 
 
@@ -259,6 +284,12 @@ def _pool(measures: list[dict]) -> dict:
             "area_mm2": area.tolist(),
             "peak_hu": peak.tolist(),
         }
+        fats = [m["lesion_fat"] for m in measures if m["lesion_fat"] is not None]
+        out["lesion_fat"] = {"lesions": int(sum(len(f["fat_5mm"]) for f in fats))}
+        for r in LESION_FAT_RADII_MM:
+            values = np.array([v for f in fats for v in f[f"fat_{r:g}mm"]], float)
+            values = values[np.isfinite(values)]
+            out["lesion_fat"][f"median_fat_{r:g}mm"] = float(np.median(values)) if values.size else None
     return out
 
 
@@ -373,7 +404,7 @@ _OUT = flags.DEFINE_string("out", "docs/realism", "Output folder (realism.png, r
 _PHANTOMS = flags.DEFINE_integer("phantoms", 2, "Phantom scans per protocol.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Phantom seed.")
 _SIZE = flags.DEFINE_integer("size", 512, "Phantom matrix size.")
-_VERSION = flags.DEFINE_integer("phantom_version", 1, "Phantom generator version (1, 2 or 3).")
+_VERSION = flags.DEFINE_integer("phantom_version", 1, "Phantom generator version (1-4).")
 
 
 def main(argv):
@@ -387,11 +418,13 @@ def main(argv):
     write_jsonl(result, os.path.join(_OUT.value, "realism.jsonl"))
     plot(result, os.path.join(_OUT.value, "realism.png"))
     header = f"{'group':14} {'body med':>8} {'heart fat':>9} {'noise SD':>8} {'NPS mean f':>10} "
-    header += f"{'bright/sl':>9} {'>=1mm2/sl':>9} {'lesions':>7} {'les area':>8} {'les peak':>8}"
+    header += f"{'bright/sl':>9} {'>=1mm2/sl':>9} {'lesions':>7} {'les area':>8} {'les peak':>8} "
+    header += f"{'fat 5mm':>7} {'fat 15mm':>8}"
     print(header)
     for group, r in result.items():
         p = r["pooled"]
         les = p.get("lesions") or {}
+        fat = p.get("lesion_fat") or {}
 
         def num(v):
             return float("nan") if v is None else v
@@ -401,7 +434,8 @@ def main(argv):
             f"{num(p['nps']['noise_sd_hu']):8.1f} {num(p['nps']['mean_frequency_per_mm']):10.3f} "
             f"{p['bright']['per_slice']:9.2f} {p['bright']['per_slice_ge_1mm2']:9.2f} "
             f"{num(les.get('per_scan')):7.1f} {num(les.get('median_area_mm2')):8.2f} "
-            f"{num(les.get('median_peak_hu')):8.0f}"
+            f"{num(les.get('median_peak_hu')):8.0f} {num(fat.get('median_fat_5mm')):7.2f} "
+            f"{num(fat.get('median_fat_15mm')):8.2f}"
         )
     print(f"-> {os.path.join(_OUT.value, 'realism.png')}, {os.path.join(_OUT.value, 'realism.jsonl')}")
 
