@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
             scale=0.1,
             noise_sd_hu=10.0,
             jitter=0.03,
-            # Randomisation against the phantom's tells (issue 14); 0 = off (configs/shipped.py turns them on).
+            # Randomisation against the phantom's tells (issue 14); 0 = off (configs/shipped.py sets them).
             blur_px=0.0,
             hu_offset=0.0,
             noise_correlation_px=0.0,

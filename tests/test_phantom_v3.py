@@ -75,6 +75,12 @@ def test_v4_is_its_v3_twin_but_for_the_fat_around_the_coronaries():
     fat = lambda hu: np.mean((hu > -190) & (hu < -30))  # noqa: E731
     assert fat(v3.hu[changed]) > 0.7 and fat(v4.hu[changed]) < 0.2
     assert v4.truth["reference"]["agatston"] == pytest.approx(v3.truth["reference"]["agatston"], rel=0.05)
+    # The sleeve's range as an option: v3 drawn over v4's range is v4, byte for byte.
+    assert 0.5 <= v4.truth["groove_fat_mm"] <= 2.5 and 5.0 <= v3.truth["groove_fat_mm"] <= 8.0
+    same = generate_scan(5, 2, "cardiac", size=128, target_category=2, version=3, groove_fat_mm=(0.5, 2.5))
+    assert np.array_equal(same.hu, v4.hu) and same.truth["groove_fat_mm"] == v4.truth["groove_fat_mm"]
+    with pytest.raises(ValueError, match="groove_fat_mm"):
+        generate_scan(5, 2, "cardiac", size=64, version=2, groove_fat_mm=(1.0, 2.0))
 
 
 def test_v3_chest_body_fills_the_fov_and_lung_vessels_stay_in_the_lungs():

@@ -1,7 +1,8 @@
 r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground truth.
 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
-      [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3|4]
+      [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3|4] \
+      [--groove_fat_mm LOW,HIGH]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
 ``label.nii.gz``, ``calcium.xml`` (COCA-style plist) and ``truth.json``. A scan folder appears whole or not
@@ -38,13 +39,21 @@ _VERSION = flags.DEFINE_enum(
 )
 
 
+_GROOVE = flags.DEFINE_list(
+    "groove_fat_mm",
+    None,
+    "LOW,HIGH mm: the coronary fat sleeve drawn uniformly per scan instead of the version's range "
+    "(versions 3 and 4; anatomy_v3.GROOVE_FAT_MM).",
+)
+
+
 def _one(args):
     """Generates and writes one scan; returns (index, summary, scan kept for the preview or None)."""
-    out, seed, index, protocol, size, keep, overwrite, version = args
+    out, seed, index, protocol, size, keep, overwrite, version, groove = args
     folder = os.path.join(out, scan_name(seed, index, protocol))
     if not overwrite and not keep and os.path.exists(os.path.join(folder, "truth.json")):
         return index, None, None
-    scan = generate_scan(seed, index, protocol, size=size, version=version)
+    scan = generate_scan(seed, index, protocol, size=size, version=version, groove_fat_mm=groove)
     write_scan(scan, out, seed=seed, index=index)
     ref = scan.truth["reference"]
     summary = (scan.name, protocol, scan.hu.shape[0], ref["agatston"], ref["risk_category_name"])
@@ -65,6 +74,7 @@ def main(argv):
             _PREVIEW.value is not None and str(i) in _PREVIEW_SCANS.value,
             _OVERWRITE.value,
             int(_VERSION.value),
+            tuple(float(v) for v in _GROOVE.value) if _GROOVE.value else None,
         )
         for i in range(_SCANS.value)
     ]

@@ -46,10 +46,16 @@ class Ellipsoid:
     semi_mm: np.ndarray
 
 
-def enlarge(patient: Patient, rng: np.random.Generator, version: int = 3) -> Patient:
+def enlarge(
+    patient: Patient,
+    rng: np.random.Generator,
+    version: int = 3,
+    groove_fat_mm: tuple[float, float] | None = None,
+) -> Patient:
     """The v3 (or v4) patient: body, lungs and heart at adult sizes (module docstring), grooves and
-    chambers on; the coronary fat sleeve from :data:`GROOVE_FAT_MM` of ``version``, drawn with the same
-    one uniform draw, so a v4 scan is its v3 twin with a thinner sleeve."""
+    chambers on; the coronary fat sleeve (mm) uniform in ``groove_fat_mm`` (default :data:`GROOVE_FAT_MM`
+    of ``version``), one uniform draw whatever the range, so a v4 scan is its v3 twin with a thinner
+    sleeve."""
     s = float(rng.uniform(1.0, 1.2))
     a = NOMINAL_BODY_MM[0] * s
     b = NOMINAL_BODY_MM[1] * s * float(rng.uniform(0.95, 1.1))
@@ -67,7 +73,7 @@ def enlarge(patient: Patient, rng: np.random.Generator, version: int = 3) -> Pat
         body_axes=(a, b),
         heart_axes=heart,
         thorax_scale=(a / NOMINAL_BODY_MM[0], b / NOMINAL_BODY_MM[1]),
-        groove_fat_mm=float(rng.uniform(*GROOVE_FAT_MM[version])),
+        groove_fat_mm=float(rng.uniform(*(groove_fat_mm or GROOVE_FAT_MM[version]))),
         pericardial_fat_mm=float(rng.uniform(1.0, 3.0)),
         chambers=True,
         lungs_fill_cavity=True,

@@ -114,10 +114,17 @@ def generate_scan(
     size: int = 512,
     target_category: int | None = None,
     version: int = 1,
+    groove_fat_mm: tuple[float, float] | None = None,
 ) -> PhantomScan:
-    """Generates scan ``index`` of the run ``seed`` in memory (see module docstring: ``version`` 1-4)."""
+    """Generates scan ``index`` of the run ``seed`` in memory (see module docstring: ``version`` 1-4).
+    ``groove_fat_mm``: (low, high) mm of the coronary fat sleeve, drawn uniformly per scan, instead of the
+    version's range (versions 3 and 4 only; the same draws, so only the sleeve changes)."""
     if version not in VERSIONS:
         raise ValueError(f"phantom version {version!r}; expected one of {VERSIONS}")
+    if groove_fat_mm is not None and (
+        version < 3 or len(groove_fat_mm) != 2 or not 0.0 <= groove_fat_mm[0] <= groove_fat_mm[1]
+    ):
+        raise ValueError(f"groove_fat_mm {groove_fat_mm!r}: needs version >= 3 and 0 <= low <= high")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
     noise_sigma_px = NOISE_CORRELATION_PX
@@ -129,7 +136,7 @@ def generate_scan(
         target_category = index % 5
     lung_vessels = []
     if version >= 3:
-        patient = anatomy_v3.enlarge(patient, rng, version=version)
+        patient = anatomy_v3.enlarge(patient, rng, version=version, groove_fat_mm=groove_fat_mm)
         lung_vessels = anatomy_v3.lung_vessel_trees(patient, rng)
         if protocol == "chest":
             fov = 2.0 * patient.body_axes[0] + float(rng.uniform(*CHEST_FOV_MARGIN_MM))
@@ -198,6 +205,8 @@ def generate_scan(
         name, acq, grid, hu, label, owner_id, lesions, confounders, first_lesion, ref, target_category, scale
     )
     truth["phantom_version"] = version
+    if version >= 3:
+        truth["groove_fat_mm"] = round(patient.groove_fat_mm, 3)
     return PhantomScan(name, acq, grid, hu, stored, label, truth)
 
 
