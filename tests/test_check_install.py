@@ -11,7 +11,9 @@ from data_prep import check_install
 def test_this_installation_reproduces_the_reference_outputs(tmp_path):
     got = check_install.reference_rows(str(tmp_path))
     want = check_install.read_reference()
-    assert len(got) == len(want) == 4 and {r["risk_category"] for r in want} == {2, 3, 4}
+    # Not a vacuous reference: several risk categories, and calcium on more than one scan.
+    assert len(got) == len(want) == 4 and len({r["risk_category"] for r in want}) >= 3
+    assert sum(r["agatston"] > 0 for r in want) >= 2
     assert check_install.differences(got, want) == []
     # The comparison is not vacuous: 3% more Agatston on one scan, or another category, is reported.
     worse = copy.deepcopy(got)

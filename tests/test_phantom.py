@@ -236,5 +236,5 @@ def test_phantom_v2_scan_reaches_its_category_with_v2_noise_and_says_its_version
     lo, hi = generator.V2_NOISE_SD_HU["chest"]
     assert lo <= truth["acquisition"]["noise_sd_hu"] <= hi
     assert generate_scan(11, 3, "chest", size=96, target_category=3).truth["phantom_version"] == 1
-    with pytest.raises(ValueError, match="phantom version 4"):
-        generate_scan(11, 3, "chest", size=96, version=4)
+    with pytest.raises(ValueError, match="phantom version 5"):
+        generate_scan(11, 3, "chest", size=96, version=5)
