@@ -42,11 +42,6 @@ FOUND_G = 0.3
 HU_MIN, HU_MAX = -1024, 3071
 
 
-def reference_lesions(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """3D 6-connected components of ``labels > 0`` (uint8 ``(Z, H, W)``) and their count."""
-    return ndimage.label(labels > 0)
-
-
 def erase_lesions(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """float32 copy of ``hu`` ``(Z, H, W)`` with every reference lesion (``labels > 0``) replaced, slice
     by slice, by the median HU of the ring around it (module doc, step 1)."""
@@ -76,10 +71,9 @@ def insert_lesions(
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """int16 HU with every reference lesion erased and a standard one painted at its centroid (module
     doc), and per lesion ``(slice, disc mask (H, W))`` where it is judged."""
-    comps, n = reference_lesions(labels)
     out = erase_lesions(hu, labels)
     discs = []
-    for c in ndimage.center_of_mass(np.ones_like(comps), comps, range(1, n + 1)):
+    for c in metrics.lesion_centres(labels):
         z = int(round(c[0]))
         g = disc_weight(hu.shape[1:], c[1:], sigma_mm, spacing[1:])
         out[z] = out[z] * (1.0 - g) + np.float32(peak_hu) * g

@@ -189,6 +189,14 @@ def voxel_counts(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int]:
     return tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(r)) - tp
 
 
+def lesion_centres(labels: np.ndarray) -> np.ndarray:
+    """Centroids ``(n, 3)`` (z, y, x in voxels, float) of the 3D 6-connected lesions of ``labels > 0``
+    (``(Z, H, W)``), in raster order of each lesion's first voxel; ``(0, 3)`` when there is none."""
+    comps, n = ndimage.label(np.asarray(labels) > 0, structure=_SIX_CONNECTED)
+    centres = ndimage.center_of_mass(np.ones(comps.shape, np.float32), comps, range(1, n + 1))
+    return np.asarray(centres, np.float64).reshape(n, 3)
+
+
 def lesion_counts(pred: np.ndarray, ref: np.ndarray) -> dict[str, int]:
     """Lesion-level counts with 3D 6-connected lesions (see module docstring)."""
     p, r = np.asarray(pred, bool), np.asarray(ref, bool)

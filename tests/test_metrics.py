@@ -101,6 +101,16 @@ def test_lesion_counts_use_six_connectivity():
     assert c == {"ref_lesions": 3, "detected_lesions": 2, "pred_lesions": 3, "fp_lesions": 1}
 
 
+def test_lesion_centres_are_the_centroids_of_six_connected_lesions():
+    labels = np.zeros((3, 10, 10), np.uint8)
+    labels[1, 2, 2] = 1
+    labels[1, 3, 3] = 2  # diagonal to the first: its own lesion
+    labels[0:2, 7, 7:9] = 4  # one lesion over two slices, whatever its artery
+    # label order is raster order (z, then y, then x) of each lesion's first voxel
+    np.testing.assert_allclose(metrics.lesion_centres(labels), [[0.5, 7, 7.5], [1, 2, 2], [1, 3, 3]])
+    assert metrics.lesion_centres(np.zeros((2, 4, 4), np.uint8)).shape == (0, 3)
+
+
 def summary(scan_id, protocol, tp, fp, fn, a_pred, a_ref, c_pred, c_ref, lesions=(1, 1, 1, 0)):
     return metrics.ScanSummary(
         scan_id,

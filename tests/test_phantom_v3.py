@@ -86,6 +86,29 @@ def test_v4_is_its_v3_twin_but_for_the_fat_around_the_coronaries():
         generate_scan(5, 2, "cardiac", size=64, version=2, groove_fat_mm=(1.0, 2.0))
 
 
+def test_gated_caudal_mm_extends_a_gated_scan_below_with_the_same_top_and_anatomy():
+    base = generate_scan(5, 2, "cardiac", size=96, target_category=2, version=4)
+    kw = dict(size=96, target_category=2, version=4)
+    longer = generate_scan(5, 2, "cardiac", gated_caudal_mm=(20.0, 20.0), **kw)
+    extra = longer.hu.shape[0] - base.hu.shape[0]
+    assert extra == 6 and longer.truth["gated_caudal_mm"] == 20.0  # floor(20 mm / 3 mm) slices
+    assert longer.grid.origin[2] == pytest.approx(base.grid.origin[2] - 18.0)  # bottom slice z, 18 mm lower
+    top = base.acquisition.z_top_mm
+    assert longer.acquisition.z_top_mm == top and longer.hu.shape[1:] == base.hu.shape[1:]
+    # The added slices are below the heart: soft tissue (liver) fills the body, no calcium is labelled.
+    below = longer.hu[:extra]
+    body = below > -500
+    assert longer.label[:extra].max() == 0 and 30 < np.median(below[body]) < 80, np.median(below[body])
+    assert longer.truth["reference"]["risk_category"] == 2
+    # (0, 0) draws a length of 0: the scan without the option, byte for byte; chest scans ignore it.
+    zero = generate_scan(5, 2, "cardiac", gated_caudal_mm=(0.0, 0.0), **kw)
+    assert np.array_equal(zero.hu, base.hu)
+    chest = generate_scan(5, 3, "chest", size=48, target_category=0, version=4, gated_caudal_mm=(20.0, 20.0))
+    assert "gated_caudal_mm" not in chest.truth
+    with pytest.raises(ValueError, match="gated_caudal_mm"):
+        generate_scan(5, 2, "cardiac", size=48, version=4, gated_caudal_mm=(10.0, 5.0))
+
+
 def test_v3_chest_body_fills_the_fov_and_lung_vessels_stay_in_the_lungs():
     """The v3 chest FOV is the body's width plus 5-40 mm (a real chest FOV is set to the body)."""
     scan = generate_scan(3, 1, "chest", size=128, target_category=0, version=3)

@@ -2,7 +2,7 @@ r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground 
 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
       [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3|4] \
-      [--groove_fat_mm LOW,HIGH]
+      [--groove_fat_mm LOW,HIGH] [--gated_caudal_mm LOW,HIGH]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
 ``label.nii.gz``, ``calcium.xml`` (COCA-style plist) and ``truth.json``. A scan folder appears whole or not
@@ -47,13 +47,23 @@ _GROOVE = flags.DEFINE_list(
 )
 
 
+_CAUDAL = flags.DEFINE_list(
+    "gated_caudal_mm",
+    None,
+    "LOW,HIGH mm: extra coverage below each cardiac scan, drawn uniformly per scan (upper abdomen; "
+    "data_prep.phantom.generator).",
+)
+
+
 def _one(args):
     """Generates and writes one scan; returns (index, summary, scan kept for the preview or None)."""
-    out, seed, index, protocol, size, keep, overwrite, version, groove = args
+    out, seed, index, protocol, size, keep, overwrite, version, groove, caudal = args
     folder = os.path.join(out, scan_name(seed, index, protocol))
     if not overwrite and not keep and os.path.exists(os.path.join(folder, "truth.json")):
         return index, None, None
-    scan = generate_scan(seed, index, protocol, size=size, version=version, groove_fat_mm=groove)
+    scan = generate_scan(
+        seed, index, protocol, size=size, version=version, groove_fat_mm=groove, gated_caudal_mm=caudal
+    )
     write_scan(scan, out, seed=seed, index=index)
     ref = scan.truth["reference"]
     summary = (scan.name, protocol, scan.hu.shape[0], ref["agatston"], ref["risk_category_name"])
@@ -75,6 +85,7 @@ def main(argv):
             _OVERWRITE.value,
             int(_VERSION.value),
             tuple(float(v) for v in _GROOVE.value) if _GROOVE.value else None,
+            tuple(float(v) for v in _CAUDAL.value) if _CAUDAL.value else None,
         )
         for i in range(_SCANS.value)
     ]

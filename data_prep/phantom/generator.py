@@ -24,6 +24,13 @@ Its extra draws come after v2's, so v2 scans stay what they were.
 ``version`` 4 is v3 with a thin fat sleeve around the coronaries (0.5-2.5 mm instead of 5-8 mm,
 ``anatomy_v3.GROOVE_FAT_MM``: the real sample's lesions sit in far less fat than v3's) and nothing else:
 the same draws, so scan (seed, index) of v4 is its v3 twin but for the fat around the arteries.
+
+``gated_caudal_mm`` (any version; cardiac scans only) extends a gated scan's coverage below the default by
+a length drawn per scan, the top slice unchanged: the real gated sample covers 135-168 mm (46-57 slices, 3 mm
+apart) where the default draws 120-150 mm, and its extra slices are upper abdomen (liver, stomach), where
+models trained on the default phantoms put false positives (issue 14, session 12). The length comes from
+its own stream (``SeedSequence([seed, index, CAUDAL_STREAM])``), so acquisition and anatomy are those of
+the scan without it; the noise, confounders and lesions drawn after the extra slices are rendered differ.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ NOISE_CORRELATION_PX = 0.7
 V2_NOISE_SD_HU = {"cardiac": (10.0, 25.0), "chest": (12.0, 35.0)}
 V2_NOISE_CORRELATION_PX = (0.7, 1.6)
 VERSIONS = (1, 2, 3, 4)
+CAUDAL_STREAM = 1  # third SeedSequence word of the gated_caudal_mm draw
 CHEST_FOV_MARGIN_MM = (5.0, 40.0)  # v3: chest FOV = body width + this (clipped to 320-480 mm)
 AIR_HU = float(dicom.AIR_HU)
 
@@ -115,18 +123,31 @@ def generate_scan(
     target_category: int | None = None,
     version: int = 1,
     groove_fat_mm: tuple[float, float] | None = None,
+    gated_caudal_mm: tuple[float, float] | None = None,
 ) -> PhantomScan:
     """Generates scan ``index`` of the run ``seed`` in memory (see module docstring: ``version`` 1-4).
     ``groove_fat_mm``: (low, high) mm of the coronary fat sleeve, drawn uniformly per scan, instead of the
-    version's range (versions 3 and 4 only; the same draws, so only the sleeve changes)."""
+    version's range (versions 3 and 4 only; the same draws, so only the sleeve changes).
+    ``gated_caudal_mm``: (low, high) mm of extra coverage below a cardiac scan, drawn uniformly per scan
+    (module docstring); chest scans ignore it."""
     if version not in VERSIONS:
         raise ValueError(f"phantom version {version!r}; expected one of {VERSIONS}")
     if groove_fat_mm is not None and (
         version < 3 or len(groove_fat_mm) != 2 or not 0.0 <= groove_fat_mm[0] <= groove_fat_mm[1]
     ):
         raise ValueError(f"groove_fat_mm {groove_fat_mm!r}: needs version >= 3 and 0 <= low <= high")
+    if gated_caudal_mm is not None and (
+        len(gated_caudal_mm) != 2 or not 0.0 <= gated_caudal_mm[0] <= gated_caudal_mm[1]
+    ):
+        raise ValueError(f"gated_caudal_mm {gated_caudal_mm!r}: needs 0 <= low <= high")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
+    caudal_mm = None
+    if gated_caudal_mm is not None and protocol == "cardiac":
+        caudal_rng = np.random.default_rng(np.random.SeedSequence([seed, index, CAUDAL_STREAM]))
+        caudal_mm = float(caudal_rng.uniform(*gated_caudal_mm))
+        extra = int(np.floor(caudal_mm / acq.increment_mm))  # slices added below; the top one stays
+        acq = dataclasses.replace(acq, num_slices=acq.num_slices + extra)
     noise_sigma_px = NOISE_CORRELATION_PX
     if version >= 2:
         acq = dataclasses.replace(acq, noise_sd_hu=float(rng.uniform(*V2_NOISE_SD_HU[protocol])))
@@ -207,6 +228,8 @@ def generate_scan(
     truth["phantom_version"] = version
     if version >= 3:
         truth["groove_fat_mm"] = round(patient.groove_fat_mm, 3)
+    if caudal_mm is not None:
+        truth["gated_caudal_mm"] = round(caudal_mm, 3)
     return PhantomScan(name, acq, grid, hu, stored, label, truth)
 
 

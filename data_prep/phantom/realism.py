@@ -42,7 +42,7 @@ from absl import app, flags
 from scipy import ndimage
 from tqdm import tqdm
 
-from calcjax import agatston, scan_sources
+from calcjax import agatston, metrics, scan_sources
 
 BODY_HU = -400.0
 FAT_HU = (-190.0, -30.0)
@@ -195,12 +195,9 @@ def bright_components(hu: np.ndarray, labels: np.ndarray | None, body: np.ndarra
 def lesion_fat(hu: np.ndarray, labels: np.ndarray, spacing) -> dict:
     """``{"fat_{r}mm": [fraction per 3D reference lesion]}`` for r in :data:`LESION_FAT_RADII_MM` (module
     docstring); ``hu``, ``labels`` ``(z, y, x)``, ``spacing`` (dz, dy, dx) mm."""
-    comps, n = ndimage.label(labels > 0)
     out: dict[str, list[float]] = {f"fat_{r:g}mm": [] for r in LESION_FAT_RADII_MM}
-    if n == 0:
-        return out
     yy, xx = np.indices(hu.shape[1:], dtype=np.float32)
-    for cz, cy, cx in ndimage.center_of_mass(np.ones(comps.shape, np.float32), comps, range(1, n + 1)):
+    for cz, cy, cx in metrics.lesion_centres(labels):
         z = int(round(cz))
         d_mm = np.hypot((yy - cy) * spacing[1], (xx - cx) * spacing[2])
         free = labels[z] == 0
