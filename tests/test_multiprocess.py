@@ -50,7 +50,11 @@ def _free_port() -> int:
 
 def _run(args: list[str], processes: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
     """Runs ``python args`` as ``processes`` jax processes (1: plain) on CPU; all must succeed."""
-    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Without the test run's XLA compilation cache (conftest.py): two jax.distributed processes sharing it
+    # aborted at shutdown (a coordination-service error) in a run beside a training, where without it they
+    # had passed; these runs compile anyway.
+    drop = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     base.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     if processes == 1:
         procs = [
