@@ -1,4 +1,6 @@
-"""A seeded set of 20 full-size phantom scans covers both protocols, every risk category and weight band."""
+"""A seeded set of 10 full-size phantom scans covers both protocols, every risk category and weight band
+(the generator's promise: any 10 consecutive scans cover both protocols and all five categories). It ran
+20 scans until 2026-12-01, twice the time; seed 0 covers every category and band by its fifth scan."""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ from data_prep.phantom.generator import generate_scan, protocol_of
 
 
 @pytest.mark.slow
-def test_twenty_seeded_scans_cover_protocols_categories_and_weight_bands():
+def test_ten_seeded_scans_cover_protocols_categories_and_weight_bands():
     protocols, categories, weights = set(), set(), set()
-    for i in range(20):
+    for i in range(10):
         scan = generate_scan(0, i, protocol_of(i, "mixed"), size=512)
         ref = scan.truth["reference"]
         protocols.add(scan.acquisition.protocol)
