@@ -28,7 +28,8 @@ the same draws, so scan (seed, index) of v4 is its v3 twin but for the fat aroun
 ``gated_caudal_mm`` (any version; cardiac scans only) extends a gated scan's coverage below the default by
 a length drawn per scan, the top slice unchanged: the real gated sample covers 135-168 mm (46-57 slices, 3 mm
 apart) where the default draws 120-150 mm, and its extra slices are upper abdomen (liver, stomach), where
-models trained on the default phantoms put false positives (issue 14, session 12). The length comes from
+a model trained on default-coverage phantoms (issue 14, run D2) put 9 of its 27 false positives on the
+real sample. The length comes from
 its own stream (``SeedSequence([seed, index, CAUDAL_STREAM])``), so acquisition and anatomy are those of
 the scan without it; the noise, confounders and lesions drawn after the extra slices are rendered differ.
 """
