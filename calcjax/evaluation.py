@@ -27,14 +27,15 @@ def validation_figures(
     summaries: list[metrics.ScanSummary], loss_sum: float, num_slices: int, prefix: str = "val"
 ) -> dict:
     """The figures a validation logs (both trainers), each key ``{prefix}_...``: ``loss`` (mean per-slice
-    loss), voxel precision / recall / F1, lesion sensitivity, false-positive lesions per scan and risk
-    accuracy over ``summaries`` (bootstrap-free for speed), and ``scans``."""
+    loss), voxel precision / recall / F1, artery-aware voxel F1, lesion sensitivity, false-positive lesions
+    per scan and risk accuracy over ``summaries`` (bootstrap-free for speed), and ``scans``."""
     fig = metrics.evaluate(summaries, num_bootstrap=0)["all"]["figures"]
     return {
         f"{prefix}_loss": float(loss_sum / max(num_slices, 1)),
         f"{prefix}_voxel_precision": fig["voxel_precision"]["value"],
         f"{prefix}_voxel_recall": fig["voxel_recall"]["value"],
         f"{prefix}_voxel_f1": fig["voxel_f1"]["value"],
+        f"{prefix}_artery_voxel_f1": fig["voxel_f1_artery"]["value"],
         f"{prefix}_lesion_sensitivity": fig["lesion_sensitivity"]["value"],
         f"{prefix}_fp_lesions_per_scan": fig["fp_lesions_per_scan"]["value"],
         f"{prefix}_risk_accuracy": fig["risk_accuracy"]["value"],

@@ -5,8 +5,10 @@ challenge's (lesion-level detection with 3D 6-connected lesions, ICC and Bland-A
 et al., Med Phys 2016) and what the paper's referee asked for (per-protocol figures, confidence intervals).
 
 Conventions:
-- Calcium voxels: label > 0 (any artery); per artery: label == a. Both masks are restricted to the
-  candidate voxels (``calcjax.agatston.candidate_mask`` at the threshold the scan's Agatston used) first.
+- Calcium voxels: label > 0 (any artery); per artery: label == a; artery-aware voxel F1 pools the four
+  arteries' counts (a voxel of the wrong artery is one false positive and one false negative). Masks are
+  restricted to the candidate voxels (``calcjax.agatston.candidate_mask`` at the threshold the scan's
+  Agatston used) first.
 - Ratios with a zero denominator are defined, never NaN: ``0/0 := 1`` for precision, recall, sensitivity
   and PPV (nothing to find, or nothing claimed, is no error) and F1 = 2 TP / (2 TP + FP + FN) with
   ``0/0 := 1``. So all-zero predictions on a scan with calcium give precision 1, recall 0, F1 0, and
@@ -282,6 +284,9 @@ def _figures(s: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
     a_tp, a_fp, a_fn = (s[n][idx].sum(axis=1) for n in ("artery_tp", "artery_fp", "artery_fn"))
     for a, name in enumerate(agatston.ARTERIES):
         out[f"voxel_f1_{name}"] = f1_from_counts(a_tp[:, a], a_fp[:, a], a_fn[:, a])
+    # Artery-aware: the per-artery counts pooled, so a calcium voxel given the wrong artery is a false
+    # positive of one artery and a false negative of another (the 5-class segmentation, artery included).
+    out["voxel_f1_artery"] = f1_from_counts(a_tp.sum(axis=1), a_fp.sum(axis=1), a_fn.sum(axis=1))
     ref_l, det_l, pred_l, fp_l = (
         total("ref_lesions"),
         total("detected_lesions"),

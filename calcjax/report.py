@@ -38,6 +38,7 @@ SEGMENTATION_TABLE = (  # scans with reference masks only
     ("voxel_f1_LAD", "Voxel F1, LAD"),
     ("voxel_f1_LCX", "Voxel F1, LCX"),
     ("voxel_f1_RCA", "Voxel F1, RCA"),
+    ("voxel_f1_artery", "Voxel F1, artery-aware"),
     ("lesion_sensitivity", "Lesion sensitivity"),
     ("lesion_ppv", "Lesion PPV"),
     ("lesion_f1", "Lesion F1"),

@@ -151,6 +151,21 @@ def test_evaluate_pools_counts_and_splits_by_protocol():
     assert again["all"]["figures"]["voxel_f1"] == f["voxel_f1"]
 
 
+def test_artery_aware_voxel_f1_counts_a_voxel_of_the_wrong_artery_as_an_error():
+    hu = np.full((1, 8, 8), 400, np.int16)
+    ref = np.zeros((1, 8, 8), np.uint8)
+    ref[0, 1:3, 1:3] = 2  # 4 LAD voxels
+    ref[0, 5:7, 5:7] = 4  # 4 RCA voxels
+    pred = ref.copy()
+    pred[0, 5:7, 5:7] = 2  # the RCA lesion found but called LAD
+    s = metrics.summarize_scan("a", "cardiac", pred, ref, hu, (3.0, 0.5, 0.5))
+    f = metrics.evaluate([s], num_bootstrap=0)["all"]["figures"]
+    assert f["voxel_f1"]["value"] == 1.0  # artery-blind: every calcium voxel found
+    # artery-aware: 4 right (LAD), 4 LAD false positives, 4 RCA misses -> 8 / (8 + 4 + 4)
+    assert f["voxel_f1_artery"]["value"] == pytest.approx(0.5)
+    assert f["voxel_f1_RCA"]["value"] == 0.0 and f["voxel_f1_LAD"]["value"] == pytest.approx(8 / 12)
+
+
 def test_single_scan_gives_figures_and_says_there_is_no_interval():
     r = metrics.evaluate([summary("a", "chest", 8, 2, 0, 120.0, 100.0, 3, 2)])
     assert r["all"]["num_scans"] == 1 and "need at least 2" in r["all"]["ci_note"]
