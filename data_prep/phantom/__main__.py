@@ -55,6 +55,11 @@ _CAUDAL = flags.DEFINE_list(
 )
 
 
+def _mm_range(values: list[str] | None) -> tuple[float, ...] | None:
+    """A LOW,HIGH list flag as floats (None when not given; generate_scan checks the range)."""
+    return tuple(float(v) for v in values) if values else None
+
+
 def _one(args):
     """Generates and writes one scan; returns (index, summary, scan kept for the preview or None)."""
     out, seed, index, protocol, size, keep, overwrite, version, groove, caudal = args
@@ -84,8 +89,8 @@ def main(argv):
             _PREVIEW.value is not None and str(i) in _PREVIEW_SCANS.value,
             _OVERWRITE.value,
             int(_VERSION.value),
-            tuple(float(v) for v in _GROOVE.value) if _GROOVE.value else None,
-            tuple(float(v) for v in _CAUDAL.value) if _CAUDAL.value else None,
+            _mm_range(_GROOVE.value),
+            _mm_range(_CAUDAL.value),
         )
         for i in range(_SCANS.value)
     ]

@@ -115,6 +115,11 @@ def _noise(shape, sd: float, rng: np.random.Generator, sigma_px: float = NOISE_C
     return n
 
 
+def _is_mm_range(r) -> bool:
+    """Whether ``r`` is a (low, high) pair of lengths in mm with 0 <= low <= high."""
+    return len(r) == 2 and 0.0 <= r[0] <= r[1]
+
+
 def generate_scan(
     seed: int,
     index: int,
@@ -133,13 +138,9 @@ def generate_scan(
     (module docstring); chest scans ignore it."""
     if version not in VERSIONS:
         raise ValueError(f"phantom version {version!r}; expected one of {VERSIONS}")
-    if groove_fat_mm is not None and (
-        version < 3 or len(groove_fat_mm) != 2 or not 0.0 <= groove_fat_mm[0] <= groove_fat_mm[1]
-    ):
+    if groove_fat_mm is not None and (version < 3 or not _is_mm_range(groove_fat_mm)):
         raise ValueError(f"groove_fat_mm {groove_fat_mm!r}: needs version >= 3 and 0 <= low <= high")
-    if gated_caudal_mm is not None and (
-        len(gated_caudal_mm) != 2 or not 0.0 <= gated_caudal_mm[0] <= gated_caudal_mm[1]
-    ):
+    if gated_caudal_mm is not None and not _is_mm_range(gated_caudal_mm):
         raise ValueError(f"gated_caudal_mm {gated_caudal_mm!r}: needs 0 <= low <= high")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
