@@ -1,4 +1,5 @@
-"""Shared fixtures: small phantom scans generated once per test session; one JAX compilation cache per run.
+"""Shared fixtures: small phantom scans generated once per test session; one JAX compilation cache per run,
+and XLA compiling for speed of compilation (below).
 
 The cache: most of a small training or scoring run on this CPU is XLA compiling the same few programs
 (a 12-step training subprocess: 124 s cold, 40 s with the compiled programs on disk, measured beside
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 
 import pytest
+import xla_env
 
 from data_prep.phantom.generator import generate_scan, write_scan  # numpy only: jax is not imported yet
 
@@ -23,6 +25,17 @@ _OWN_CACHE = None
 if _CACHE_ENV not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="calcjax-test-xla-cache-")
     os.environ[_CACHE_ENV] = _OWN_CACHE
+
+# XLA's CPU backend at LLVM optimisation level 0 in every test process (set here, before any backend
+# starts, and inherited like the cache): the tests run tiny inputs through programs that take tens of
+# seconds to compile, so compiling is most of their time. Measured 2026-12-01 beside a training: a 6-step
+# smoke training subprocess 71-80 s -> 37-39 s, data_prep.check_install (4 scans at 256 x 256 through the
+# shipped model) 75 s -> 63 s. Results move in the last float32 bits only (those losses agreed to 1e-7):
+# the tests compare runs of one test run with each other, or with the reference outputs within their
+# tolerance; the one test whose tolerance was measured at users' level runs there (test_torch_parity.py).
+# A level given by the caller is kept.
+if xla_env.OPT_LEVEL_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_env.FAST_COMPILE}".strip()
 
 
 def pytest_unconfigure(config):

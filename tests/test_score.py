@@ -15,6 +15,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from xla_env import xla_flags
 
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
@@ -221,7 +222,7 @@ def test_resume_after_sigkill_completes_without_duplicates(cohort, tmp_path):
 @pytest.mark.slow
 def test_eight_devices_give_the_same_scores_as_one(cohort, tmp_path):
     out1, out8 = str(tmp_path / "one"), str(tmp_path / "eight")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices=8))
     for out, extra_env in ((out1, os.environ), (out8, env)):
         p = subprocess.run(
             _cli(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from xla_env import at_fast_compile, xla_flags
 
 torch = pytest.importorskip("torch")
 
@@ -22,6 +26,7 @@ from calcjax.torch_baseline import model as torch_model  # noqa: E402
 from configs import default, smoke  # noqa: E402
 from data_prep.phantom.generator import generate_scan  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS = dict(rho=0.1, k_min=16, lam=1.0)
 torch.set_num_threads(2)
 
@@ -96,7 +101,26 @@ def test_logits_agree_in_eval_and_train_mode(name, shape):
 @pytest.mark.parametrize(
     ("name", "size", "rho"), [("smoke", 64, 0.1), ("smoke", 64, 1.0), ("default", 128, 1.0)]
 )
-def test_loss_and_every_gradient_agree(name, size, rho):
+def test_loss_and_every_gradient_agree(name, size, rho, request):
+    if name == "default" and at_fast_compile():
+        # The 3x tolerance below was measured at the level users compile at; at the test run's fast-compile
+        # level one BatchNorm gradient of the default model is 3.7x: this case runs itself at users' level.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+        env["XLA_FLAGS"] = xla_flags(users_level=True)
+        args = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:xdist",
+            "-p",
+            "no:cacheprovider",
+            request.node.nodeid,
+        ]
+        p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout[-3000:]
+        return
     cfg, jm, tm = twins(name)
     x, labels = ct_batch(2, size)
     loss_args = {**LOSS, "rho": rho}

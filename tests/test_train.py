@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from xla_env import xla_flags
 
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
@@ -323,7 +324,7 @@ EIGHT_DEVICES = textwrap.dedent(
 
 @pytest.mark.slow
 def test_one_step_on_8_devices_equals_1_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices=8), "PYTHONPATH": ROOT}
     out = subprocess.run(
         [sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, env=env, cwd=ROOT
     )
