@@ -17,7 +17,10 @@ the two found fractions is the model's context gap, the part that better lesions
 None scores the reference lesions as they are (found: any of its voxels predicted calcium), the baseline.
 
 No heart region is applied (inserted lesions lie where reference calcium is, inside it by construction).
-Output: one JSON line per peak with the counts over all probed scans; no scan id or header value.
+Output: one JSON line per peak with the counts over all probed scans, then one line per band of the
+reference lesions' own peak HU (``PEAK_BANDS_HU``; lesions here: 6-connected voxels with label > 0 and HU
+>= 130) with the baseline's lesions found and calcium voxels found in that band (is the brightest real
+calcium, beyond the phantoms' plaques, what is missed?); no scan id or header value.
 
     python -m calcjax.lesion_probe --shards 'real_shards/*.array_record' --out probe_real.jsonl
     python -m calcjax.lesion_probe --shards 'PHANTOM_SHARDS/test-*.array_record' --protocol cardiac ...
@@ -40,6 +43,9 @@ ERASE_GROW_PX = 2
 RING_PX = 3
 FOUND_G = 0.3
 HU_MIN, HU_MAX = -1024, 3071
+# Lower edges (HU) of the bands of a reference lesion's peak; the last is open above. Phantom plaques
+# (data_prep.phantom.calcium.WEIGHT_BANDS_HU) peak at most 900 HU before noise.
+PEAK_BANDS_HU = (130.0, 300.0, 500.0, 800.0)
 
 
 def erase_lesions(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -81,12 +87,40 @@ def insert_lesions(
     return np.clip(np.round(out), HU_MIN, HU_MAX).astype(np.int16), discs
 
 
+def found_by_peak(pred: np.ndarray, hu: np.ndarray, labels: np.ndarray) -> dict[float, np.ndarray]:
+    """``{band lower edge: [lesions, lesions found, calcium voxels, calcium voxels found]}`` (int64) of the
+    reference calcium of one scan (``labels > 0`` and HU >= 130, 6-connected 3D lesions), by the band
+    (``PEAK_BANDS_HU``) of each lesion's peak HU; ``pred``: bool ``(Z, H, W)`` predicted calcium."""
+    out = {lo: np.zeros(4, np.int64) for lo in PEAK_BANDS_HU}
+    comps, n = ndimage.label((labels > 0) & agatston.candidate_mask(hu))
+    if n == 0:
+        return out
+    ids = np.arange(1, n + 1)
+    peak = ndimage.maximum(hu, comps, ids)
+    voxels = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+    found = np.bincount(comps[pred].ravel(), minlength=n + 1)[1:]
+    band = np.searchsorted(PEAK_BANDS_HU, peak, side="right") - 1
+    for b, lo in enumerate(PEAK_BANDS_HU):
+        m = band == b
+        out[lo] += [m.sum(), (found[m] > 0).sum(), voxels[m].sum(), found[m].sum()]
+    return out
+
+
 def probe_scan(
-    predictor: inference.Predictor, loaded: scan_sources.LoadedScan, peaks, sigma_mm: float
+    predictor: inference.Predictor,
+    loaded: scan_sources.LoadedScan,
+    peaks,
+    sigma_mm: float,
+    by_peak: dict[float, np.ndarray] | None = None,
 ) -> dict:
-    """``{peak: (found, lesions)}`` of one labelled scan; key None = its reference lesions as they are."""
+    """``{peak: (found, lesions)}`` of one labelled scan; key None = its reference lesions as they are.
+    ``by_peak`` (a :func:`found_by_peak` dict) gets this scan's baseline counts added."""
     spacing = loaded.grid.spacing
-    as_is = metrics.lesion_counts(predictor.predict(loaded.hu, spacing) > 0, loaded.labels > 0)
+    pred = predictor.predict(loaded.hu, spacing) > 0
+    as_is = metrics.lesion_counts(pred, loaded.labels > 0)
+    if by_peak is not None:
+        for lo, counts in found_by_peak(pred, loaded.hu, loaded.labels).items():
+            by_peak[lo] += counts
     out = {None: (as_is["detected_lesions"], as_is["ref_lesions"])}
     for peak in peaks:
         hu, discs = insert_lesions(loaded.hu, loaded.labels, spacing, peak, sigma_mm)
@@ -107,11 +141,14 @@ def probe(
 ) -> list[dict]:
     """The probe over the labelled scans of ``shards`` (a glob; ``protocol`` keeps one protocol;
     ``max_scans`` > 0 stops after that many probed scans): one dict per peak (None first) with
-    ``found``, ``lesions``, ``fraction``, ``scans``."""
+    ``found``, ``lesions``, ``fraction``, ``scans``, then one per band of the reference lesions' peak
+    (``reference_peak_hu`` [low, high or None]) with ``lesions``, ``found``, ``calcium_voxels``,
+    ``found_voxels``, ``voxel_recall``, ``scans``."""
     _, model = checkpoint.load_for_inference(checkpoint_path)
     predictor = inference.Predictor(model)
     scans, _ = scan_sources.shard_scans(shards, context=(predictor.in_channels - 1) // 2)
     totals = {p: [0, 0] for p in (None, *peaks)}
+    by_peak = {lo: np.zeros(4, np.int64) for lo in PEAK_BANDS_HU}
     probed = 0
     for scan in scans:
         loaded = scan.load()
@@ -119,7 +156,7 @@ def probe(
             continue
         if protocol and loaded.meta.get("protocol") != protocol:
             continue
-        for p, (k, n) in probe_scan(predictor, loaded, peaks, sigma_mm).items():
+        for p, (k, n) in probe_scan(predictor, loaded, peaks, sigma_mm, by_peak).items():
             totals[p][0] += k
             totals[p][1] += n
         probed += 1
@@ -127,6 +164,7 @@ def probe(
             logging.info("probed %d scans", probed)
         if max_scans and probed >= max_scans:
             break
+    bounds = (*PEAK_BANDS_HU[1:], None)
     return [
         {
             "peak_hu": p,
@@ -137,6 +175,17 @@ def probe(
             "scans": probed,
         }
         for p, (k, n) in totals.items()
+    ] + [
+        {
+            "reference_peak_hu": [lo, hi],
+            "lesions": int(c[0]),
+            "found": int(c[1]),
+            "calcium_voxels": int(c[2]),
+            "found_voxels": int(c[3]),
+            "voxel_recall": round(int(c[3]) / int(c[2]), 4) if c[2] else None,
+            "scans": probed,
+        }
+        for (lo, c), hi in zip(by_peak.items(), bounds, strict=True)
     ]
 
 

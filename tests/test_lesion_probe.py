@@ -70,6 +70,21 @@ def test_probe_counts_found_lesions_per_peak_and_the_reference_baseline():
     assert got == {None: (1, 2), 200.0: (0, 2), 350.0: (2, 2), 600.0: (2, 2)}
 
 
+def test_found_by_peak_counts_each_reference_lesion_in_the_band_of_its_own_peak():
+    hu, labels = _volume()
+    pred = hu >= 300  # finds the 700 HU lesion, not the 180 HU one
+    got = lesion_probe.found_by_peak(pred, hu, labels)
+    faint, bright = int((hu == 180).sum()), int((hu == 700).sum())
+    assert {lo: c.tolist() for lo, c in got.items()} == {
+        130.0: [1, 0, faint, 0],  # one lesion over two slices (6-connected), none of it found
+        300.0: [0, 0, 0, 0],
+        500.0: [1, 1, bright, bright],
+        800.0: [0, 0, 0, 0],
+    }
+    half = pred & (np.indices(hu.shape)[2] < 45)  # half of the bright lesion's columns
+    assert lesion_probe.found_by_peak(half, hu, labels)[500.0].tolist() == [1, 1, bright, int(half.sum())]
+
+
 def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
     from data_prep import builder
     from data_prep.phantom.generator import generate_scan, write_scan
@@ -81,9 +96,21 @@ def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
     cmd = [sys.executable, "-m", "calcjax.lesion_probe", f"--shards={tmp_path}/shards/*.array_record"]
     proc = subprocess.run([*cmd, "--peaks=600", f"--out={out}"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [r for r in lines if "peak_hu" in r]
+    bands = [r for r in lines if "reference_peak_hu" in r]
+    assert len(lines) == len(rows) + len(bands)
     assert [r["peak_hu"] for r in rows] == [None, 600.0]
     n = rows[0]["lesions"]
     assert n > 0 and all(r["lesions"] == n and 0 <= r["found"] <= n and r["scans"] == 1 for r in rows)
+    assert [b["reference_peak_hu"] for b in bands] == [
+        [130.0, 300.0],
+        [300.0, 500.0],
+        [500.0, 800.0],
+        [800.0, None],
+    ]
+    assert sum(b["lesions"] for b in bands) > 0 and all(
+        b["found_voxels"] <= b["calcium_voxels"] for b in bands
+    )
     bad = subprocess.run([*cmd, "--checkpoint=/nonexistent/run"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "/nonexistent/run" in bad.stderr

@@ -222,8 +222,8 @@ def test_resume_after_sigkill_completes_without_duplicates(cohort, tmp_path):
 @pytest.mark.slow
 def test_eight_devices_give_the_same_scores_as_one(cohort, tmp_path):
     out1, out8 = str(tmp_path / "one"), str(tmp_path / "eight")
-    env = dict(os.environ, XLA_FLAGS=xla_flags(devices=8))
-    for out, extra_env in ((out1, os.environ), (out8, env)):
+    one, eight = (dict(os.environ, XLA_FLAGS=xla_flags(devices=n)) for n in (1, 8))
+    for out, extra_env in ((out1, one), (out8, eight)):
         p = subprocess.run(
             _cli(
                 "--shards",
