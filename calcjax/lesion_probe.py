@@ -43,8 +43,9 @@ ERASE_GROW_PX = 2
 RING_PX = 3
 FOUND_G = 0.3
 HU_MIN, HU_MAX = -1024, 3071
-# Lower edges (HU) of the bands of a reference lesion's peak; the last is open above. Phantom plaques
-# (data_prep.phantom.calcium.WEIGHT_BANDS_HU) peak at most 900 HU before noise.
+# Lower edges (HU) of the bands of a reference lesion's peak; the last is open above. A phantom cluster's
+# first plaque peaks at most 900 HU before noise (data_prep.phantom.calcium.WEIGHT_BANDS_HU), the rest
+# within 20% of it.
 PEAK_BANDS_HU = (130.0, 300.0, 500.0, 800.0)
 
 
