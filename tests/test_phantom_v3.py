@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from data_prep.phantom import anatomy_v3, confounders_v3, tissue
+from data_prep.phantom import anatomy_v3, calcium, confounders_v3, tissue
 from data_prep.phantom.acquisition import sample_acquisition
 from data_prep.phantom.anatomy import aorta_centerline, coronary_centerlines, sample_patient
 from data_prep.phantom.generator import generate_scan
@@ -107,6 +109,41 @@ def test_gated_caudal_mm_extends_a_gated_scan_below_with_the_same_top_and_anatom
     assert "gated_caudal_mm" not in chest.truth
     with pytest.raises(ValueError, match="gated_caudal_mm"):
         generate_scan(5, 2, "cardiac", size=48, version=4, gated_caudal_mm=(10.0, 5.0))
+
+
+def test_plaque_peak_max_hu_raises_only_the_top_bands_plaques_with_the_same_draws():
+    kw = dict(size=96, target_category=3, version=4)
+    base = generate_scan(5, 4, "cardiac", **kw)
+    bright = generate_scan(5, 4, "cardiac", plaque_peak_max_hu=1500.0, **kw)
+    assert bright.truth["plaque_peak_max_hu"] == 1500.0 and "plaque_peak_max_hu" not in base.truth
+    b, h = base.truth["lesions"], bright.truth["lesions"]
+    assert [(x["artery"], x["centre_mm"]) for x in b] == [(x["artery"], x["centre_mm"]) for x in h]
+    low, top = calcium.WEIGHT_BANDS_HU[-1]
+    mapped = 0
+    for x, y in zip(b, h, strict=True):
+        if x["target_peak_hu"] < 0.8 * low:  # below the top band and below any cluster neighbour of it
+            assert y["target_peak_hu"] == x["target_peak_hu"]
+        elif low <= x["target_peak_hu"] <= top:
+            u = (x["target_peak_hu"] - low) / (top - low)  # the same uniform draw, a wider band
+            mapped += y["target_peak_hu"] == pytest.approx(low + u * (1500.0 - low), abs=0.1)
+    assert mapped >= 1  # this scan has a top-band plaque (the LAD one: 558 -> 722 HU)
+    assert bright.truth["reference"]["risk_category"] == 3
+    assert np.array_equal(generate_scan(5, 4, "cardiac", plaque_peak_max_hu=900.0, **kw).hu, base.hu)
+    for bad in (400.0, 4000.0):
+        with pytest.raises(ValueError, match="top band maximum"):
+            generate_scan(5, 4, "cardiac", plaque_peak_max_hu=bad, **kw)
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [("--plaque_peak_max_hu=100", "top band maximum"), ("--gated_caudal_mm=10,5", "gated_caudal_mm")],
+)
+def test_the_phantom_command_refuses_a_bad_option_in_one_line_before_writing(tmp_path, flag, words):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep.phantom", f"--out={out}", "--scans=1", "--size=48", flag]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not out.exists()
 
 
 def test_v3_chest_body_fills_the_fov_and_lung_vessels_stay_in_the_lungs():

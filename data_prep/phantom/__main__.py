@@ -2,7 +2,7 @@ r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground 
 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
       [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3|4] \
-      [--groove_fat_mm LOW,HIGH] [--gated_caudal_mm LOW,HIGH]
+      [--groove_fat_mm LOW,HIGH] [--gated_caudal_mm LOW,HIGH] [--plaque_peak_max_hu HU]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
 ``label.nii.gz``, ``calcium.xml`` (COCA-style plist) and ``truth.json``. A scan folder appears whole or not
@@ -20,7 +20,7 @@ from absl import flags, logging
 from tqdm import tqdm
 
 from calcjax import cli
-from data_prep.phantom.generator import generate_scan, protocol_of, scan_name, write_scan
+from data_prep.phantom.generator import check_options, generate_scan, protocol_of, scan_name, write_scan
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _SCANS = flags.DEFINE_integer("scans", 10, "Number of scans.", lower_bound=1)
@@ -55,6 +55,14 @@ _CAUDAL = flags.DEFINE_list(
 )
 
 
+_PLAQUE_MAX = flags.DEFINE_float(
+    "plaque_peak_max_hu",
+    None,
+    "HU: the top Agatston weight band's upper edge for coronary plaques instead of 900 (real dense "
+    "plaques peak higher; data_prep.phantom.generator).",
+)
+
+
 def _mm_range(values: list[str] | None) -> tuple[float, ...] | None:
     """A LOW,HIGH list flag as floats (None when not given; generate_scan checks the range)."""
     return tuple(float(v) for v in values) if values else None
@@ -62,12 +70,19 @@ def _mm_range(values: list[str] | None) -> tuple[float, ...] | None:
 
 def _one(args):
     """Generates and writes one scan; returns (index, summary, scan kept for the preview or None)."""
-    out, seed, index, protocol, size, keep, overwrite, version, groove, caudal = args
+    out, seed, index, protocol, size, keep, overwrite, version, groove, caudal, plaque_max = args
     folder = os.path.join(out, scan_name(seed, index, protocol))
     if not overwrite and not keep and os.path.exists(os.path.join(folder, "truth.json")):
         return index, None, None
     scan = generate_scan(
-        seed, index, protocol, size=size, version=version, groove_fat_mm=groove, gated_caudal_mm=caudal
+        seed,
+        index,
+        protocol,
+        size=size,
+        version=version,
+        groove_fat_mm=groove,
+        gated_caudal_mm=caudal,
+        plaque_peak_max_hu=plaque_max,
     )
     write_scan(scan, out, seed=seed, index=index)
     ref = scan.truth["reference"]
@@ -77,6 +92,8 @@ def _one(args):
 
 def main(argv):
     del argv
+    options = (int(_VERSION.value), _mm_range(_GROOVE.value), _mm_range(_CAUDAL.value), _PLAQUE_MAX.value)
+    cli.run_or_exit("calcjax-phantom", lambda: check_options(*options), (ValueError,))
     out = _OUT.value
     os.makedirs(out, exist_ok=True)
     jobs = [
@@ -88,9 +105,7 @@ def main(argv):
             _SIZE.value,
             _PREVIEW.value is not None and str(i) in _PREVIEW_SCANS.value,
             _OVERWRITE.value,
-            int(_VERSION.value),
-            _mm_range(_GROOVE.value),
-            _mm_range(_CAUDAL.value),
+            *options,
         )
         for i in range(_SCANS.value)
     ]

@@ -105,10 +105,23 @@ def _lesion_plan(target_category, coronaries, acq, rng):
     return n, lengths, widths, (z_lo, z_hi), place
 
 
-def _add_speck(blobs: list[Blob], place, rng: np.random.Generator) -> None:
+def weight_bands_hu(top_max_hu: float | None = None) -> tuple[tuple[float, float], ...]:
+    """``WEIGHT_BANDS_HU`` with the top band's upper edge at ``top_max_hu`` (HU; None: as it is). Real
+    dense plaques peak above 900 HU (issue 14: two real lesions of 834 and 934 HU held a third of the real
+    sample's calcium voxels and were missed); the top band's draw is the same uniform number, so a plaque
+    of that band peaks at ``low + u * (top_max_hu - low)`` where it peaked at ``low + u * (900 - low)``."""
+    if top_max_hu is None:
+        return WEIGHT_BANDS_HU
+    low = WEIGHT_BANDS_HU[-1][0]
+    if not low < top_max_hu <= MAX_DENSITY_HU:
+        raise ValueError(f"top band maximum {top_max_hu!r} HU: needs {low} < maximum <= {MAX_DENSITY_HU}")
+    return (*WEIGHT_BANDS_HU[:-1], (low, float(top_max_hu)))
+
+
+def _add_speck(blobs: list[Blob], place, rng: np.random.Generator, bands=WEIGHT_BANDS_HU) -> None:
     """With probability 0.6, a speck under the 1 mm^2 Agatston limit: annotated, must not count."""
     if rng.uniform() < 0.6:
-        peak = rng.uniform(*WEIGHT_BANDS_HU[int(rng.integers(1, 4))])
+        peak = rng.uniform(*bands[int(rng.integers(1, 4))])
         blobs.append(place(length=0.7, width=0.6, peak=peak, scalable=False))
 
 
@@ -157,10 +170,13 @@ def plan_lesions(
     acq: Acquisition,
     rng: np.random.Generator,
     version: int = 1,
+    top_peak_max_hu: float | None = None,
 ) -> list[Blob]:
     """Coronary lesions sized for ``target_category`` (0-4), within the scan's z coverage. ``version`` 2
     and 3 (phantom v2/v3): peaks drawn with ``V2_BAND_PROBABILITIES`` and confluent clusters (above);
-    version 1 draws exactly what it always drew."""
+    version 1 draws exactly what it always drew. ``top_peak_max_hu``: the top weight band's upper edge
+    (:func:`weight_bands_hu`; the same draws)."""
+    bands_hu = weight_bands_hu(top_peak_max_hu)
     if target_category == 0:
         return []
     n, (l_lo, l_hi), (w_lo, w_hi), z_range, place = _lesion_plan(target_category, coronaries, acq, rng)
@@ -170,11 +186,11 @@ def plan_lesions(
     for i in range(n):
         band = int(bands[i % len(bands)]) if version == 1 else int(rng.choice(4, p=V2_BAND_PROBABILITIES))
         length, width = rng.uniform(l_lo, l_hi), rng.uniform(w_lo, w_hi)
-        first = place(length=length, width=width, peak=rng.uniform(*WEIGHT_BANDS_HU[band]), scalable=True)
+        first = place(length=length, width=width, peak=rng.uniform(*bands_hu[band]), scalable=True)
         blobs.append(first)
         if version >= 2 and rng.uniform() < CLUSTER_PROBABILITY:
             blobs += _cluster(first, length, width, coronaries, z_range, place, rng)
-    _add_speck(blobs, place, rng)
+    _add_speck(blobs, place, rng, bands_hu)
     return blobs
 
 

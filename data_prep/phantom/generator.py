@@ -32,6 +32,12 @@ a model trained on default-coverage phantoms (issue 14, run D2) put 9 of its 27 
 real sample. The length comes from
 its own stream (``SeedSequence([seed, index, CAUDAL_STREAM])``), so acquisition and anatomy are those of
 the scan without it; the noise, confounders and lesions drawn after the extra slices are rendered differ.
+
+``plaque_peak_max_hu`` (any version) raises the top weight band's upper edge for coronary plaques from
+900 HU (``calcium.weight_bands_hu``): real dense plaques peak higher, and the two brightest real lesions
+(834 and 934 HU, a third of the real sample's calcium voxels) were what phantom-trained models missed
+(README, lesion probe by peak band). The same draws: only the top band's plaque peaks change (and with
+them, through the size search, possibly the lesions' scale).
 """
 
 from __future__ import annotations
@@ -120,6 +126,22 @@ def _is_mm_range(r) -> bool:
     return len(r) == 2 and 0.0 <= r[0] <= r[1]
 
 
+def check_options(
+    version: int,
+    groove_fat_mm: tuple[float, float] | None = None,
+    gated_caudal_mm: tuple[float, float] | None = None,
+    plaque_peak_max_hu: float | None = None,
+) -> None:
+    """Raises ValueError naming the first of :func:`generate_scan`'s options that it cannot use."""
+    if version not in VERSIONS:
+        raise ValueError(f"phantom version {version!r}; expected one of {VERSIONS}")
+    if groove_fat_mm is not None and (version < 3 or not _is_mm_range(groove_fat_mm)):
+        raise ValueError(f"groove_fat_mm {groove_fat_mm!r}: needs version >= 3 and 0 <= low <= high")
+    if gated_caudal_mm is not None and not _is_mm_range(gated_caudal_mm):
+        raise ValueError(f"gated_caudal_mm {gated_caudal_mm!r}: needs 0 <= low <= high")
+    calcium.weight_bands_hu(plaque_peak_max_hu)  # the plaque maximum's own check
+
+
 def generate_scan(
     seed: int,
     index: int,
@@ -130,18 +152,16 @@ def generate_scan(
     version: int = 1,
     groove_fat_mm: tuple[float, float] | None = None,
     gated_caudal_mm: tuple[float, float] | None = None,
+    plaque_peak_max_hu: float | None = None,
 ) -> PhantomScan:
     """Generates scan ``index`` of the run ``seed`` in memory (see module docstring: ``version`` 1-4).
     ``groove_fat_mm``: (low, high) mm of the coronary fat sleeve, drawn uniformly per scan, instead of the
     version's range (versions 3 and 4 only; the same draws, so only the sleeve changes).
     ``gated_caudal_mm``: (low, high) mm of extra coverage below a cardiac scan, drawn uniformly per scan
-    (module docstring); chest scans ignore it."""
-    if version not in VERSIONS:
-        raise ValueError(f"phantom version {version!r}; expected one of {VERSIONS}")
-    if groove_fat_mm is not None and (version < 3 or not _is_mm_range(groove_fat_mm)):
-        raise ValueError(f"groove_fat_mm {groove_fat_mm!r}: needs version >= 3 and 0 <= low <= high")
-    if gated_caudal_mm is not None and not _is_mm_range(gated_caudal_mm):
-        raise ValueError(f"gated_caudal_mm {gated_caudal_mm!r}: needs 0 <= low <= high")
+    (module docstring); chest scans ignore it.
+    ``plaque_peak_max_hu``: the top Agatston weight band's upper edge for coronary plaques (HU, before
+    noise; default 900: ``calcium.weight_bands_hu``; the same draws, so only plaque peaks change)."""
+    check_options(version, groove_fat_mm, gated_caudal_mm, plaque_peak_max_hu)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
     caudal_mm = None
@@ -179,7 +199,7 @@ def generate_scan(
     confounders = calcium.plan_confounders(patient, coronaries, aorta, acq, rng)
     if version >= 3:
         confounders += confounders_v3.plan_confounders_v3(patient, acq, rng)
-    lesions = calcium.plan_lesions(target_category, coronaries, acq, rng, version)
+    lesions = calcium.plan_lesions(target_category, coronaries, acq, rng, version, plaque_peak_max_hu)
     conf_hu = np.full(base.shape, -np.inf, dtype=np.float32)
     conf_id = np.zeros(base.shape, dtype=np.int32)
     calcium.render_blobs(confounders, base, axial, acq, conf_hu, conf_id, first_id=1)
@@ -232,6 +252,8 @@ def generate_scan(
         truth["groove_fat_mm"] = round(patient.groove_fat_mm, 3)
     if caudal_mm is not None:
         truth["gated_caudal_mm"] = round(caudal_mm, 3)
+    if plaque_peak_max_hu is not None:
+        truth["plaque_peak_max_hu"] = float(plaque_peak_max_hu)
     return PhantomScan(name, acq, grid, hu, stored, label, truth)
 
 
