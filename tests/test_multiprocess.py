@@ -19,6 +19,7 @@ from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6  # training steps of each run
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
@@ -96,7 +97,7 @@ def _run(args: list[str], processes: int, timeout: int = 600) -> list[subprocess
     return done
 
 
-def _train_args(shards: str, workdir: str, steps: int = 6) -> list[str]:
+def _train_args(shards: str, workdir: str) -> list[str]:
     return [
         "-m",
         "calcjax.train",
@@ -107,9 +108,9 @@ def _train_args(shards: str, workdir: str, steps: int = 6) -> list[str]:
         f"--config.data.shards={shards}",
         "--config.data.crop=32",
         "--config.train.batch_size=4",
-        f"--config.train.steps={steps}",
+        f"--config.train.steps={STEPS}",
         "--config.train.checkpoint_every=3",
-        f"--config.train.eval_every={steps}",
+        f"--config.train.eval_every={STEPS}",
         "--config.train.log_every=1",
     ]
 
@@ -135,7 +136,7 @@ def test_two_process_training_equals_one_process(shards, tmp_path):
     m1, m2 = _metrics(one), _metrics(two)
     loss1 = [m["train_loss"] for m in m1 if "train_loss" in m]
     loss2 = [m["train_loss"] for m in m2 if "train_loss" in m]
-    assert len(loss1) == len(loss2) == 6
+    assert len(loss1) == len(loss2) == STEPS
     # Process i reads elements i, i+2, ... of the same stream: each global batch holds the same slices as
     # the one-process batch (in another order), so losses and updates agree to float32 summation order.
     np.testing.assert_allclose(loss2, loss1, rtol=1e-4)

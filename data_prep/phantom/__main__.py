@@ -64,7 +64,7 @@ _PLAQUE_MAX = flags.DEFINE_float(
 
 
 def _mm_range(values: list[str] | None) -> tuple[float, ...] | None:
-    """A LOW,HIGH list flag as floats (None when not given; generate_scan checks the range)."""
+    """A LOW,HIGH list flag as floats (None when not given; check_options checks the range)."""
     return tuple(float(v) for v in values) if values else None
 
 
@@ -93,7 +93,7 @@ def _one(args):
 def main(argv):
     del argv
     options = (int(_VERSION.value), _mm_range(_GROOVE.value), _mm_range(_CAUDAL.value), _PLAQUE_MAX.value)
-    cli.run_or_exit("calcjax-phantom", lambda: check_options(*options), (ValueError,))
+    cli.run_or_exit("data_prep.phantom", lambda: check_options(*options), (ValueError,))
     out = _OUT.value
     os.makedirs(out, exist_ok=True)
     jobs = [
