@@ -57,7 +57,14 @@ class AugmentConfig:
     uniform in [0, blur_px] pixels (reconstruction kernels differ); hu_offset: a constant added to the crop,
     uniform +-hu_offset HU (scanner calibration); noise_correlation_px: the added noise is smoothed with a
     sigma uniform in [0, noise_correlation_px] pixels and rescaled to its drawn SD (kernel-shaped texture
-    instead of white noise). The labels stay the reference's.
+    instead of white noise). label_grow_px: the labels follow the calcium threshold of the crop the
+    network sees (:func:`labels_at_threshold`): each grows up to this many pixels in-plane into adjacent
+    voxels of the centre slice at >= 130 HU, and loses those below 130 HU; 0 keeps the reference's labels
+    as warped (no draw either way). Blur, offset and noise move the 130 HU edge of a lesion away from its
+    label's, and a network trained on the labels alone learns a footprint smaller than the threshold's
+    on bright lesions, where real references (an annotated lesion's voxels >= 130 HU) hold the whole
+    footprint (issue 14: growing a phantom-trained model's real predictions into the >= 130 HU voxels
+    around them took real voxel recall from 0.26 to 0.46 at 4 pixels).
     """
 
     crop: int
@@ -70,6 +77,7 @@ class AugmentConfig:
     blur_px: float
     hu_offset: float
     noise_correlation_px: float
+    label_grow_px: int
 
     @classmethod
     def from_config(cls, data_cfg) -> AugmentConfig:
@@ -167,7 +175,25 @@ def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator, to_m
         out += correlated_noise(out.shape, sd, rng.uniform(0.0, cfg.noise_correlation_px), rng)
     else:
         out += rng.normal(0.0, sd, size=out.shape).astype(np.float32)
+    if cfg.label_grow_px > 0:
+        lab = labels_at_threshold(lab, out[..., c // 2], cfg.label_grow_px)
     return {"images": out, "labels": lab}
+
+
+def labels_at_threshold(labels: np.ndarray, hu: np.ndarray, grow_px: int) -> np.ndarray:
+    """``labels`` ``(H, W)`` (0 background, 1-4 arteries) on the calcium threshold of ``hu`` ``(H, W)``:
+    grown ``grow_px`` times by one 4-connected pixel into background voxels at >= 130 HU
+    (``agatston.CALCIUM_THRESHOLD_HU``; where arteries meet, the higher label takes a contested voxel),
+    then kept only at >= 130 HU. Same dtype as ``labels``."""
+    candidate = hu >= agatston.CALCIUM_THRESHOLD_HU
+    out = np.where(candidate, labels, 0).astype(labels.dtype)
+    cross = ndimage.generate_binary_structure(2, 1)
+    for _ in range(grow_px):
+        grown = np.where((out == 0) & candidate, ndimage.grey_dilation(out, footprint=cross), out)
+        if np.array_equal(grown, out):
+            break
+        out = grown
+    return out
 
 
 def correlated_noise(shape_hwc, sd: float, sigma_px: float, rng: np.random.Generator) -> np.ndarray:

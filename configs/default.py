@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
             blur_px=0.0,
             hu_offset=0.0,
             noise_correlation_px=0.0,
+            # Labels follow the crop's own 130 HU edge after augmentation (AugmentConfig); 0 = off.
+            label_grow_px=0,
             seed=0,
             worker_count=4,
             # An extra figure, never a selector: a shard folder of real labelled scans (make real-shards

@@ -134,9 +134,34 @@ def test_plaque_peak_max_hu_raises_only_the_top_bands_plaques_with_the_same_draw
             generate_scan(5, 4, "cardiac", plaque_peak_max_hu=bad, **kw)
 
 
+def test_bulky_plaque_adds_one_dense_plaque_wider_than_its_vessel_from_its_own_stream():
+    kw = dict(size=96, target_category=3, version=3)
+    base = generate_scan(1, 3, "cardiac", **kw)
+    bulky = generate_scan(1, 3, "cardiac", bulky_plaque_probability=1.0, **kw)
+    b, k = base.truth["lesions"], bulky.truth["lesions"]
+    assert bulky.truth["bulky_plaques"] == 1 and len(k) == len(b) + 1
+    # The other plaques are the same draws (the category search may rescale them, never move them).
+    assert [(x["artery"], x["centre_mm"]) for x in b] == [(x["artery"], x["centre_mm"]) for x in k[:-1]]
+    extra = k[-1]
+    low, high = calcium.BULKY_PEAK_HU
+    assert low - 1 <= extra["target_peak_hu"] <= high + 1 and extra["num_voxels"] > 0
+    assert calcium.BULKY_WIDTH_MM[0] <= extra["size_mm"][1] <= calcium.BULKY_WIDTH_MM[1]
+    assert (bulky.label == extra["label"]).sum() >= extra["num_voxels"]
+    # Probability 0 draws nothing into the scan; a scan without calcium gets no bulky plaque.
+    assert np.array_equal(generate_scan(1, 3, "cardiac", bulky_plaque_probability=0.0, **kw).hu, base.hu)
+    none = generate_scan(1, 0, "cardiac", size=96, target_category=0, version=3, bulky_plaque_probability=1.0)
+    assert none.truth["bulky_plaques"] == 0 and none.truth["reference"]["agatston"] == 0.0
+    with pytest.raises(ValueError, match="bulky_plaque_probability"):
+        generate_scan(1, 3, "cardiac", bulky_plaque_probability=1.5, **kw)
+
+
 @pytest.mark.parametrize(
     ("flag", "words"),
-    [("--plaque_peak_max_hu=100", "top band maximum"), ("--gated_caudal_mm=10,5", "gated_caudal_mm")],
+    [
+        ("--plaque_peak_max_hu=100", "top band maximum"),
+        ("--gated_caudal_mm=10,5", "gated_caudal_mm"),
+        ("--bulky_plaque_probability=-0.1", "bulky_plaque_probability"),
+    ],
 )
 def test_the_phantom_command_refuses_a_bad_option_in_one_line_before_writing(tmp_path, flag, words):
     out = tmp_path / "out"

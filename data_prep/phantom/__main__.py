@@ -3,6 +3,7 @@ r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
       [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3|4] \
       [--groove_fat_mm LOW,HIGH] [--gated_caudal_mm LOW,HIGH] [--plaque_peak_max_hu HU]
+      [--bulky_plaque_probability P]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
 ``label.nii.gz``, ``calcium.xml`` (COCA-style plist) and ``truth.json``. A scan folder appears whole or not
@@ -63,6 +64,14 @@ _PLAQUE_MAX = flags.DEFINE_float(
 )
 
 
+_BULKY = flags.DEFINE_float(
+    "bulky_plaque_probability",
+    None,
+    "Probability that a scan with calcium also gets one bulky plaque, a dense calcification wider than "
+    "its vessel (calcium.bulky_plaque; real dense plaques bloom into masses of several mm).",
+)
+
+
 def _mm_range(values: list[str] | None) -> tuple[float, ...] | None:
     """A LOW,HIGH list flag as floats (None when not given; check_options checks the range)."""
     return tuple(float(v) for v in values) if values else None
@@ -70,7 +79,7 @@ def _mm_range(values: list[str] | None) -> tuple[float, ...] | None:
 
 def _one(args):
     """Generates and writes one scan; returns (index, summary, scan kept for the preview or None)."""
-    out, seed, index, protocol, size, keep, overwrite, version, groove, caudal, plaque_max = args
+    out, seed, index, protocol, size, keep, overwrite, version, groove, caudal, plaque_max, bulky = args
     folder = os.path.join(out, scan_name(seed, index, protocol))
     if not overwrite and not keep and os.path.exists(os.path.join(folder, "truth.json")):
         return index, None, None
@@ -83,6 +92,7 @@ def _one(args):
         groove_fat_mm=groove,
         gated_caudal_mm=caudal,
         plaque_peak_max_hu=plaque_max,
+        bulky_plaque_probability=bulky,
     )
     write_scan(scan, out, seed=seed, index=index)
     ref = scan.truth["reference"]
@@ -92,7 +102,13 @@ def _one(args):
 
 def main(argv):
     del argv
-    options = (int(_VERSION.value), _mm_range(_GROOVE.value), _mm_range(_CAUDAL.value), _PLAQUE_MAX.value)
+    options = (
+        int(_VERSION.value),
+        _mm_range(_GROOVE.value),
+        _mm_range(_CAUDAL.value),
+        _PLAQUE_MAX.value,
+        _BULKY.value,
+    )
     cli.run_or_exit("data_prep.phantom", lambda: check_options(*options), (ValueError,))
     out = _OUT.value
     os.makedirs(out, exist_ok=True)

@@ -73,6 +73,7 @@ V2_NOISE_SD_HU = {"cardiac": (10.0, 25.0), "chest": (12.0, 35.0)}
 V2_NOISE_CORRELATION_PX = (0.7, 1.6)
 VERSIONS = (1, 2, 3, 4)
 CAUDAL_STREAM = 1  # third SeedSequence word of the gated_caudal_mm draw
+BULKY_STREAM = 2  # third SeedSequence word of the bulky_plaque_probability draws
 CHEST_FOV_MARGIN_MM = (5.0, 40.0)  # v3: chest FOV = body width + this (clipped to 320-480 mm)
 AIR_HU = float(dicom.AIR_HU)
 
@@ -131,6 +132,7 @@ def check_options(
     groove_fat_mm: tuple[float, float] | None = None,
     gated_caudal_mm: tuple[float, float] | None = None,
     plaque_peak_max_hu: float | None = None,
+    bulky_plaque_probability: float | None = None,
 ) -> None:
     """Raises ValueError naming the first of :func:`generate_scan`'s options that it cannot use."""
     if version not in VERSIONS:
@@ -140,6 +142,8 @@ def check_options(
     if gated_caudal_mm is not None and not _is_mm_range(gated_caudal_mm):
         raise ValueError(f"gated_caudal_mm {gated_caudal_mm!r}: needs 0 <= low <= high")
     calcium.weight_bands_hu(plaque_peak_max_hu)  # the plaque maximum's own check
+    if bulky_plaque_probability is not None and not 0.0 <= bulky_plaque_probability <= 1.0:
+        raise ValueError(f"bulky_plaque_probability {bulky_plaque_probability!r}: needs 0 <= p <= 1")
 
 
 def generate_scan(
@@ -153,6 +157,7 @@ def generate_scan(
     groove_fat_mm: tuple[float, float] | None = None,
     gated_caudal_mm: tuple[float, float] | None = None,
     plaque_peak_max_hu: float | None = None,
+    bulky_plaque_probability: float | None = None,
 ) -> PhantomScan:
     """Generates scan ``index`` of the run ``seed`` in memory (see module docstring: ``version`` 1-4).
     ``groove_fat_mm``: (low, high) mm of the coronary fat sleeve, drawn uniformly per scan, instead of the
@@ -161,7 +166,7 @@ def generate_scan(
     (module docstring); chest scans ignore it.
     ``plaque_peak_max_hu``: the top Agatston weight band's upper edge for coronary plaques (HU, before
     noise; default 900: ``calcium.weight_bands_hu``; the same draws, so only plaque peaks change)."""
-    check_options(version, groove_fat_mm, gated_caudal_mm, plaque_peak_max_hu)
+    check_options(version, groove_fat_mm, gated_caudal_mm, plaque_peak_max_hu, bulky_plaque_probability)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
     caudal_mm = None
@@ -200,6 +205,12 @@ def generate_scan(
     if version >= 3:
         confounders += confounders_v3.plan_confounders_v3(patient, acq, rng)
     lesions = calcium.plan_lesions(target_category, coronaries, acq, rng, version, plaque_peak_max_hu)
+    bulky = 0
+    if bulky_plaque_probability is not None and target_category > 0:
+        bulky_rng = np.random.default_rng(np.random.SeedSequence([seed, index, BULKY_STREAM]))
+        if bulky_rng.uniform() < bulky_plaque_probability:
+            lesions.append(calcium.bulky_plaque(coronaries, acq, bulky_rng))
+            bulky = 1
     conf_hu = np.full(base.shape, -np.inf, dtype=np.float32)
     conf_id = np.zeros(base.shape, dtype=np.int32)
     calcium.render_blobs(confounders, base, axial, acq, conf_hu, conf_id, first_id=1)
@@ -254,6 +265,9 @@ def generate_scan(
         truth["gated_caudal_mm"] = round(caudal_mm, 3)
     if plaque_peak_max_hu is not None:
         truth["plaque_peak_max_hu"] = float(plaque_peak_max_hu)
+    if bulky_plaque_probability is not None:
+        truth["bulky_plaque_probability"] = float(bulky_plaque_probability)
+        truth["bulky_plaques"] = bulky  # the last entry of lesions when 1
     return PhantomScan(name, acq, grid, hu, stored, label, truth)
 
 
