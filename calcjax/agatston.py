@@ -22,7 +22,7 @@ widths):
 from __future__ import annotations
 
 import numpy as np
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
 ARTERIES: tuple[str, ...] = ("LM", "LAD", "LCX", "RCA")
@@ -58,6 +58,27 @@ def risk_category(total: float) -> int:
 def candidate_mask(hu: np.ndarray, threshold_hu: float = CALCIUM_THRESHOLD_HU) -> np.ndarray:
     """Voxels that may be calcium: HU >= ``threshold_hu`` (the one definition every figure uses)."""
     return np.asarray(hu) >= threshold_hu
+
+
+def grow_to_threshold(
+    labels: np.ndarray, hu: np.ndarray, steps: int, threshold_hu: float = CALCIUM_THRESHOLD_HU
+) -> np.ndarray:
+    """``labels`` (0 background, 1-4 arteries; ``(H, W)`` or ``(Z, H, W)``) on the candidate voxels of
+    ``hu`` (same shape): kept only where ``candidate_mask``, then grown ``steps`` times by one 4-connected
+    in-plane pixel into background candidate voxels (never across slices; where two arteries arrive at
+    once the higher label takes the voxel). A reference lesion is its voxels at >= the threshold, so this
+    is a label's footprint at the threshold, reached within ``steps`` pixels. Same dtype as ``labels``."""
+    candidate = candidate_mask(hu, threshold_hu)
+    out = np.where(candidate, labels, 0).astype(np.asarray(labels).dtype)
+    cross = np.zeros((3, 3), bool)
+    cross[1, :] = cross[:, 1] = True
+    footprint = cross if out.ndim == 2 else cross[None]
+    for _ in range(steps):
+        grown = np.where((out == 0) & candidate, ndimage.grey_dilation(out, footprint=footprint), out)
+        if np.array_equal(grown, out):
+            break
+        out = grown
+    return out
 
 
 def density_weight(peak_hu: np.ndarray | float, threshold_hu: float = CALCIUM_THRESHOLD_HU) -> np.ndarray:

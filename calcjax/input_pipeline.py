@@ -58,7 +58,7 @@ class AugmentConfig:
     uniform +-hu_offset HU (scanner calibration); noise_correlation_px: the added noise is smoothed with a
     sigma uniform in [0, noise_correlation_px] pixels and rescaled to its drawn SD (kernel-shaped texture
     instead of white noise). label_grow_px: the labels follow the calcium threshold of the crop the
-    network sees (:func:`labels_at_threshold`): each grows up to this many pixels in-plane into adjacent
+    network sees (``agatston.grow_to_threshold``): each grows up to this many pixels in-plane into adjacent
     voxels of the centre slice at >= 130 HU, and loses those below 130 HU; 0 keeps the reference's labels
     as warped (no draw either way). Blur, offset and noise move the 130 HU edge of a lesion away from its
     label's, and a network trained on the labels alone learns a footprint smaller than the threshold's
@@ -176,24 +176,8 @@ def augment(image_chw, label, cfg: AugmentConfig, rng: np.random.Generator, to_m
     else:
         out += rng.normal(0.0, sd, size=out.shape).astype(np.float32)
     if cfg.label_grow_px > 0:
-        lab = labels_at_threshold(lab, out[..., c // 2], cfg.label_grow_px)
+        lab = agatston.grow_to_threshold(lab, out[..., c // 2], cfg.label_grow_px)
     return {"images": out, "labels": lab}
-
-
-def labels_at_threshold(labels: np.ndarray, hu: np.ndarray, grow_px: int) -> np.ndarray:
-    """``labels`` ``(H, W)`` (0 background, 1-4 arteries) on the calcium threshold of ``hu`` ``(H, W)``:
-    grown ``grow_px`` times by one 4-connected pixel into background voxels at >= 130 HU
-    (``agatston.CALCIUM_THRESHOLD_HU``; where arteries meet, the higher label takes a contested voxel),
-    then kept only at >= 130 HU. Same dtype as ``labels``."""
-    candidate = hu >= agatston.CALCIUM_THRESHOLD_HU
-    out = np.where(candidate, labels, 0).astype(labels.dtype)
-    cross = ndimage.generate_binary_structure(2, 1)
-    for _ in range(grow_px):
-        grown = np.where((out == 0) & candidate, ndimage.grey_dilation(out, footprint=cross), out)
-        if np.array_equal(grown, out):
-            break
-        out = grown
-    return out
 
 
 def correlated_noise(shape_hwc, sd: float, sigma_px: float, rng: np.random.Generator) -> np.ndarray:

@@ -20,7 +20,11 @@ No heart region is applied (inserted lesions lie where reference calcium is, ins
 Output: one JSON line per peak with the counts over all probed scans, then one line per band of the
 reference lesions' own peak HU (``PEAK_BANDS_HU``; lesions here: 6-connected voxels with label > 0 and HU
 >= 130) with the baseline's lesions found and calcium voxels found in that band (is the brightest real
-calcium, beyond the phantoms' plaques, what is missed?); no scan id or header value.
+calcium, beyond the phantoms' plaques, what is missed?), then one line per ``grow_px`` with the baseline's
+voxel and false-positive lesion counts after its predicted calcium, kept in the heart region as the scorer
+keeps it, is grown that many pixels into the >= 130 HU voxels around it (``agatston.grow_to_threshold``):
+does the model find a lesion's core and stop short of its footprint at 130 HU, where a reference lesion
+is all of it? No scan id or header value.
 
     python -m calcjax.lesion_probe --shards 'real_shards/*.array_record' --out probe_real.jsonl
     python -m calcjax.lesion_probe --shards 'PHANTOM_SHARDS/test-*.array_record' --protocol cardiac ...
@@ -36,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 from scipy import ndimage
 
-from calcjax import agatston, checkpoint, cli, inference, metrics, model_file, scan_sources
+from calcjax import agatston, checkpoint, cli, heart_region, inference, metrics, model_file, scan_sources
 from calcjax.io import atomic
 
 ERASE_GROW_PX = 2
@@ -47,6 +51,7 @@ HU_MIN, HU_MAX = -1024, 3071
 # first plaque peaks at most 900 HU before noise (data_prep.phantom.calcium.WEIGHT_BANDS_HU), the rest
 # within 20% of it.
 PEAK_BANDS_HU = (130.0, 300.0, 500.0, 800.0)
+GROW_PX = (0, 2, 4, 8, 20)  # default --grow_px: in-plane pixels of growth into >= 130 HU voxels
 
 
 def erase_lesions(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -107,21 +112,42 @@ def found_by_peak(pred: np.ndarray, hu: np.ndarray, labels: np.ndarray) -> dict[
     return out
 
 
+def grown_counts(pred: np.ndarray, hu: np.ndarray, labels: np.ndarray, grow_px) -> dict[int, np.ndarray]:
+    """``{steps: [voxel TP, FP, FN, false-positive lesions]}`` (int64) of predicted labels ``pred``
+    ``(Z, H, W)`` grown ``steps`` in-plane pixels into the >= 130 HU voxels around them
+    (``agatston.grow_to_threshold``; 0: as predicted, on the >= 130 HU voxels) against the reference
+    calcium (``labels > 0`` and >= 130 HU), with :mod:`calcjax.metrics`' voxel and 3D lesion rules."""
+    ref = (labels > 0) & agatston.candidate_mask(hu)
+    out = {}
+    for steps in grow_px:
+        grown = agatston.grow_to_threshold(pred, hu, steps) > 0
+        tp, fp, fn = metrics.voxel_counts(grown, ref)
+        out[steps] = np.array([tp, fp, fn, metrics.lesion_counts(grown, ref)["fp_lesions"]], np.int64)
+    return out
+
+
 def probe_scan(
     predictor: inference.Predictor,
     loaded: scan_sources.LoadedScan,
     peaks,
     sigma_mm: float,
     by_peak: dict[float, np.ndarray] | None = None,
+    by_grow: dict[int, np.ndarray] | None = None,
 ) -> dict:
     """``{peak: (found, lesions)}`` of one labelled scan; key None = its reference lesions as they are.
-    ``by_peak`` (a :func:`found_by_peak` dict) gets this scan's baseline counts added."""
+    ``by_peak`` (a :func:`found_by_peak` dict) gets this scan's baseline counts added; ``by_grow``
+    (``{steps: zeros(4)}``) its :func:`grown_counts` of the baseline kept in the heart region."""
     spacing = loaded.grid.spacing
-    pred = predictor.predict(loaded.hu, spacing) > 0
+    labels_pred = predictor.predict(loaded.hu, spacing)
+    pred = labels_pred > 0
     as_is = metrics.lesion_counts(pred, loaded.labels > 0)
     if by_peak is not None:
         for lo, counts in found_by_peak(pred, loaded.hu, loaded.labels).items():
             by_peak[lo] += counts
+    if by_grow is not None:
+        in_region = heart_region.restrict(labels_pred, heart_region.heart_region(loaded.hu, spacing))
+        for steps, counts in grown_counts(in_region, loaded.hu, loaded.labels, tuple(by_grow)).items():
+            by_grow[steps] += counts
     out = {None: (as_is["detected_lesions"], as_is["ref_lesions"])}
     for peak in peaks:
         hu, discs = insert_lesions(loaded.hu, loaded.labels, spacing, peak, sigma_mm)
@@ -138,18 +164,22 @@ def probe(
     sigma_mm: float = 1.0,
     protocol: str | None = None,
     max_scans: int = 0,
+    grow_px=GROW_PX,
     progress=True,
 ) -> list[dict]:
     """The probe over the labelled scans of ``shards`` (a glob; ``protocol`` keeps one protocol;
     ``max_scans`` > 0 stops after that many probed scans): one dict per peak (None first) with
     ``found``, ``lesions``, ``fraction``, ``scans``, then one per band of the reference lesions' peak
     (``reference_peak_hu`` [low, high or None]) with ``lesions``, ``found``, ``calcium_voxels``,
-    ``found_voxels``, ``voxel_recall``, ``scans``."""
+    ``found_voxels``, ``voxel_recall``, ``scans``, then one per ``grow_px`` (``grow_px``, ``voxel_tp``,
+    ``voxel_fp``, ``voxel_fn``, ``voxel_f1``, ``precision``, ``recall``, ``fp_lesions_per_scan``, ``scans``;
+    :func:`grown_counts`, in the heart region)."""
     _, model = checkpoint.load_for_inference(checkpoint_path)
     predictor = inference.Predictor(model)
     scans, _ = scan_sources.shard_scans(shards, context=(predictor.in_channels - 1) // 2)
     totals = {p: [0, 0] for p in (None, *peaks)}
     by_peak = {lo: np.zeros(4, np.int64) for lo in PEAK_BANDS_HU}
+    by_grow = {int(k): np.zeros(4, np.int64) for k in grow_px}
     probed = 0
     for scan in scans:
         loaded = scan.load()
@@ -157,7 +187,7 @@ def probe(
             continue
         if protocol and loaded.meta.get("protocol") != protocol:
             continue
-        for p, (k, n) in probe_scan(predictor, loaded, peaks, sigma_mm, by_peak).items():
+        for p, (k, n) in probe_scan(predictor, loaded, peaks, sigma_mm, by_peak, by_grow).items():
             totals[p][0] += k
             totals[p][1] += n
         probed += 1
@@ -166,28 +196,45 @@ def probe(
         if max_scans and probed >= max_scans:
             break
     bounds = (*PEAK_BANDS_HU[1:], None)
-    return [
-        {
-            "peak_hu": p,
-            "sigma_mm": sigma_mm if p is not None else None,
-            "found": k,
-            "lesions": n,
-            "fraction": round(k / n, 4) if n else None,
-            "scans": probed,
-        }
-        for p, (k, n) in totals.items()
-    ] + [
-        {
-            "reference_peak_hu": [lo, hi],
-            "lesions": int(c[0]),
-            "found": int(c[1]),
-            "calcium_voxels": int(c[2]),
-            "found_voxels": int(c[3]),
-            "voxel_recall": round(int(c[3]) / int(c[2]), 4) if c[2] else None,
-            "scans": probed,
-        }
-        for (lo, c), hi in zip(by_peak.items(), bounds, strict=True)
-    ]
+    return (
+        [
+            {
+                "peak_hu": p,
+                "sigma_mm": sigma_mm if p is not None else None,
+                "found": k,
+                "lesions": n,
+                "fraction": round(k / n, 4) if n else None,
+                "scans": probed,
+            }
+            for p, (k, n) in totals.items()
+        ]
+        + [
+            {
+                "reference_peak_hu": [lo, hi],
+                "lesions": int(c[0]),
+                "found": int(c[1]),
+                "calcium_voxels": int(c[2]),
+                "found_voxels": int(c[3]),
+                "voxel_recall": round(int(c[3]) / int(c[2]), 4) if c[2] else None,
+                "scans": probed,
+            }
+            for (lo, c), hi in zip(by_peak.items(), bounds, strict=True)
+        ]
+        + [
+            {
+                "grow_px": k,
+                "voxel_tp": int(c[0]),
+                "voxel_fp": int(c[1]),
+                "voxel_fn": int(c[2]),
+                "voxel_f1": round(float(metrics.f1_from_counts(*(int(x) for x in c[:3]))), 4),
+                "precision": round(int(c[0]) / int(c[0] + c[1]), 4) if c[0] + c[1] else None,
+                "recall": round(int(c[0]) / int(c[0] + c[2]), 4) if c[0] + c[2] else None,
+                "fp_lesions_per_scan": round(int(c[3]) / probed, 4) if probed else None,
+                "scans": probed,
+            }
+            for k, c in by_grow.items()
+        ]
+    )
 
 
 def define_flags() -> None:
@@ -197,6 +244,11 @@ def define_flags() -> None:
     flags.DEFINE_float("sigma_mm", 1.0, "In-plane SD (mm) of the inserted Gaussian disc.")
     flags.DEFINE_string("protocol", None, "Probe only scans of this protocol (cardiac / chest).")
     flags.DEFINE_integer("max_scans", 0, "Stop after this many probed scans (0: all).")
+    flags.DEFINE_list(
+        "grow_px",
+        [str(k) for k in GROW_PX],
+        "In-plane pixels the baseline prediction is grown into >= 130 HU voxels, one line each.",
+    )
     flags.DEFINE_string("out", None, "JSONL file to write (atomically); the lines are printed too.")
 
 
@@ -212,6 +264,7 @@ def main(argv):
             sigma_mm=flags.FLAGS.sigma_mm,
             protocol=flags.FLAGS.protocol,
             max_scans=flags.FLAGS.max_scans,
+            grow_px=tuple(int(k) for k in flags.FLAGS.grow_px),
         ),
         (checkpoint.CheckpointError, model_file.ModelFileError),
     )

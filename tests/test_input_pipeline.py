@@ -114,36 +114,6 @@ def test_randomisation_blurs_offsets_and_correlates_noise():
     assert abs(white) < 0.1 and textured > 0.3, (white, textured)
 
 
-def test_labels_at_threshold_grow_into_the_lesions_130_hu_edge_and_no_further():
-    """data.label_grow_px's rule: a label grows through adjacent >= 130 HU voxels by at most ``grow_px``
-    4-connected steps, loses its voxels under 130 HU, and leaves other bright voxels alone; where two
-    arteries' labels meet, the higher label takes the contested voxel."""
-    yy, xx = np.mgrid[:40, :40]
-    hu = np.full((40, 40), 40.0)
-    hu[10:21, 10:21] = 200.0  # a halo 4-5 px wide around the core
-    hu[14:17, 15:18] = 800.0  # the core
-    hu[30:35, 30:35] = 600.0  # a separate bright object, unlabelled
-    label = np.zeros((40, 40), np.uint8)
-    label[14:17, 15:18] = 2
-    label[15, 22] = 2  # a labelled voxel under 130 HU (outside the halo)
-    out = ip.labels_at_threshold(label, hu, 3)
-    assert out.dtype == np.uint8 and set(np.unique(out)) == {0, 2}
-    seeds = np.argwhere(label[:, :20])  # the core's labelled voxels (not the one under 130 HU)
-    steps = np.min([np.abs(yy - y) + np.abs(xx - x) for y, x in seeds], axis=0)
-    np.testing.assert_array_equal(out > 0, (steps <= 3) & (hu >= 130))
-    assert out[15, 22] == 0 and not out[30:35, 30:35].any()
-    # Unlimited growth fills the lesion's connected >= 130 HU region, and only it.
-    region = np.zeros((40, 40), bool)
-    region[10:21, 10:21] = True
-    np.testing.assert_array_equal(ip.labels_at_threshold(label, hu, 50) > 0, region)
-    # Two arteries meeting in one halo: each grows, the higher label wins where both arrive at once.
-    two = np.zeros((40, 40), np.uint8)
-    two[15, 12], two[15, 18] = 1, 3
-    met = ip.labels_at_threshold(two, hu, 3)
-    assert met[15, 15] == 3 and met[15, 13] == 1 and met[15, 17] == 3
-    np.testing.assert_array_equal(ip.labels_at_threshold(label, hu, 0), np.where(hu >= 130, label, 0))
-
-
 def test_label_grow_px_follows_the_blurred_crops_edge_and_draws_nothing():
     """With blur, the crop's >= 130 HU footprint of a bright lesion is larger than its warped label: with
     data.label_grow_px the labels are that footprint; the images are the same crops either way."""

@@ -85,6 +85,21 @@ def test_found_by_peak_counts_each_reference_lesion_in_the_band_of_its_own_peak(
     assert lesion_probe.found_by_peak(half, hu, labels)[500.0].tolist() == [1, 1, bright, int(half.sum())]
 
 
+def test_grown_counts_reach_a_lesions_footprint_at_130_hu_and_count_what_is_extra():
+    hu, labels = _volume()
+    yy, xx = np.indices((64, 64))
+    d2 = (yy - 20) ** 2 + (xx - 45) ** 2
+    halo = (d2 <= 16) & (d2 > 6)  # 200 HU around the bright lesion's 700 HU core: the reference has both
+    hu[4][halo], labels[4][halo] = 200, 4
+    hu[1, 5:8, 5:8] = 500  # an unlabelled bright speck, predicted: one false-positive lesion
+    pred = np.where(hu >= 300, 2, 0).astype(np.uint8)  # finds cores only
+    core, ring, faint = int((hu[4] >= 300).sum()), int(halo.sum()), int((hu == 180).sum())
+    got = lesion_probe.grown_counts(pred, hu, labels, (0, 1, 3))
+    assert got[0].tolist() == [core, 9, ring + faint, 1]
+    assert core < got[1][0] < core + ring and got[1][1] == 9
+    assert got[3].tolist() == [core + ring, 9, faint, 1]  # the whole footprint; the 130 HU edge stops it
+
+
 def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
     from data_prep import builder
     from data_prep.phantom.generator import generate_scan, write_scan
@@ -99,7 +114,13 @@ def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     rows = [r for r in lines if "peak_hu" in r]
     bands = [r for r in lines if "reference_peak_hu" in r]
-    assert len(lines) == len(rows) + len(bands)
+    grown = [r for r in lines if "grow_px" in r]
+    assert len(lines) == len(rows) + len(bands) + len(grown)
+    assert [r["grow_px"] for r in grown] == list(lesion_probe.GROW_PX)
+    recalls = [r["recall"] for r in grown]
+    assert recalls == sorted(recalls) and all(
+        r["voxel_tp"] + r["voxel_fn"] == grown[0]["voxel_tp"] + grown[0]["voxel_fn"] for r in grown
+    )
     assert [r["peak_hu"] for r in rows] == [None, 600.0]
     n = rows[0]["lesions"]
     assert n > 0 and all(r["lesions"] == n and 0 <= r["found"] <= n and r["scans"] == 1 for r in rows)
