@@ -61,10 +61,11 @@ class AugmentConfig:
     network sees (``agatston.grow_to_threshold``): each grows up to this many pixels in-plane into adjacent
     voxels of the centre slice at >= 130 HU, and loses those below 130 HU; 0 keeps the reference's labels
     as warped (no draw either way). Blur, offset and noise move the 130 HU edge of a lesion away from its
-    label's, and a network trained on the labels alone learns a footprint smaller than the threshold's
-    on bright lesions, where real references (an annotated lesion's voxels >= 130 HU) hold the whole
-    footprint (issue 14: growing a phantom-trained model's real predictions into the >= 130 HU voxels
-    around them took real voxel recall from 0.26 to 0.46 at 4 pixels).
+    label's, so a network trained on the labels alone may learn a footprint smaller than the threshold's,
+    where a real reference (an annotated lesion's voxels >= 130 HU) holds the whole footprint (issue 14:
+    growing the shipped model's real predictions into the >= 130 HU voxels around them took real voxel
+    recall from 0.26 to 0.46 at 4 pixels; training with label_grow_px=6, run J in the README, left real
+    recall where it was, so that mismatch is not the cause).
     """
 
     crop: int

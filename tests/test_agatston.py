@@ -198,9 +198,9 @@ def test_lesion_labelling_equals_scipy_on_random_volumes():
 
 
 def test_grow_to_threshold_grows_labels_into_the_lesions_130_hu_edge_and_no_further():
-    """data.label_grow_px's rule: a label grows through adjacent >= 130 HU voxels by at most ``grow_px``
-    4-connected steps, loses its voxels under 130 HU, and leaves other bright voxels alone; where two
-    arteries' labels meet, the higher label takes the contested voxel."""
+    """grow_to_threshold (data.label_grow_px, the lesion probe's growth lines): a label grows through
+    adjacent >= 130 HU voxels by at most ``steps`` 4-connected steps, loses its voxels under 130 HU and
+    leaves other bright voxels alone; where two arteries' labels meet, the higher label takes the voxel."""
     yy, xx = np.mgrid[:40, :40]
     hu = np.full((40, 40), 40.0)
     hu[10:21, 10:21] = 200.0  # a halo 4-5 px wide around the core

@@ -38,6 +38,12 @@ the scan without it; the noise, confounders and lesions drawn after the extra sl
 (834 and 934 HU, a third of the real sample's calcium voxels) were what phantom-trained models missed
 (README, lesion probe by peak band). The same draws: only the top band's plaque peaks change (and with
 them, through the size search, possibly the lesions' scale).
+
+``bulky_plaque_probability`` (any version) gives a scan with calcium, with that probability, one more
+plaque, wider than its vessel (``calcium.bulky_plaque``), drawn from its own stream (``SeedSequence([seed,
+index, BULKY_STREAM])``): the other plaques are the same draws (the size search may rescale them), and 0
+gives the scan without the option. The real sample's largest lesion (934 HU) spans 6 x 10 mm in-plane,
+wider than any phantom plaque of that brightness.
 """
 
 from __future__ import annotations
@@ -165,7 +171,8 @@ def generate_scan(
     ``gated_caudal_mm``: (low, high) mm of extra coverage below a cardiac scan, drawn uniformly per scan
     (module docstring); chest scans ignore it.
     ``plaque_peak_max_hu``: the top Agatston weight band's upper edge for coronary plaques (HU, before
-    noise; default 900: ``calcium.weight_bands_hu``; the same draws, so only plaque peaks change)."""
+    noise; default 900: ``calcium.weight_bands_hu``; the same draws, so only plaque peaks change).
+    ``bulky_plaque_probability``: the chance of one bulky plaque in a scan with calcium (module docstring)."""
     check_options(version, groove_fat_mm, gated_caudal_mm, plaque_peak_max_hu, bulky_plaque_probability)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     acq = sample_acquisition(protocol, rng, size)
