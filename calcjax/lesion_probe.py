@@ -118,12 +118,14 @@ def grown_counts(pred: np.ndarray, hu: np.ndarray, labels: np.ndarray, grow_px) 
     (``agatston.grow_to_threshold``; 0: as predicted, on the >= 130 HU voxels) against the reference
     calcium (``labels > 0`` and >= 130 HU), with :mod:`calcjax.metrics`' voxel and 3D lesion rules."""
     ref = (labels > 0) & agatston.candidate_mask(hu)
-    out = {}
-    for steps in grow_px:
-        grown = agatston.grow_to_threshold(pred, hu, steps) > 0
-        tp, fp, fn = metrics.voxel_counts(grown, ref)
-        out[steps] = np.array([tp, fp, fn, metrics.lesion_counts(grown, ref)["fp_lesions"]], np.int64)
-    return out
+    counts, grown, done = {}, pred, 0
+    for steps in sorted(set(grow_px)):  # each growth goes on from the last: k steps then m = k + m steps
+        grown = agatston.grow_to_threshold(grown, hu, steps - done)
+        done = steps
+        tp, fp, fn = metrics.voxel_counts(grown > 0, ref)
+        fp_lesions = metrics.lesion_counts(grown > 0, ref)["fp_lesions"]
+        counts[steps] = np.array([tp, fp, fn, fp_lesions], np.int64)
+    return {steps: counts[steps] for steps in grow_px}
 
 
 def probe_scan(

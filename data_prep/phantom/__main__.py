@@ -2,7 +2,7 @@ r"""Writes realistic phantom chest / cardiac CT scans with exact calcium ground 
 
   python -m data_prep.phantom --out DIR --scans N --protocol chest|cardiac|mixed --seed S [--size 512] \
       [--workers W] [--preview DIR/preview.png] [--overwrite] [--phantom_version 1|2|3|4] \
-      [--groove_fat_mm LOW,HIGH] [--gated_caudal_mm LOW,HIGH] [--plaque_peak_max_hu HU]
+      [--groove_fat_mm LOW,HIGH] [--gated_caudal_mm LOW,HIGH] [--plaque_peak_max_hu HU] \
       [--bulky_plaque_probability P]
 
 Each scan becomes ``DIR/<scan>/`` with ``dicom/IM-0001-NNNN.dcm`` (one CT file per slice),
