@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
             noise_correlation_px=0.0,
             # Labels follow the crop's own 130 HU edge after augmentation (AugmentConfig); 0 = off.
             label_grow_px=0,
+            # Fat around a crop's calcium raised to soft tissue (AugmentConfig); 0 mm = off.
+            lesion_soft_tissue_mm=0.0,
+            lesion_soft_tissue_probability=0.0,
             seed=0,
             worker_count=4,
             # An extra figure, never a selector: a shard folder of real labelled scans (make real-shards

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
+from scipy import ndimage
 
 from calcjax import input_pipeline as ip
 from configs import default
@@ -130,3 +132,50 @@ def test_label_grow_px_follows_the_blurred_crops_edge_and_draws_nothing():
         np.testing.assert_array_equal(b["labels"] > 0, bright)  # one blob: its whole footprint
         wider += int(b["labels"].astype(bool).sum() > a["labels"].astype(bool).sum())
     assert wider >= 5  # blurred (sigma up to 2 px) crops' footprints outgrow the label
+
+
+def test_soften_fat_around_calcium_raises_only_the_fat_within_the_radius():
+    """Fat within the radius of the label becomes soft tissue, with a one-pixel ramp; lung, soft tissue
+    and the calcium keep their HU."""
+    img = np.full((40, 40, 3), -100.0, np.float32)
+    img[:, :5] = -850.0  # lung
+    img[30:, :] = 40.0  # soft tissue
+    img[18:21, 18:21] = 600.0
+    label = np.zeros((40, 40), np.uint8)
+    label[18:21, 18:21] = 2
+    out = ip.soften_fat_around_calcium(img, label, radius_px=4.0, shift_hu=130.0)
+    np.testing.assert_array_equal(out[18:21, 18:21], 600.0)
+    np.testing.assert_allclose(out[18:21, 21:25], 30.0)  # 1-4 px from the label: fully soft
+    np.testing.assert_allclose(out[19, 25], -100.0 + 130.0 * 0.0)  # 5 px: the ramp's end
+    np.testing.assert_allclose(out[19, 26:], -100.0)
+    changed = out != img
+    assert changed.all(axis=2).sum() == changed.any(axis=2).sum()  # every channel alike
+    np.testing.assert_array_equal(out[:, :5], img[:, :5])
+    np.testing.assert_array_equal(out[30:], img[30:])
+    ramp = ip.soften_fat_around_calcium(img, label, radius_px=3.5, shift_hu=130.0)
+    np.testing.assert_allclose(ramp[19, 24], -100.0 + 130.0 * 0.5)  # 4 px at radius 3.5: half way
+
+
+def test_lesion_soft_tissue_surrounds_calcium_crops_with_soft_tissue_and_keeps_labels():
+    """data.lesion_soft_tissue_mm (issue 14): with probability 1 every calcium crop's fat near the lesion
+    reads soft tissue, further fat stays fat; labels are the same crops' labels without it; off (0 mm)
+    draws nothing, so the stream is the one the keys' absence gives; the crop's pixel size is required."""
+    hu = np.full((3, 128, 128), -100, np.int16)
+    label = np.zeros((128, 128), np.uint8)
+    hu[:, 62:66, 62:66] = 600
+    label[62:66, 62:66] = 2
+    plain = still(crop=48, calcium_crop_probability=1.0)
+    soft = dataclasses.replace(plain, lesion_soft_tissue_mm=6.0, lesion_soft_tissue_probability=1.0)
+    off = dataclasses.replace(plain, lesion_soft_tissue_probability=1.0)  # 0 mm: off
+    radii = []
+    for seed in range(20):  # each crop from its own seed: the same crop window with and without
+        a, b, c = (ip.augment(hu, label, cfg, np.random.default_rng(seed), 1.0, 0.5) for cfg in (plain, soft, off))
+        np.testing.assert_array_equal(a["images"], c["images"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        raised = (b["images"][..., 1] > -30) & (b["labels"] == 0)
+        dist_mm = 0.5 * ndimage.distance_transform_edt(b["labels"] == 0)
+        assert not raised[dist_mm > 6.5].any()  # never beyond 6 mm and the ramp's pixel
+        radii.append(dist_mm[raised].max() if raised.any() else 0.0)
+    assert np.ptp(radii) > 2.0 and max(radii) > 4.0  # the radius is drawn per crop, up to 6 mm
+    with pytest.raises(ValueError, match="crop_pixel_mm"):
+        ip.augment(hu, label, soft, np.random.default_rng(0))

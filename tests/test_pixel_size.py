@@ -49,7 +49,7 @@ def test_training_crops_show_an_object_at_the_model_pixel_size():
         crop=96, rotate_deg=0.0, scale=0.0, noise_sd_hu=0.0, jitter=0.0,
         calcium_crop_probability=1.0, bright_crop_probability=0.0, blur_px=0.0, hu_offset=0.0,
         noise_correlation_px=0.0,
-        label_grow_px=0,
+        label_grow_px=0, lesion_soft_tissue_mm=0.0, lesion_soft_tissue_probability=0.0,
     )  # fmt: skip
     areas = {}
     for spacing, n in ((0.4, 160), (0.75, 86)):

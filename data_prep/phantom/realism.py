@@ -43,9 +43,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from calcjax import agatston, metrics, scan_sources
+from calcjax.input_pipeline import FAT_HU  # the fat band's one definition
 
 BODY_HU = -400.0
-FAT_HU = (-190.0, -30.0)
 SOFT_HU = (-30.0, 100.0)
 HEART_RADIUS_MM = 50.0
 HEART_HALF_HEIGHT_MM = 15.0
