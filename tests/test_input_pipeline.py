@@ -169,7 +169,7 @@ def test_lesion_soft_tissue_surrounds_calcium_crops_with_soft_tissue_and_keeps_l
     off = dataclasses.replace(plain, lesion_soft_tissue_probability=1.0)  # 0 mm: off
     radii = []
     for seed in range(20):  # each crop from its own seed: the same crop window with and without
-        a, b, c = (ip.augment(hu, label, cfg, np.random.default_rng(seed), 1.0, 0.5) for cfg in (plain, soft, off))
+        a, b, c = (ip.augment(hu, label, k, np.random.default_rng(seed), 1, 0.5) for k in (plain, soft, off))
         np.testing.assert_array_equal(a["images"], c["images"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
         raised = (b["images"][..., 1] > -30) & (b["labels"] == 0)
