@@ -12,6 +12,13 @@ separates them. For every 3D reference lesion (6-connected voxels with label > 0
 3. predicts the scan and counts the disc *found* when a voxel of it (``g > FOUND_G``) with HU >= 130 is
    predicted calcium (any artery).
 
+With ``surround_mm`` > 0 each peak is probed twice more with the background within ``surround_mm`` of
+each centre (in-plane, on the centre's slice and the model's context slices) set, before painting, to
+fat and to soft tissue (``SURROUND_HU``, with Gaussian noise of ``SURROUND_NOISE_SD_HU``): what the
+disc sits in, apart from where it is. The shipped model finds a 2 mm SD, 900 HU disc at the 20 real
+gated lesion places 20 of 20 times ringed by 6 mm of fat and 0 of 20 ringed by soft tissue, and at
+unseen phantoms' lesion places 23 of 23 and 3 of 23 (README, session 15).
+
 The same standard lesion at the same kind of place, scored in real scans and in phantoms: the gap between
 the two found fractions is the model's context gap, the part that better lesions cannot close. ``peak_hu``
 None scores the reference lesions as they are (found: any of its voxels predicted calcium), the baseline.
@@ -52,6 +59,8 @@ HU_MIN, HU_MAX = -1024, 3071
 # within 20% of it.
 PEAK_BANDS_HU = (130.0, 300.0, 500.0, 800.0)
 GROW_PX = (0, 2, 4, 8, 20)  # default --grow_px: in-plane pixels of growth into >= 130 HU voxels
+SURROUND_HU = {"fat": -100.0, "soft tissue": 40.0}  # FACTS.md: fat -100, blood and myocardium +40
+SURROUND_NOISE_SD_HU = 15.0
 
 
 def erase_lesions(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -79,15 +88,29 @@ def disc_weight(shape_hw: tuple[int, int], centre_yx, sigma_mm: float, pixel_mm)
 
 
 def insert_lesions(
-    hu: np.ndarray, labels: np.ndarray, spacing, peak_hu: float, sigma_mm: float
+    hu: np.ndarray,
+    labels: np.ndarray,
+    spacing,
+    peak_hu: float,
+    sigma_mm: float,
+    surround: tuple[float, float, int] | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """int16 HU with every reference lesion erased and a standard one painted at its centroid (module
-    doc), and per lesion ``(slice, disc mask (H, W))`` where it is judged."""
+    doc), and per lesion ``(slice, disc mask (H, W))`` where it is judged. ``surround`` ``(HU, radius mm,
+    context slices)``: before painting, the background within that radius of each centre, on its slice
+    and that many slices either side, reads that HU plus noise (SD ``SURROUND_NOISE_SD_HU``, seed 0)."""
     out = erase_lesions(hu, labels)
     discs = []
+    rng = np.random.default_rng(0)
     for c in metrics.lesion_centres(labels):
         z = int(round(c[0]))
         g = disc_weight(hu.shape[1:], c[1:], sigma_mm, spacing[1:])
+        if surround is not None:
+            value, radius_mm, context = surround
+            inside = g >= np.exp(-(radius_mm**2) / (2.0 * sigma_mm**2))  # the in-plane disc of radius_mm
+            zs = slice(max(z - context, 0), z + context + 1)
+            sub = out[zs]
+            sub[:, inside] = value + rng.normal(0.0, SURROUND_NOISE_SD_HU, (sub.shape[0], int(inside.sum())))
         out[z] = out[z] * (1.0 - g) + np.float32(peak_hu) * g
         discs.append((z, g > FOUND_G))
     return np.clip(np.round(out), HU_MIN, HU_MAX).astype(np.int16), discs
@@ -135,8 +158,10 @@ def probe_scan(
     sigma_mm: float,
     by_peak: dict[float, np.ndarray] | None = None,
     by_grow: dict[int, np.ndarray] | None = None,
+    surround_mm: float = 0.0,
 ) -> dict:
-    """``{peak: (found, lesions)}`` of one labelled scan; key None = its reference lesions as they are.
+    """``{peak: (found, lesions)}`` of one labelled scan; key None = its reference lesions as they are;
+    with ``surround_mm`` > 0 also ``{(peak, name): ...}`` per ``SURROUND_HU`` name (module doc).
     ``by_peak`` (a :func:`found_by_peak` dict) gets this scan's baseline counts added; ``by_grow``
     (``{steps: zeros(4)}``) its :func:`grown_counts` of the baseline kept in the heart region."""
     spacing = loaded.grid.spacing
@@ -151,10 +176,16 @@ def probe_scan(
         for steps, counts in grown_counts(in_region, loaded.hu, loaded.labels, tuple(by_grow)).items():
             by_grow[steps] += counts
     out = {None: (as_is["detected_lesions"], as_is["ref_lesions"])}
+    context = (getattr(predictor, "in_channels", 1) - 1) // 2
     for peak in peaks:
-        hu, discs = insert_lesions(loaded.hu, loaded.labels, spacing, peak, sigma_mm)
-        pred = (predictor.predict(hu, spacing) > 0) & agatston.candidate_mask(hu)
-        out[peak] = (sum(bool(pred[z][m].any()) for z, m in discs), len(discs))
+        for name in (None, *(SURROUND_HU if surround_mm > 0 else ())):
+            surround = None if name is None else (SURROUND_HU[name], surround_mm, context)
+            hu, discs = insert_lesions(loaded.hu, loaded.labels, spacing, peak, sigma_mm, surround)
+            pred = (predictor.predict(hu, spacing) > 0) & agatston.candidate_mask(hu)
+            out[peak if name is None else (peak, name)] = (
+                sum(bool(pred[z][m].any()) for z, m in discs),
+                len(discs),
+            )
     return out
 
 
@@ -167,6 +198,7 @@ def probe(
     protocol: str | None = None,
     max_scans: int = 0,
     grow_px=GROW_PX,
+    surround_mm: float = 0.0,
     progress=True,
 ) -> list[dict]:
     """The probe over the labelled scans of ``shards`` (a glob; ``protocol`` keeps one protocol;
@@ -175,11 +207,13 @@ def probe(
     (``reference_peak_hu`` [low, high or None]) with ``lesions``, ``found``, ``calcium_voxels``,
     ``found_voxels``, ``voxel_recall``, ``scans``, then one per ``grow_px`` (``grow_px``, ``voxel_tp``,
     ``voxel_fp``, ``voxel_fn``, ``voxel_f1``, ``precision``, ``recall``, ``fp_lesions_per_scan``, ``scans``;
-    :func:`grown_counts`, in the heart region)."""
+    :func:`grown_counts`, in the heart region). With ``surround_mm`` > 0 each peak's line is followed by
+    one per ``SURROUND_HU`` name, with ``surround`` and ``surround_mm`` added."""
     _, model = checkpoint.load_for_inference(checkpoint_path)
     predictor = inference.Predictor(model)
     scans, _ = scan_sources.shard_scans(shards, context=(predictor.in_channels - 1) // 2)
-    totals = {p: [0, 0] for p in (None, *peaks)}
+    names = tuple(SURROUND_HU) if surround_mm > 0 else ()
+    totals = {k: [0, 0] for p in (None, *peaks) for k in (p, *((p, n) for n in names if p is not None))}
     by_peak = {lo: np.zeros(4, np.int64) for lo in PEAK_BANDS_HU}
     by_grow = {int(k): np.zeros(4, np.int64) for k in grow_px}
     probed = 0
@@ -189,7 +223,9 @@ def probe(
             continue
         if protocol and loaded.meta.get("protocol") != protocol:
             continue
-        for p, (k, n) in probe_scan(predictor, loaded, peaks, sigma_mm, by_peak, by_grow).items():
+        for p, (k, n) in probe_scan(
+            predictor, loaded, peaks, sigma_mm, by_peak, by_grow, surround_mm
+        ).items():
             totals[p][0] += k
             totals[p][1] += n
         probed += 1
@@ -201,8 +237,9 @@ def probe(
     return (
         [
             {
-                "peak_hu": p,
+                "peak_hu": p[0] if isinstance(p, tuple) else p,
                 "sigma_mm": sigma_mm if p is not None else None,
+                **({"surround": p[1], "surround_mm": surround_mm} if isinstance(p, tuple) else {}),
                 "found": k,
                 "lesions": n,
                 "fraction": round(k / n, 4) if n else None,
@@ -251,6 +288,11 @@ def define_flags() -> None:
         [str(k) for k in GROW_PX],
         "In-plane pixels the baseline prediction is grown into >= 130 HU voxels, one line each.",
     )
+    flags.DEFINE_float(
+        "surround_mm",
+        0.0,
+        "Also probe each peak ringed by this many mm of fat and of soft tissue (0: not).",
+    )
     flags.DEFINE_string("out", None, "JSONL file to write (atomically); the lines are printed too.")
 
 
@@ -267,6 +309,7 @@ def main(argv):
             protocol=flags.FLAGS.protocol,
             max_scans=flags.FLAGS.max_scans,
             grow_px=tuple(int(k) for k in flags.FLAGS.grow_px),
+            surround_mm=flags.FLAGS.surround_mm,
         ),
         (checkpoint.CheckpointError, model_file.ModelFileError),
     )

@@ -70,6 +70,45 @@ def test_probe_counts_found_lesions_per_peak_and_the_reference_baseline():
     assert got == {None: (1, 2), 200.0: (0, 2), 350.0: (2, 2), 600.0: (2, 2)}
 
 
+def test_surround_rings_each_standard_lesion_with_fat_or_soft_tissue_on_its_context_slices():
+    hu, labels = _volume()
+    plain, _ = lesion_probe.insert_lesions(hu, labels, SPACING, peak_hu=600.0, sigma_mm=1.0)
+    soft, discs = lesion_probe.insert_lesions(hu, labels, SPACING, 600.0, 1.0, surround=(40.0, 4.0, 1))
+    yy, xx = np.indices((64, 64))
+    ring = (np.hypot(yy - 20, xx - 45) * 0.5 > 3.0) & (np.hypot(yy - 20, xx - 45) * 0.5 < 4.0)
+    for z in (3, 4, 5):  # the bright lesion's slice 4 and one either side
+        assert abs(soft[z][ring].mean() - 40.0) < 6.0 and 5.0 < soft[z][ring].std() < 25.0
+    far = np.hypot(yy - 20, xx - 45) * 0.5 > 4.5
+    far &= np.hypot(yy - 20, xx - 20) * 0.5 > 4.5  # the faint lesion's surround too
+    np.testing.assert_array_equal(soft[:, far], plain[:, far])
+    np.testing.assert_array_equal(soft[0], plain[0])  # beyond the context slices
+    assert [z for z, _ in discs] == [2, 4] and soft[4, 20, 45] == 600
+
+
+class _FatRingPredictor:
+    """Calls calcium (LAD) at >= 300 HU only where fat (< -50 HU) lies within 3 pixels in-plane: a model
+    that has learnt that calcium sits in fat."""
+
+    in_channels = 3
+
+    def predict(self, hu, spacing):
+        from scipy import ndimage
+
+        fat_near = ndimage.minimum_filter(hu, size=(1, 7, 7)) < -50
+        return np.where((hu >= 300) & fat_near, 2, 0).astype(np.uint8)
+
+
+def test_probe_scan_with_surround_tells_a_model_that_needs_fat_from_one_that_does_not():
+    hu, labels = _volume()
+    grid = geometry.Grid(hu.shape, SPACING, (0.0, 0.0, 0.0))
+    loaded = scan_sources.LoadedScan(hu, labels, grid, {"protocol": "cardiac"})
+    fat = lesion_probe.probe_scan(_FatRingPredictor(), loaded, (600.0,), 1.0, surround_mm=5.0)
+    assert fat[(600.0, "fat")] == (2, 2) and fat[(600.0, "soft tissue")] == (0, 2)
+    blind = lesion_probe.probe_scan(_ThresholdPredictor(300), loaded, (600.0,), 1.0, surround_mm=5.0)
+    assert blind[(600.0, "fat")] == blind[(600.0, "soft tissue")] == (2, 2)
+    assert set(blind) == {None, 600.0, (600.0, "fat"), (600.0, "soft tissue")}
+
+
 def test_found_by_peak_counts_each_reference_lesion_in_the_band_of_its_own_peak():
     hu, labels = _volume()
     pred = hu >= 300  # finds the 700 HU lesion, not the 180 HU one
@@ -109,13 +148,19 @@ def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
     builder.build(str(tmp_path / "dicom"), str(tmp_path / "shards"), split="test=1", progress=False)
     out = tmp_path / "probe" / "probe.jsonl"
     cmd = [sys.executable, "-m", "calcjax.lesion_probe", f"--shards={tmp_path}/shards/*.array_record"]
-    proc = subprocess.run([*cmd, "--peaks=600", f"--out={out}"], capture_output=True, text=True, timeout=600)
+    args = [*cmd, "--peaks=600", "--surround_mm=4", f"--out={out}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    rows = [r for r in lines if "peak_hu" in r]
+    rows = [r for r in lines if "peak_hu" in r and "surround" not in r]
+    ringed = [r for r in lines if "surround" in r]
+    assert [(r["peak_hu"], r["surround"], r["surround_mm"]) for r in ringed] == [
+        (600.0, "fat", 4.0),
+        (600.0, "soft tissue", 4.0),
+    ]
     bands = [r for r in lines if "reference_peak_hu" in r]
     grown = [r for r in lines if "grow_px" in r]
-    assert len(lines) == len(rows) + len(bands) + len(grown)
+    assert len(lines) == len(rows) + len(ringed) + len(bands) + len(grown)
     assert [r["grow_px"] for r in grown] == list(lesion_probe.GROW_PX)
     recalls = [r["recall"] for r in grown]
     assert recalls == sorted(recalls) and all(
@@ -123,7 +168,9 @@ def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
     )
     assert [r["peak_hu"] for r in rows] == [None, 600.0]
     n = rows[0]["lesions"]
-    assert n > 0 and all(r["lesions"] == n and 0 <= r["found"] <= n and r["scans"] == 1 for r in rows)
+    assert n > 0 and all(
+        r["lesions"] == n and 0 <= r["found"] <= n and r["scans"] == 1 for r in rows + ringed
+    )
     assert [b["reference_peak_hu"] for b in bands] == [
         [130.0, 300.0],
         [300.0, 500.0],
