@@ -77,7 +77,11 @@ class AugmentConfig:
     tissue of its vessel wall, non-calcified plaque and the myocardium, atria and aortic root beside it
     (real gated lesions: 59% soft tissue 2-4 mm from their edge, v3 phantoms 4%), and the shipped model
     calls a bright spot ringed by 6 mm of soft tissue background on phantoms as on real scans (README,
-    session 15). 0 mm turns it off and draws nothing.
+    session 15). 0 mm turns it off and draws nothing. lesion_soft_tissue_bright: 1 seeds the same change
+    at every >= 130 HU pixel of the centre slice, calcium and unlabelled bright objects (confounders, bone,
+    noise specks) alike, in any crop that has one, so that what a bright spot sits in tells nothing about
+    its label; 0 seeds it at the calcium label only (run L in the README showed that this teaches "bright
+    in soft tissue is calcium" and raised real false positives).
     """
 
     crop: int
@@ -93,6 +97,7 @@ class AugmentConfig:
     label_grow_px: int
     lesion_soft_tissue_mm: float
     lesion_soft_tissue_probability: float
+    lesion_soft_tissue_bright: int
 
     @classmethod
     def from_config(cls, data_cfg) -> AugmentConfig:
@@ -187,11 +192,13 @@ def augment(
     for ch in range(c):
         out[..., ch] = ndimage.map_coordinates(image_chw[ch].astype(np.float32), coords, order=1, cval=AIR_HU)
     lab = ndimage.map_coordinates(label, coords, order=0, cval=0).astype(np.int32)
-    if cfg.lesion_soft_tissue_mm > 0 and lab.any() and rng.uniform() < cfg.lesion_soft_tissue_probability:
-        if not crop_pixel_mm:
-            raise ValueError("data.lesion_soft_tissue_mm needs the crop's pixel size (crop_pixel_mm)")
-        radius_px = rng.uniform(0.0, cfg.lesion_soft_tissue_mm) / crop_pixel_mm
-        out = soften_fat_around_calcium(out, lab, radius_px, rng.uniform(*SOFT_TISSUE_SHIFT_HU))
+    if cfg.lesion_soft_tissue_mm > 0:
+        seeds = (lab > 0) | (out[..., c // 2] >= CALCIUM_HU) if cfg.lesion_soft_tissue_bright else lab > 0
+        if seeds.any() and rng.uniform() < cfg.lesion_soft_tissue_probability:
+            if not crop_pixel_mm:
+                raise ValueError("data.lesion_soft_tissue_mm needs the crop's pixel size (crop_pixel_mm)")
+            radius_px = rng.uniform(0.0, cfg.lesion_soft_tissue_mm) / crop_pixel_mm
+            out = soften_fat_around_calcium(out, seeds, radius_px, rng.uniform(*SOFT_TISSUE_SHIFT_HU))
     out = (out - AIR_HU) * np.float32(1.0 + rng.uniform(-cfg.jitter, cfg.jitter)) + AIR_HU
     if cfg.blur_px > 0:
         sigma = rng.uniform(0.0, cfg.blur_px)
@@ -212,8 +219,8 @@ def soften_fat_around_calcium(
     image_hwc: np.ndarray, label_hw: np.ndarray, radius_px: float, shift_hu: float
 ) -> np.ndarray:
     """``image_hwc`` (HU, float32 ``(H, W, C)``) with its fat voxels (``FAT_HU``) within ``radius_px``
-    in-plane pixels of ``label_hw > 0`` raised by ``shift_hu`` on every channel; the weight falls from 1
-    at ``radius_px`` to 0 one pixel further (partial volume). Fat only: lung, soft tissue, bone and the
+    in-plane pixels of ``label_hw > 0`` (the calcium label, or any seed mask) raised by ``shift_hu`` on
+    every channel; the weight falls from 1 at ``radius_px`` to 0 one pixel further (partial volume). Fat only: lung, soft tissue, bone and the
     calcium itself keep their HU, and so does the noise around the shifted mean."""
     dist = ndimage.distance_transform_edt(label_hw == 0)  # pixels to the nearest labelled pixel
     weight = np.clip(radius_px + 1.0 - dist, 0.0, 1.0).astype(np.float32)

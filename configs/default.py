@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
             # Fat around a crop's calcium raised to soft tissue (AugmentConfig); 0 mm = off.
             lesion_soft_tissue_mm=0.0,
             lesion_soft_tissue_probability=0.0,
+            lesion_soft_tissue_bright=0,
             seed=0,
             worker_count=4,
             # An extra figure, never a selector: a shard folder of real labelled scans (make real-shards

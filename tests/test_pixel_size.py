@@ -50,6 +50,7 @@ def test_training_crops_show_an_object_at_the_model_pixel_size():
         calcium_crop_probability=1.0, bright_crop_probability=0.0, blur_px=0.0, hu_offset=0.0,
         noise_correlation_px=0.0,
         label_grow_px=0, lesion_soft_tissue_mm=0.0, lesion_soft_tissue_probability=0.0,
+        lesion_soft_tissue_bright=0,
     )  # fmt: skip
     areas = {}
     for spacing, n in ((0.4, 160), (0.75, 86)):
