@@ -220,8 +220,9 @@ def soften_fat_around_calcium(
 ) -> np.ndarray:
     """``image_hwc`` (HU, float32 ``(H, W, C)``) with its fat voxels (``FAT_HU``) within ``radius_px``
     in-plane pixels of ``label_hw > 0`` (the calcium label, or any seed mask) raised by ``shift_hu`` on
-    every channel; the weight falls from 1 at ``radius_px`` to 0 one pixel further (partial volume). Fat only: lung, soft tissue, bone and the
-    calcium itself keep their HU, and so does the noise around the shifted mean."""
+    every channel; the weight falls from 1 at ``radius_px`` to 0 one pixel further (partial volume).
+    Fat only: lung, soft tissue, bone and the calcium itself keep their HU, and so does the noise around
+    the shifted mean."""
     dist = ndimage.distance_transform_edt(label_hw == 0)  # pixels to the nearest labelled pixel
     weight = np.clip(radius_px + 1.0 - dist, 0.0, 1.0).astype(np.float32)
     fat = (image_hwc >= FAT_HU[0]) & (image_hwc < FAT_HU[1])
