@@ -179,3 +179,28 @@ def test_lesion_soft_tissue_surrounds_calcium_crops_with_soft_tissue_and_keeps_l
     assert np.ptp(radii) > 2.0 and max(radii) > 4.0  # the radius is drawn per crop, up to 6 mm
     with pytest.raises(ValueError, match="crop_pixel_mm"):
         ip.augment(hu, label, soft, np.random.default_rng(0))
+
+
+def test_lesion_soft_tissue_bright_surrounds_unlabelled_bright_objects_too():
+    """data.lesion_soft_tissue_bright=1: a bright unlabelled object (here a 600 HU nodule in fat, no
+    calcium on the slice) gets the same soft-tissue surround; with 0 only calcium does."""
+    hu = np.full((3, 128, 128), -100, np.int16)
+    hu[:, 62:66, 62:66] = 600
+    label = np.zeros((128, 128), np.uint8)
+    base = still(crop=48, bright_crop_probability=1.0, lesion_soft_tissue_mm=6.0)
+    calcium_only = dataclasses.replace(base, lesion_soft_tissue_probability=1.0)
+    every_bright = dataclasses.replace(calcium_only, lesion_soft_tissue_bright=1)
+    extra = []
+    for seed in range(8):
+        a, b = (
+            ip.augment(hu, label, k, np.random.default_rng(seed), 1, 0.5)
+            for k in (calcium_only, every_bright)
+        )
+        assert (a["images"] >= 130).any() and not a["labels"].any()
+        soft = [((x["images"][..., 1] > -30) & (x["images"][..., 1] < 130)) for x in (a, b)]
+        # without: only the nodule's interpolated edge (one pixel wide) lies between fat and calcium
+        assert soft[0].sum() <= 24 and (soft[0] <= soft[1]).all()
+        dist_mm = 0.5 * ndimage.distance_transform_edt(b["images"][..., 1] < 130)
+        assert not soft[1][dist_mm > 6.5].any()  # never beyond 6 mm and the ramp's pixel
+        extra.append(int(soft[1].sum() - soft[0].sum()))
+    assert max(extra) > 100  # a drawn radius of a few mm rings the nodule with soft tissue
