@@ -16,8 +16,8 @@ With ``surround_mm`` > 0 each peak is probed twice more with the background with
 each centre (in-plane, on the centre's slice and the model's context slices) set, before painting, to
 fat and to soft tissue (``SURROUND_HU``, with Gaussian noise of ``SURROUND_NOISE_SD_HU``): what the
 disc sits in, apart from where it is. The shipped model finds a 2 mm SD, 900 HU disc at the 20 real
-gated lesion places 20 of 20 times ringed by 6 mm of fat and 0 of 20 ringed by soft tissue, and at
-unseen phantoms' lesion places 23 of 23 and 3 of 23 (README, session 15).
+gated lesion places 6 times as they are, 20 ringed by 6 mm of fat and 0 ringed by soft tissue; at the 23
+lesion places of 6 unseen v3 cardiac phantoms 23, 21 and 3 (README, session 15).
 
 The same standard lesion at the same kind of place, scored in real scans and in phantoms: the gap between
 the two found fractions is the model's context gap, the part that better lesions cannot close. ``peak_hu``
