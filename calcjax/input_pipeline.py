@@ -80,8 +80,8 @@ class AugmentConfig:
     session 15). 0 mm turns it off and draws nothing. lesion_soft_tissue_bright: 1 seeds the same change
     at every >= 130 HU pixel of the centre slice, calcium and unlabelled bright objects (confounders, bone,
     noise specks) alike, in any crop that has one, so that what a bright spot sits in tells nothing about
-    its label; 0 seeds it at the calcium label only (run L in the README showed that this teaches "bright
-    in soft tissue is calcium" and raised real false positives).
+    its label; 0 seeds it at the calcium label only (run L in the README, seeded so, made more real false
+    positives, mostly bright specks in soft tissue; run M, seeded at every bright pixel, fewer).
     """
 
     crop: int
