@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+from scipy import ndimage
 
 from calcjax import lesion_probe, scan_sources
 from calcjax.io import geometry
@@ -92,8 +93,6 @@ class _FatRingPredictor:
     in_channels = 3
 
     def predict(self, hu, spacing):
-        from scipy import ndimage
-
         fat_near = ndimage.minimum_filter(hu, size=(1, 7, 7)) < -50
         return np.where((hu >= 300) & fat_near, 2, 0).astype(np.uint8)
 
