@@ -176,7 +176,7 @@ def probe_scan(
         for steps, counts in grown_counts(in_region, loaded.hu, loaded.labels, tuple(by_grow)).items():
             by_grow[steps] += counts
     out = {None: (as_is["detected_lesions"], as_is["ref_lesions"])}
-    context = (getattr(predictor, "in_channels", 1) - 1) // 2
+    context = (predictor.in_channels - 1) // 2  # the slices either side the model reads
     for peak in peaks:
         for name in (None, *(SURROUND_HU if surround_mm > 0 else ())):
             surround = None if name is None else (SURROUND_HU[name], surround_mm, context)
@@ -213,7 +213,10 @@ def probe(
     predictor = inference.Predictor(model)
     scans, _ = scan_sources.shard_scans(shards, context=(predictor.in_channels - 1) // 2)
     names = tuple(SURROUND_HU) if surround_mm > 0 else ()
-    totals = {k: [0, 0] for p in (None, *peaks) for k in (p, *((p, n) for n in names if p is not None))}
+    keys = [None]  # the reference lesions as they are, then each peak followed by its surrounds
+    for p in peaks:
+        keys += [p, *((p, n) for n in names)]
+    totals = {k: [0, 0] for k in keys}
     by_peak = {lo: np.zeros(4, np.int64) for lo in PEAK_BANDS_HU}
     by_grow = {int(k): np.zeros(4, np.int64) for k in grow_px}
     probed = 0

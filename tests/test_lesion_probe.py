@@ -54,6 +54,8 @@ def test_one_standard_lesion_per_reference_lesion_at_its_centroid_with_the_asked
 class _ThresholdPredictor:
     """Calls calcium (LAD) wherever HU >= ``cut``: a model whose only rule is a threshold."""
 
+    in_channels = 1  # reads one slice
+
     def __init__(self, cut):
         self.cut = cut
 
