@@ -208,6 +208,33 @@ class DenseRAUnet(nnx.Module):
         return logits.astype(jnp.float32)
 
 
+class Ensemble(nnx.Module):
+    """K DenseRAUnets of one architecture (trained with different seeds) read as one model:
+    ``(B, H, W, C)`` HU -> ``(B, H, W, num_classes)`` log of the members' mean class probabilities.
+
+    ``softmax`` of the output is the mean of the members' softmax, so :func:`labels_from_logits` applies
+    unchanged: calcium where the mean P(background) < 0.5, its artery the one of highest mean probability.
+    Each member makes false positives of its own where they agree on true calcium (issue 14, session 16),
+    which the mean keeps out. ``cfg`` is the members' (one architecture, input grid and window); the
+    forward costs K members' forwards.
+    """
+
+    def __init__(self, members: list[DenseRAUnet]):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        cfg = members[0].cfg
+        for m in members[1:]:
+            if m.cfg != cfg:
+                raise ValueError(f"ensemble members differ in architecture: {m.cfg} vs {cfg}")
+        self.cfg = cfg
+        self.members = nnx.List(members)
+
+    def __call__(self, hu: jax.Array) -> jax.Array:
+        probs = [jax.nn.softmax(m(hu), axis=-1) for m in self.members]
+        mean = sum(probs[1:], probs[0]) / len(probs)
+        return jnp.log(jnp.maximum(mean, jnp.finfo(jnp.float32).tiny))
+
+
 def labels_from_logits(logits: jax.Array) -> jax.Array:
     """Labels ``(..., H, W)`` uint8 from logits ``(..., H, W, K)``: calcium or not first, then the artery.
 

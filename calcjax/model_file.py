@@ -6,11 +6,18 @@ text), "params", "batch_stats"}`` (float32 arrays, pure dicts of ``nnx.State``);
 file whose digest differs (a damaged download or a flipped byte gives an error, never a silently wrong
 model), and refuses non-finite parameters.
 
+An ensemble (``calcjax.model.Ensemble``: K members of one architecture, the mean of their class
+probabilities) is one file too: its config is the first member's training config with ``"ensemble":
+{"members": K, "member_configs": [each member's training config]}``, and its ``params`` /
+``batch_stats`` are the ensemble's (``{"members": {0: ..., K-1: ...}}``). :func:`load` gives back an
+``Ensemble`` for such a file, a ``DenseRAUnet`` otherwise.
+
 The shipped model lives in the package (``calcjax/models/``, model card ``calcjax/models/README.md``) so
 an installed calcjax finds it: :data:`DEFAULT_MODEL`. ``calcjax.score`` uses it when ``--checkpoint`` is
 not given.
 
   python -m calcjax.model_file --checkpoint RUN [--which best|latest] --out calcjax/models/NAME.msgpack
+  python -m calcjax.model_file --checkpoint RUN1,RUN2,RUN3 --out NAME.msgpack   # an ensemble of three
 """
 
 from __future__ import annotations
@@ -48,9 +55,23 @@ def count_non_finite(tree) -> int:
     return sum(int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
 
 
+def ensemble_config(configs: list[dict]) -> dict:
+    """The config of an ensemble model file whose members were trained with ``configs`` (one each, one
+    architecture): the first member's, plus ``"ensemble"`` (module docstring)."""
+    models = [model_lib.ModelConfig.from_saved(c["model"]) for c in configs]
+    if any(m != models[0] for m in models[1:]):
+        raise ModelFileError("ensemble members must share one architecture (config.model)")
+    return {**configs[0], "ensemble": {"members": len(configs), "member_configs": list(configs)}}
+
+
 def save(path: str, config: dict, model: nnx.Module) -> str:
     """Writes ``model``'s parameters and batch statistics with ``config`` to ``path`` (+ ``.sha256``);
-    returns the digest."""
+    returns the digest. An :class:`calcjax.model.Ensemble` needs :func:`ensemble_config`'s config."""
+    members = config.get("ensemble", {}).get("members")
+    if isinstance(model, model_lib.Ensemble) != (members is not None) or (
+        members is not None and members != len(model.members)
+    ):
+        raise ModelFileError(f"{path}: the config's ensemble block does not describe the model to save")
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     payload = {
         "format": FORMAT,
@@ -91,7 +112,7 @@ def load(path: str):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a {FORMAT} file")
     config = json.loads(payload["config"])
-    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_saved(config["model"]), rngs=nnx.Rngs(0))
+    model = _empty_model(config)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     try:
         nnx.replace_by_pure_dict(params, payload["params"])
@@ -107,14 +128,34 @@ def load(path: str):
     return config, model, got
 
 
+def _empty_model(config: dict) -> nnx.Module:
+    """The model a saved config describes (a DenseRAUnet, or an Ensemble of them), weights to be filled."""
+    mcfg = model_lib.ModelConfig.from_saved(config["model"])
+    members = config.get("ensemble", {}).get("members")
+    if members is None:
+        return model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    return model_lib.Ensemble([model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0)) for _ in range(members)])
+
+
+def export(checkpoints: list[str], which: str, out: str) -> str:
+    """Writes the model of one checkpoint (a training workdir, a step folder or a model file), or the
+    :class:`calcjax.model.Ensemble` of several, to ``out``; returns the digest."""
+    from calcjax import checkpoint
+
+    loaded = [checkpoint.load_for_inference(c, which) for c in checkpoints]
+    if any("ensemble" in c for c, _ in loaded):
+        raise ModelFileError("an ensemble's members must be single models, not ensembles")
+    if len(loaded) == 1:
+        return save(out, *loaded[0])
+    config = ensemble_config([c for c, _ in loaded])
+    return save(out, config, model_lib.Ensemble([m for _, m in loaded]))
+
+
 def main(argv):  # pragma: no cover - run by hand: it exported the shipped model
     from absl import flags
 
-    from calcjax import checkpoint
-
     del argv
-    config, model = checkpoint.load_for_inference(flags.FLAGS.checkpoint, flags.FLAGS.which)
-    digest = save(flags.FLAGS.out, config, model)
+    digest = export(flags.FLAGS.checkpoint.split(","), flags.FLAGS.which, flags.FLAGS.out)
     size = os.path.getsize(flags.FLAGS.out)
     print(f"wrote {flags.FLAGS.out} ({size / 1e6:.2f} MB, sha256 {digest})")
 
@@ -122,7 +163,12 @@ def main(argv):  # pragma: no cover - run by hand: it exported the shipped model
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint step folder.", required=True)
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Training workdir or checkpoint step folder; several, comma-separated: an ensemble.",
+        required=True,
+    )
     flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint of a workdir to export.")
     flags.DEFINE_string("out", None, "Model file to write (NAME.msgpack).", required=True)
     app.run(main)

@@ -84,6 +84,11 @@ def initial_weights_from(path: str, mcfg: model_lib.ModelConfig, model: nnx.Modu
     compute dtype and the input pixel size may differ). A run that resumes from its own checkpoint does
     not come here."""
     config, loaded = checkpoint.load_for_inference(path, "best")
+    if isinstance(loaded, model_lib.Ensemble):
+        raise config_schema.ConfigError(
+            f"train.init_from: {path} is an ensemble of {len(loaded.members)} models; "
+            "fine-tune from one member"
+        )
     theirs = model_lib.ModelConfig.from_saved(config["model"])
     theirs = dataclasses.replace(theirs, dtype=mcfg.dtype, pixel_mm=mcfg.pixel_mm)  # architecture only
     if theirs != mcfg:

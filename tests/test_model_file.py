@@ -119,3 +119,72 @@ def test_score_cli_without_checkpoint_uses_the_shipped_model(tmp_path):
         "--dicom", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--checkpoint", str(broken)
     )
     assert p.returncode == 2 and "does not match" in p.stderr and "Traceback" not in p.stderr
+
+
+def _member(seed: int):
+    config = smoke.get_config().to_dict()
+    config["train"]["seed"] = seed
+    return config, model_lib.DenseRAUnet(
+        model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(seed)
+    )
+
+
+def _hu_batch(shape=(2, 16, 16, 3), seed=0):
+    return np.random.default_rng(seed).uniform(-300, 900, shape).astype(np.float32)
+
+
+def test_an_ensemble_predicts_its_members_mean_probabilities():
+    members = [_member(s)[1] for s in (1, 2, 3)]
+    for m in members:
+        m.eval()
+    ens = model_lib.Ensemble(members)
+    x = _hu_batch()
+    member_p = [np.asarray(jax.nn.softmax(m(x), axis=-1)) for m in members]
+    mean = sum(member_p) / 3
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(ens(x), axis=-1)), mean, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(member_p[0], member_p[1], atol=1e-3)  # the members differ: the mean is a test
+    want = np.where(mean[..., 0] < 0.5, mean[..., 1:].argmax(-1) + 1, 0)
+    np.testing.assert_array_equal(np.asarray(model_lib.labels_from_logits(ens(x))), want)
+    alone = model_lib.Ensemble(members[:1])
+    np.testing.assert_array_equal(
+        np.asarray(model_lib.labels_from_logits(alone(x))),
+        np.asarray(model_lib.labels_from_logits(members[0](x))),
+    )
+    config = smoke.get_config().to_dict()
+    config["model"]["growth_rate"] = 4
+    other = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="differ in architecture"):
+        model_lib.Ensemble([members[0], other])
+
+
+def test_an_ensemble_model_file_is_exported_from_its_members_and_scores_as_one_model(tmp_path):
+    from calcjax import inference
+
+    paths = []
+    for seed in (1, 2):
+        config, model = _member(seed)
+        paths.append(str(tmp_path / f"m{seed}.msgpack"))
+        model_file.save(paths[-1], config, model)
+    out = str(tmp_path / "ens.msgpack")
+    digest = model_file.export(paths, "best", out)
+    config, loaded, got = model_file.load(out)
+    assert got == digest and isinstance(loaded, model_lib.Ensemble) and len(loaded.members) == 2
+    assert config["ensemble"]["members"] == 2
+    assert [c["train"]["seed"] for c in config["ensemble"]["member_configs"]] == [1, 2]
+    members = [model_file.load(p)[1] for p in paths]
+    x = _hu_batch()
+    want = np.asarray(model_lib.Ensemble(members)(x))
+    np.testing.assert_allclose(np.asarray(loaded(x)), want, rtol=1e-5, atol=1e-5)
+    # The scorer's predictor reads it like any model: whole-volume labels from the mean probabilities.
+    hu = _hu_batch((4, 16, 16), seed=3).astype(np.int16)
+    labels = inference.Predictor(loaded, batch_size=2).predict(hu)
+    stacks = np.stack([hu[[max(k - 1, 0), k, min(k + 1, 3)]].transpose(1, 2, 0) for k in range(4)])
+    np.testing.assert_array_equal(labels, np.asarray(model_lib.labels_from_logits(loaded(stacks))))
+    from calcjax import config_schema, train
+
+    with pytest.raises(config_schema.ConfigError, match="ensemble of 2 models"):
+        train.initial_weights_from(out, members[0].cfg, _member(3)[1])
+    with pytest.raises(model_file.ModelFileError, match="single models"):
+        model_file.export([out, paths[0]], "best", str(tmp_path / "nested.msgpack"))
+    with pytest.raises(model_file.ModelFileError, match="ensemble block"):
+        model_file.save(str(tmp_path / "bad.msgpack"), _member(1)[0], loaded)
