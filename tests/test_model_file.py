@@ -1,4 +1,5 @@
-"""One-file models: the shipped model loads and is checked; a damaged file is refused, never used."""
+"""One-file models: the shipped model loads and is checked; a damaged file is refused, never used; an
+ensemble file is exported from its members and predicts their mean probabilities."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from calcjax import config_schema, inference, model_file, train
 from calcjax import model as model_lib
-from calcjax import model_file
 from configs import shipped, smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,8 +159,6 @@ def test_an_ensemble_predicts_its_members_mean_probabilities():
 
 
 def test_an_ensemble_model_file_is_exported_from_its_members_and_scores_as_one_model(tmp_path):
-    from calcjax import inference
-
     paths = []
     for seed in (1, 2):
         config, model = _member(seed)
@@ -180,8 +179,6 @@ def test_an_ensemble_model_file_is_exported_from_its_members_and_scores_as_one_m
     labels = inference.Predictor(loaded, batch_size=2).predict(hu)
     stacks = np.stack([hu[[max(k - 1, 0), k, min(k + 1, 3)]].transpose(1, 2, 0) for k in range(4)])
     np.testing.assert_array_equal(labels, np.asarray(model_lib.labels_from_logits(loaded(stacks))))
-    from calcjax import config_schema, train
-
     with pytest.raises(config_schema.ConfigError, match="ensemble of 2 models"):
         train.initial_weights_from(out, members[0].cfg, _member(3)[1])
     with pytest.raises(model_file.ModelFileError, match="single models"):
