@@ -52,7 +52,8 @@ demo: $(STAMP)
 	@echo "demo: report in $(DEMO_OUT)/score/report.md (figures in $(DEMO_OUT)/score/figures)"
 
 # Scores the real COCA sample with the shipped model (or CHECKPOINT=RUN): gated scans against their
-# calcium masks, chest scans against the release's sheet of physician scores -> $(REAL_OUT)/report.md.
+# calcium masks, chest scans against the release's sheet of physician scores -> $(REAL_OUT)/report.md;
+# with $(REAL_DATA)/qrm-canon, the model on the real QRM insert too -> $(REAL_OUT)/qrm_check.json.
 # The shipped model's outputs on a fixed phantom set against calcjax/models/reference_scores.csv.
 check-install: $(STAMP)
 	$(BIN)/python -m data_prep.check_install
@@ -64,6 +65,9 @@ real-eval: $(STAMP)
 		--reference_scores "$(REAL_DATA)/coca-sample/deidentified_nongated/scores.xlsx" --reference_key_suffix A \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 	@cat $(REAL_OUT)/report.md
+	@if test -d "$(REAL_DATA)/qrm-canon/dicom"; then \
+		$(BIN)/python -m calcjax.qrm_check "$(REAL_DATA)/qrm-canon/dicom" $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+			> $(REAL_OUT)/qrm_check.json && echo "QRM insert (calcjax.qrm_check):" && cat $(REAL_OUT)/qrm_check.json; fi
 
 # The real gated scans (with their calcium masks) as a shard folder, for training's real_* figure:
 # --config.data.real_val_shards=$(REAL_SHARDS) (watched, never used to choose a checkpoint).

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from calcjax import heart_region, inference, input_pipeline, metrics
+from calcjax import heart_region, inference, input_pipeline, metrics, qrm_check
 from calcjax import train_step as ts
 
 
@@ -86,6 +86,12 @@ class Evaluator:
         self.predictor = inference.Predictor(
             model, batch_size=max(batch_size, 1), loss_kwargs=loss_cfg.kwargs(rho=1.0, k_min=1)
         )
+
+    def evaluate_qrm(self, state: ts.TrainState, ref: qrm_check.QrmReference) -> dict:
+        """``calcjax.qrm_check`` figures (keys ``qrm_...``) of ``state``'s weights on a QRM insert scan (every
+        process computes them alike: one small scan)."""
+        self.predictor.set_weights(state.params, state.batch_stats)
+        return qrm_check.evaluate(self.predictor, ref)
 
     def evaluate(
         self,

@@ -91,7 +91,13 @@ class Predictor:
             )  # each slice's own loss; padded slices weigh 0
             return model_lib.labels_from_logits(logits), (per_slice * weights).sum()
 
+        def forward_calcium_probability(state, images):
+            m = nnx.merge(graphdef, *state, copy=True)
+            logits = m(images.astype(jnp.float32))
+            return 1.0 - jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
+
         self._forward = jax.jit(forward, out_shardings=(self._data, self._data))
+        self._forward_calcium_probability = jax.jit(forward_calcium_probability, out_shardings=self._data)
         self._forward_with_loss = (
             jax.jit(forward_with_loss, out_shardings=(self._data, self._rep)) if loss_kwargs else None
         )
@@ -152,6 +158,24 @@ class Predictor:
             out[start : start + real] = np.asarray(pred)[:real, :h, :w]
             loss_sum += float(loss)
         return pixel_size.labels_to_native(out, native_hw), loss_sum  # out itself at native pixels
+
+    def calcium_probability(self, hu: np.ndarray, spacing=None) -> np.ndarray:
+        """float32 ``(Z, H, W)``: each voxel's calcium probability, 1 - P(background) (any artery; the
+        labels of :meth:`predict` are calcium exactly where it exceeds 0.5), for figures that need more
+        than the labels (``calcjax.qrm_check``). A ``pixel_mm`` model's map comes back on the scan's grid
+        by linear interpolation."""
+        native_hw = hu.shape[1:]
+        hu = self._model_grid(hu, spacing)
+        z, h, w = hu.shape
+        ph, pw = -h % self.multiple, -w % self.multiple
+        if ph or pw:
+            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
+        out = np.empty((z, h, w), np.float32)
+        for start in range(0, z, self.batch_size):
+            chunk, real = self._stacks(hu, start)
+            p = self._forward_calcium_probability(self._state, jax.device_put(chunk, self._data))
+            out[start : start + real] = np.asarray(p)[:real, :h, :w]
+        return pixel_size.probability_to_native(out, native_hw)  # out itself at native pixels
 
     def predict(self, hu: np.ndarray, spacing=None) -> np.ndarray:
         """Labels uint8 ``(Z, H, W)`` of one scan's int16 HU volume ``(Z, H, W)``; ``spacing`` ``(dz, dy,

@@ -38,7 +38,15 @@ ShardSplit = shards.Split  # one split of a shard folder (``calcjax.io.shards``:
 
 
 # The data block's keys that are not augmentation: read by the trainers (calcjax.config_schema checks them).
-DATA_KEYS = ("shards", "calcium_fraction", "seed", "worker_count", "real_val_shards", "real_val_split")
+DATA_KEYS = (
+    "shards",
+    "calcium_fraction",
+    "seed",
+    "worker_count",
+    "real_val_shards",
+    "real_val_split",
+    "qrm_val_dicom",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax import checkpoint, cli, config_schema, evaluation, input_pipeline, sharding
+from calcjax import checkpoint, cli, config_schema, evaluation, input_pipeline, qrm_check, sharding
 from calcjax import model as model_lib
 from calcjax import train_step as ts
 
@@ -177,6 +177,8 @@ def train_and_evaluate(
     real_split = None
     if dcfg.real_val_shards:
         real_split = input_pipeline.ShardSplit.load(dcfg.real_val_shards, dcfg.real_val_split)
+    # The QRM insert scan: another extra figure (qrm_*), never a checkpoint selector (configs/default).
+    qrm_ref = qrm_check.QrmReference.load(dcfg.qrm_val_dicom) if dcfg.qrm_val_dicom else None
     evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg, state.params, state.batch_stats)
     writer = MetricWriter(workdir)
 
@@ -230,6 +232,11 @@ def train_and_evaluate(
                     writer.write(done, real)
                     last.update(real)
                     logging.info("step %d: %s", done, real)
+            if qrm_ref is not None and evaluating:
+                qrm_figures = evaluator.evaluate_qrm(state, qrm_ref)
+                writer.write(done, qrm_figures)
+                last.update(qrm_figures)
+                logging.info("step %d: %s", done, qrm_figures)
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
                 ckpt.save(state, data_iter, cfg_dict)
     ckpt.wait()

@@ -65,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
             # by val_voxel_f1 alone, since the real gated scans are the test set (issue 14).
             real_val_shards="",
             real_val_split="test",
+            # Another extra figure, never a selector: a folder holding a real scan of the QRM calcification
+            # insert (../shared/data/qrm-canon/dicom), scored at every validation by calcjax.qrm_check and
+            # logged as qrm_* (how the model answers to calcium in soft tissue on a real scanner).
+            qrm_val_dicom="",
         )
     )
     c.train = ml_collections.ConfigDict(

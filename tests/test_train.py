@@ -277,6 +277,36 @@ def test_the_real_sample_figure_is_logged_at_each_validation_and_never_selects(s
     assert checkpoint.resolve(str(tmp_path / "run"), "best").endswith(os.path.join("best", "4"))
 
 
+def test_the_qrm_figure_is_logged_at_each_validation_and_never_selects(shards, tmp_path, monkeypatch):
+    """data.qrm_val_dicom: at each validation the model's calcjax.qrm_check figures on the insert scan are
+    logged as qrm_* (a synthetic insert of the QRM layout stands in for the real Canon scan here); the
+    best checkpoint still follows val_voxel_f1 alone."""
+    from test_qrm_check import qrm_layout_volume
+
+    from calcjax import checkpoint, qrm_check, train
+
+    loaded = []
+
+    def fake_load(folder):
+        loaded.append(folder)
+        return qrm_check.QrmReference.from_volume(*qrm_layout_volume())
+
+    monkeypatch.setattr(qrm_check.QrmReference, "load", staticmethod(fake_load))
+    c = small_config(shards, steps=4, eval_every=2, checkpoint_every=2)
+    c.data.qrm_val_dicom = "qrm-folder"
+    last = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert loaded == ["qrm-folder"]  # read once, before training
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    qrm_lines = [r for r in logged if "qrm_calcium_probability" in r]
+    assert [r["step"] for r in qrm_lines] == [2, 4]
+    for r in qrm_lines:
+        assert 0.0 <= r["qrm_calcium_probability"] <= 1.0 and 0.0 <= r["qrm_voxel_recall"] <= 1.0
+        assert r["qrm_agatston_reference"] > 0 and r["qrm_fp_voxels_outside"] >= 0
+    assert last["qrm_agatston_reference"] == qrm_lines[-1]["qrm_agatston_reference"]
+    best = max((r for r in logged if "val_voxel_f1" in r), key=lambda r: r["val_voxel_f1"])
+    assert checkpoint.resolve(str(tmp_path / "run"), "best").endswith(os.path.join("best", str(best["step"])))
+
+
 def test_a_missing_real_folder_stops_the_run_before_training(shards, tmp_path):
     from calcjax import train
     from calcjax.io import shards as shard_folder

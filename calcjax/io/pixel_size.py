@@ -59,6 +59,12 @@ def labels_to_native(labels: np.ndarray, native_hw: tuple[int, int]) -> np.ndarr
     return _zoom(labels, tuple(native_hw), order=0)
 
 
+def probability_to_native(probability: np.ndarray, native_hw: tuple[int, int]) -> np.ndarray:
+    """A float probability map ``(Z, H', W')`` of the model grid back on the scan's ``(H, W)`` grid
+    (linear interpolation)."""
+    return _zoom(probability, tuple(native_hw), order=1)
+
+
 def crop_zoom(spacing_yx, pixel_mm: float) -> float:
     """The factor a training crop's affine multiplies its zoom by, so one crop pixel is ``pixel_mm`` mm
     (1 when ``pixel_mm`` is 0). Pixels are square in practice; the mean of the two axes is used."""

@@ -229,6 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
         raise config_schema.ConfigError("train.init_from (fine-tuning) is not supported by the PyTorch twin")
     if config.data.real_val_shards:
         raise config_schema.ConfigError("data.real_val_shards is not supported by the PyTorch twin")
+    if config.data.qrm_val_dicom:
+        raise config_schema.ConfigError("data.qrm_val_dicom is not supported by the PyTorch twin")
     if config.model.pixel_mm:
         raise config_schema.ConfigError(
             "model.pixel_mm (resampled input) is not supported by the PyTorch twin"
