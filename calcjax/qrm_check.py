@@ -104,11 +104,11 @@ def figures(
 
 
 def evaluate(predictor, ref: QrmReference, prefix: str = "qrm") -> dict:
-    """:func:`figures` of a ``calcjax.inference.Predictor`` (its current weights) on ``ref``."""
+    """:func:`figures` of a ``calcjax.inference.Predictor`` (its current weights) on ``ref``: one forward
+    pass, calcium where the probability exceeds 0.5 (the labels' rule)."""
     hu = np.clip(np.rint(ref.hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
-    labels = predictor.predict(hu, ref.spacing)
     probability = predictor.calcium_probability(hu, ref.spacing)
-    return figures(ref, labels, probability, prefix)
+    return figures(ref, (probability > 0.5).astype(np.uint8), probability, prefix)
 
 
 def main(argv: list[str] | None = None) -> None:
