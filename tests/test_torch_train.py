@@ -164,3 +164,20 @@ def test_compare_writes_curves_metrics_and_framework_agreement(shards, tmp_path)
     assert set(result["test"]) == {"JAX", "PyTorch"}
     text = open(os.path.join(out, "comparison.md")).read()
     assert "Agatston ICC(2,1)" in text and "Voxel F1" in text
+
+
+@pytest.mark.parametrize(
+    "block, key, value",
+    [("data", "real_val_shards", "real"), ("data", "qrm_val_dicom", "qrm"), ("train", "init_from", "run")],
+)
+def test_the_twin_refuses_a_key_it_does_not_support_before_writing(block, key, value, tmp_path):
+    """The real-sample and QRM figures and fine-tuning are the JAX trainer's: the twin names the key and
+    writes nothing."""
+    from calcjax import config_schema
+    from calcjax.torch_baseline import train as torch_train
+
+    c = _config(str(tmp_path / "no-shards"))
+    c[block][key] = value
+    with pytest.raises(config_schema.ConfigError, match=f"{block}.{key}"):
+        torch_train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
