@@ -127,6 +127,16 @@ class Predictor:
             raise ValueError(f"this model reads {self.pixel_mm} mm pixels: predict needs the scan's spacing")
         return pixel_size.to_model_grid(hu, spacing, self.pixel_mm)  # hu itself at native pixels
 
+    def _padded_model_grid(self, hu: np.ndarray, spacing) -> tuple[np.ndarray, int, int]:
+        """``hu`` on the model's grid padded with air to the model's multiple, and its unpadded ``(H, W)``
+        there (the forward's outputs are cropped back to it)."""
+        hu = self._model_grid(hu, spacing)
+        h, w = hu.shape[1:]
+        ph, pw = -h % self.multiple, -w % self.multiple
+        if ph or pw:
+            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
+        return hu, h, w
+
     def predict_with_loss(self, hu: np.ndarray, labels: np.ndarray, spacing=None) -> tuple[np.ndarray, float]:
         """Labels uint8 ``(Z, H, W)`` of one scan and its summed per-slice loss against ``labels``
         ``(Z, H, W)`` (validation). ``spacing`` ``(dz, dy, dx)`` mm: needed by a model with ``pixel_mm``,
@@ -134,13 +144,10 @@ class Predictor:
         if self._forward_with_loss is None:
             raise ValueError("this Predictor was built without loss_kwargs")
         native_hw = hu.shape[1:]
-        hu = self._model_grid(hu, spacing)
+        hu, h, w = self._padded_model_grid(hu, spacing)
+        z = hu.shape[0]
         labels = pixel_size.labels_to_model_grid(labels, spacing, self.pixel_mm)
-        z, h, w = hu.shape
-        ph, pw = -h % self.multiple, -w % self.multiple
-        if ph or pw:  # air, and background labels, to the model's multiple
-            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
-            labels = np.pad(labels, ((0, 0), (0, ph), (0, pw)))
+        labels = np.pad(labels, ((0, 0), (0, hu.shape[1] - h), (0, hu.shape[2] - w)))  # background
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
         loss_sum = 0.0
@@ -165,11 +172,8 @@ class Predictor:
         than the labels (``calcjax.qrm_check``). A ``pixel_mm`` model's map comes back on the scan's grid
         by linear interpolation."""
         native_hw = hu.shape[1:]
-        hu = self._model_grid(hu, spacing)
-        z, h, w = hu.shape
-        ph, pw = -h % self.multiple, -w % self.multiple
-        if ph or pw:
-            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
+        hu, h, w = self._padded_model_grid(hu, spacing)
+        z = hu.shape[0]
         out = np.empty((z, h, w), np.float32)
         for start in range(0, z, self.batch_size):
             chunk, real = self._stacks(hu, start)
@@ -186,11 +190,8 @@ class Predictor:
         if hu.ndim != 3:
             raise ValueError(f"hu must be a (Z, H, W) volume, got {hu.shape}")
         native_hw = hu.shape[1:]
-        hu = self._model_grid(hu, spacing)
-        z, h, w = hu.shape
-        ph, pw = -h % self.multiple, -w % self.multiple
-        if ph or pw:
-            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
+        hu, h, w = self._padded_model_grid(hu, spacing)
+        z = hu.shape[0]
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
         t0 = time.perf_counter()
