@@ -22,6 +22,8 @@ Figures (:func:`figures`, keys ``{prefix}_...``):
 No identifying DICOM value is read into the figures (the series gives HU and spacing only).
 
   python -m calcjax.qrm_check DICOM_DIR [--checkpoint RUN|MODEL]   # one JSON line; default: shipped model
+
+A folder without the insert, a bad series or checkpoint: one stderr line naming it, exit status 2.
 """
 
 from __future__ import annotations
@@ -119,11 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--which", default="best", help="a workdir's checkpoint: best or latest")
     args = parser.parse_args(argv)
-    from calcjax import checkpoint, inference
+    from calcjax import checkpoint, cli, inference, model_file
+    from calcjax.io import dicom
 
-    ref = QrmReference.load(args.dicom_dir)
-    _, model = checkpoint.load_for_inference(args.checkpoint, args.which)
-    out = evaluate(inference.Predictor(model), ref)
+    def job() -> dict:
+        ref = QrmReference.load(args.dicom_dir)
+        _, model = checkpoint.load_for_inference(args.checkpoint, args.which)
+        return evaluate(inference.Predictor(model), ref)
+
+    errors = (
+        dicom.DicomError,
+        qrm.InsertNotFoundError,
+        checkpoint.CheckpointError,
+        model_file.ModelFileError,
+    )
+    out = cli.run_or_exit("calcjax.qrm_check", job, errors)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
 
 

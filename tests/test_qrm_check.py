@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,3 +113,14 @@ def test_the_real_qrm_scans_reference():
     assert ref.hu.shape == (47, 512, 512)
     assert int(ref.reference.sum()) == 1206
     assert ref.agatston_reference == pytest.approx(957.6, abs=0.1)
+
+
+def test_the_command_names_the_folder_in_one_line_when_it_holds_no_insert(tmp_path):
+    """A folder without a CT series: one stderr line naming it, exit status 2, nothing on stdout."""
+    run = subprocess.run(
+        [sys.executable, "-m", "calcjax.qrm_check", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("calcjax.qrm_check: error:")]
+    assert len(lines) == 1 and str(tmp_path) in lines[0] and "Traceback" not in run.stderr
+    assert run.stdout == ""
