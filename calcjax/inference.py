@@ -94,7 +94,7 @@ class Predictor:
         def forward_calcium_probability(state, images):
             m = nnx.merge(graphdef, *state, copy=True)
             logits = m(images.astype(jnp.float32))
-            return 1.0 - jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
+            return 1.0 - model_lib.background_probability(logits)
 
         self._forward = jax.jit(forward, out_shardings=(self._data, self._data))
         self._forward_calcium_probability = jax.jit(forward_calcium_probability, out_shardings=self._data)

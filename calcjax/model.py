@@ -236,6 +236,12 @@ class Ensemble(nnx.Module):
         return jnp.log(jnp.maximum(mean, jnp.finfo(jnp.float32).tiny))
 
 
+def background_probability(logits: jax.Array) -> jax.Array:
+    """P(background) ``(..., H, W)`` float32 from logits ``(..., H, W, K)``: the calcium rule's one input
+    (:func:`labels_from_logits`; 1 minus it is ``Predictor.calcium_probability``)."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
+
+
 def labels_from_logits(logits: jax.Array) -> jax.Array:
     """Labels ``(..., H, W)`` uint8 from logits ``(..., H, W, K)``: calcium or not first, then the artery.
 
@@ -243,7 +249,7 @@ def labels_from_logits(logits: jax.Array) -> jax.Array:
     (an argmax over all K classes would call background a voxel whose calcium probability is split between
     arteries); its label is then the most likely artery. With K = 2 this is the plain argmax.
     """
-    p_background = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
+    p_background = background_probability(logits)
     artery = jnp.argmax(logits[..., 1:], axis=-1) + 1
     return jnp.where(p_background < 0.5, artery, 0).astype(jnp.uint8)
 
