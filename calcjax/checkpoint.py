@@ -2,8 +2,11 @@
 
 ``WORKDIR/checkpoints/<step>/`` (``max_to_keep`` latest, saved asynchronously) holds the items ``params``,
 ``batch_stats``, ``opt_state``, ``counters`` (step, skipped steps), ``data`` (the grain iterator's position,
-through ``grain.checkpoint``) and ``config`` (the resolved config, JSON). ``WORKDIR/best/<step>/`` holds
-``params``, ``batch_stats``, ``config`` and ``metrics`` of the best validation voxel F1 so far.
+through ``grain.checkpoint``) and ``config`` (the resolved config, JSON), and ``ema_params`` /
+``ema_batch_stats`` for a run that keeps moving averages (``train.ema_decay``). ``WORKDIR/best/<step>/``
+holds ``params``, ``batch_stats``, ``config`` and ``metrics`` of the best validation voxel F1 so far: the
+weights validation measured (``train_step.inference_weights``: the moving averages when the run keeps them).
+A step folder is scored with its ``ema_*`` items when it has them, else with ``params`` / ``batch_stats``.
 Restores go against abstract targets (``ocp.utils.to_shape_dtype_struct``), so optax states come back as
 their own types. ``load_for_inference`` needs nothing but a checkpoint folder: the model config is read
 from the checkpoint itself.
@@ -31,9 +34,10 @@ from flax import nnx
 from calcjax import model as model_lib
 from calcjax import model_file
 from calcjax.io.atomic import write_atomic
-from calcjax.train_step import TrainState
+from calcjax.train_step import TrainState, inference_weights
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "counters")
+EMA_ITEMS = ("ema_params", "ema_batch_stats")
 
 
 class CheckpointError(ValueError):
@@ -125,6 +129,12 @@ class Checkpointer:
     def save(self, state: TrainState, data_iter, config: dict) -> None:
         step = int(jax.device_get(state.step))
         self._seal()
+        averages = {}
+        if state.ema_params is not None:
+            averages = dict(
+                ema_params=ocp.args.StandardSave(state.ema_params),
+                ema_batch_stats=ocp.args.StandardSave(state.ema_batch_stats),
+            )
         self.latest.save(
             step,
             args=ocp.args.Composite(
@@ -136,17 +146,20 @@ class Checkpointer:
                 ),
                 data=grain.checkpoint.CheckpointSave(data_iter),
                 config=ocp.args.JsonSave(config),
+                **averages,
             ),
         )
 
     def save_best(self, state: TrainState, config: dict, metrics: dict) -> None:
+        """``state``'s inference weights (the moving averages when it keeps them) with ``metrics``."""
         step = int(jax.device_get(state.step))
         self._seal()
+        params, batch_stats = inference_weights(state)
         self.best.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                batch_stats=ocp.args.StandardSave(state.batch_stats),
+                params=ocp.args.StandardSave(params),
+                batch_stats=ocp.args.StandardSave(batch_stats),
                 config=ocp.args.JsonSave(config),
                 metrics=ocp.args.JsonSave(metrics),
             ),
@@ -166,6 +179,20 @@ class Checkpointer:
         verify(os.path.join(str(self.latest.directory), str(step)))
         abstract = ocp.utils.to_shape_dtype_struct
         counters = {"step": state.step, "skipped": state.skipped, "bad_in_a_row": state.bad_in_a_row}
+        folder = os.path.join(str(self.latest.directory), str(step))
+        averages = {}
+        held = all(os.path.isdir(os.path.join(folder, item)) for item in EMA_ITEMS)
+        if held != (state.ema_params is not None):
+            raise CheckpointError(
+                f"{folder}: holds {'' if held else 'no '}moving averages, but this run's config "
+                f"{'does not keep' if held else 'keeps'} them (train.ema_decay): resume with the ema_decay "
+                "the run was started with"
+            )
+        if held:
+            averages = dict(
+                ema_params=ocp.args.StandardRestore(jax.tree.map(abstract, state.ema_params)),
+                ema_batch_stats=ocp.args.StandardRestore(jax.tree.map(abstract, state.ema_batch_stats)),
+            )
         out = self.latest.restore(
             step,
             args=ocp.args.Composite(
@@ -174,6 +201,7 @@ class Checkpointer:
                 opt_state=ocp.args.StandardRestore(jax.tree.map(abstract, state.opt_state)),
                 counters=ocp.args.StandardRestore(jax.tree.map(abstract, counters)),
                 data=grain.checkpoint.CheckpointRestore(data_iter),
+                **averages,
             ),
         )
         c = out["counters"]
@@ -184,6 +212,8 @@ class Checkpointer:
             opt_state=out["opt_state"],
             skipped=c["skipped"],
             bad_in_a_row=c["bad_in_a_row"],
+            ema_params=out.get("ema_params"),
+            ema_batch_stats=out.get("ema_batch_stats"),
         )
 
     def wait(self) -> None:
@@ -294,7 +324,8 @@ def _short(e: Exception) -> str:
 def load_for_inference(path: str | None, which: str = "best"):
     """(config dict, eval-mode model) from a workdir, a step folder or a one-file model
     (``calcjax.model_file``, digest checked); ``None`` is the shipped model. The config is the checkpoint's
-    own."""
+    own; a step folder's weights are its moving averages (``ema_params`` / ``ema_batch_stats``) when it holds
+    them, else ``params`` / ``batch_stats``."""
     if path is None:
         path = model_file.DEFAULT_MODEL
     if os.path.isfile(path):
@@ -314,12 +345,14 @@ def load_for_inference(path: str | None, which: str = "best"):
     ckptr = ocp.StandardCheckpointer()
     abstract = ocp.utils.to_shape_dtype_struct
     _drop_failed_read_noise()
+    averaged = all(os.path.isdir(os.path.join(folder, item)) for item in EMA_ITEMS)
+    names = EMA_ITEMS if averaged else ("params", "batch_stats")
     try:
-        params = ckptr.restore(os.path.join(folder, "params"), jax.tree.map(abstract, params))
-        batch_stats = ckptr.restore(os.path.join(folder, "batch_stats"), jax.tree.map(abstract, batch_stats))
+        params = ckptr.restore(os.path.join(folder, names[0]), jax.tree.map(abstract, params))
+        batch_stats = ckptr.restore(os.path.join(folder, names[1]), jax.tree.map(abstract, batch_stats))
     except Exception as e:  # Orbax / TensorStore raise many types for damaged or missing files
         raise CheckpointError(f"{folder}: cannot be read as a calcjax checkpoint ({_short(e)})") from None
-    for name, tree in (("params", params), ("batch_stats", batch_stats)):
+    for name, tree in zip(names, (params, batch_stats), strict=True):
         bad = model_file.count_non_finite(tree)
         if bad:
             raise CheckpointError(

@@ -77,4 +77,5 @@ TRAIN_KEYS = (
     "max_bad_steps",
     "seed",
     "init_from",
+    "ema_decay",
 )

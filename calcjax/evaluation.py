@@ -88,9 +88,9 @@ class Evaluator:
         )
 
     def evaluate_qrm(self, state: ts.TrainState, ref: qrm_check.QrmReference) -> dict:
-        """``calcjax.qrm_check`` figures (keys ``qrm_...``) of ``state``'s weights on a QRM insert scan (every
-        process computes them alike: one small scan)."""
-        self.predictor.set_weights(state.params, state.batch_stats)
+        """``calcjax.qrm_check`` figures (keys ``qrm_...``) of ``state``'s weights (``ts.inference_weights``)
+        on a QRM insert scan (every process computes them alike: one small scan)."""
+        self.predictor.set_weights(*ts.inference_weights(state))
         return qrm_check.evaluate(self.predictor, ref)
 
     def evaluate(
@@ -102,7 +102,8 @@ class Evaluator:
         use_heart_region: bool = False,
         prefix: str = "val",
     ) -> dict:
-        """Validation figures (keys ``{prefix}_...``) over the labelled scans of ``split`` (the first
+        """Validation figures (keys ``{prefix}_...``) of ``state``'s weights (``ts.inference_weights``: the
+        moving averages when the run keeps them) over the labelled scans of ``split`` (the first
         ``max_scans``; 0 = all). ``use_heart_region``: keep predicted calcium only in the heart's
         neighbourhood, as ``calcjax.score`` does by default (the real-sample figure: without it real
         scans' bone edges dominate); the loss is the network's, before the region."""
@@ -111,7 +112,7 @@ class Evaluator:
             scans = scans[:max_scans]
         if not scans:
             return {}
-        self.predictor.set_weights(state.params, state.batch_stats)
+        self.predictor.set_weights(*ts.inference_weights(state))
         pid, pcount = jax.process_index(), jax.process_count()
         sub = dataclasses.replace(split, scans=tuple(scans))
         rows = []  # (scan index, summary vector, loss sum, slices) of this process's scans

@@ -9,8 +9,11 @@ the same workdir resumes exactly where its last checkpoint was (same parameters,
 A non-finite loss or gradient leaves the state unchanged, is reported, and after ``train.max_bad_steps``
 in a row stops the run with a message; such a state is never saved. Validation every ``eval_every``
 steps on the ``val`` split, whole scans: loss, voxel precision / recall / F1 and Agatston risk accuracy;
-the best voxel F1 is kept in ``WORKDIR/best``. Logs: ``WORKDIR/metrics.jsonl`` (one JSON line per log),
-TensorBoard events in ``WORKDIR/tb`` (tensorboardX), ``WORKDIR/config.json``, and a progress bar.
+the best voxel F1 is kept in ``WORKDIR/best``. With ``train.ema_decay`` > 0 the run also keeps moving
+averages of its weights (``calcjax.train_step``): they are what validation measures, what ``best`` keeps and
+what a checkpoint is scored with; training itself goes on with the raw weights. Logs:
+``WORKDIR/metrics.jsonl`` (one JSON line per log), TensorBoard events in ``WORKDIR/tb`` (tensorboardX),
+``WORKDIR/config.json``, and a progress bar.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def train_and_evaluate(
         weight_decay=tcfg.weight_decay,
         grad_clip=tcfg.grad_clip,
     )
-    graphdef, state = ts.create_state(model, tx)
+    graphdef, state = ts.create_state(model, tx, ema=tcfg.ema_decay > 0)
     state = jax.device_put(state, sharding.replicated(mesh))
     loss_cfg = ts.LossConfig.from_config(config.loss)
 
@@ -166,7 +169,12 @@ def train_and_evaluate(
 
     rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
     step_fn = ts.make_train_step(
-        graphdef, tx, loss_cfg, in_shardings=(rep, dat, dat), out_shardings=(rep, rep)
+        graphdef,
+        tx,
+        loss_cfg,
+        ema_decay=tcfg.ema_decay,
+        in_shardings=(rep, dat, dat),
+        out_shardings=(rep, rep),
     )
     try:
         val_split = input_pipeline.ShardSplit.load(dcfg.shards, "val")

@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
             seed=0,
             # A model file or checkpoint whose weights start the run (fine-tuning); "": fresh weights.
             init_from="",
+            # Polyak averaging (calcjax.train_step.ema_rate): > 0 keeps moving averages of the weights with
+            # a horizon of about 1 / (1 - ema_decay) steps, and validates, keeps and scores those; 0 = off.
+            ema_decay=0.0,
         )
     )
     return c

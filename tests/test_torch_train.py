@@ -168,11 +168,16 @@ def test_compare_writes_curves_metrics_and_framework_agreement(shards, tmp_path)
 
 @pytest.mark.parametrize(
     "block, key, value",
-    [("data", "real_val_shards", "real"), ("data", "qrm_val_dicom", "qrm"), ("train", "init_from", "run")],
+    [
+        ("data", "real_val_shards", "real"),
+        ("data", "qrm_val_dicom", "qrm"),
+        ("train", "init_from", "run"),
+        ("train", "ema_decay", 0.999),
+    ],
 )
 def test_the_twin_refuses_a_key_it_does_not_support_before_writing(block, key, value, tmp_path):
-    """The real-sample and QRM figures and fine-tuning are the JAX trainer's: the twin names the key and
-    writes nothing."""
+    """The real-sample and QRM figures, fine-tuning and weight averaging are the JAX trainer's: the twin
+    names the key and writes nothing."""
     from calcjax import config_schema
     from calcjax.torch_baseline import train as torch_train
 

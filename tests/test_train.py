@@ -363,3 +363,128 @@ def test_one_step_on_8_devices_equals_1_device():
     assert r["devices"] == [1, 8]
     assert r["loss8"] == pytest.approx(r["loss1"], rel=1e-6)
     assert r["max_param_diff"] <= 1e-5
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    import jax
+
+    return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def test_the_moving_average_follows_its_formula_and_a_skipped_step_leaves_it():
+    """train.ema_decay in the train step: after each finite step the averages of the parameters and of the
+    BatchNorm statistics move to ``(1 - r) * average + r * new`` with ``r = 1 - min(decay, (1 + s) /
+    (10 + s))`` (s = the step's 0-based index: both branches of the min are taken here); a non-finite step
+    leaves weights and averages as they were; scoring reads the averages."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from calcjax import model as M
+    from calcjax import train_step as ts
+    from configs import smoke
+
+    c = smoke.get_config()
+    c.loss.update(dict(rho=0.1, k_min=16))
+    rng = np.random.default_rng(0)
+    images = rng.normal(40, 300, size=(4, 32, 32, 3)).astype(np.float32)
+    labels = (rng.uniform(size=(4, 32, 32)) < 0.05).astype(np.int32) * rng.integers(1, 5, size=(4, 32, 32))
+    model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+    tx = ts.make_optimizer(
+        learning_rate=1e-2, warmup_steps=1, total_steps=10, weight_decay=1e-4, grad_clip=1.0
+    )
+    _, plain = ts.create_state(model, tx)
+    assert plain.ema_params is None and ts.inference_weights(plain)[0] is plain.params
+    graphdef, state = ts.create_state(model, tx, ema=True)
+    decay = 0.15  # the warm-up (1 + s) / (10 + s) is 0.1 at s = 0, then above 0.15
+    step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(c.loss), ema_decay=decay)
+    want = _leaves((state.params, state.batch_stats))
+    np.testing.assert_array_equal(
+        np.concatenate([x.ravel() for x in want]),
+        np.concatenate([x.ravel() for x in _leaves((state.ema_params, state.ema_batch_stats))]),
+    )
+    for s in range(3):
+        state, m = step(state, jnp.asarray(images), jnp.asarray(labels))
+        assert bool(m["finite"])
+        r = 1.0 - min(decay, (1 + s) / (10 + s))
+        new = _leaves((state.params, state.batch_stats))
+        want = [(1 - r) * a + r * b for a, b in zip(want, new, strict=True)]
+        got = _leaves((state.ema_params, state.ema_batch_stats))
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(g, n) for g, n in zip(got, new, strict=True))  # an average, not a copy
+    assert ts.inference_weights(state)[0] is state.ema_params
+    bad = images.copy()
+    bad[0, 0, 0, 0] = np.nan
+    before = _leaves((state.params, state.ema_params, state.ema_batch_stats))
+    state, m = step(state, jnp.asarray(bad), jnp.asarray(labels))
+    assert not bool(m["finite"])
+    for a, b in zip(before, _leaves((state.params, state.ema_params, state.ema_batch_stats)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_averaging_run_validates_keeps_scores_and_resumes_its_averages(shards, tmp_path, monkeypatch):
+    """A run with train.ema_decay: each validation measures the averages (not the raw weights), the best
+    checkpoint and a step folder load as the averages, and a run that stops after its step-2 checkpoint
+    resumes to the same averages and weights as one that never stopped; resuming with averaging switched
+    off is refused, naming the folder."""
+    import orbax.checkpoint as ocp
+
+    from calcjax import checkpoint, inference, train
+
+    measured = []
+    real_set_weights = inference.Predictor.set_weights
+
+    def recording_set_weights(self, params, batch_stats):
+        measured.append(_leaves(params))
+        return real_set_weights(self, params, batch_stats)
+
+    monkeypatch.setattr(inference.Predictor, "set_weights", recording_set_weights)
+    c = small_config(shards, steps=4, checkpoint_every=2, eval_every=2, ema_decay=0.9)
+    ref = tmp_path / "ref"
+    train.train_and_evaluate(c, str(ref))
+    monkeypatch.setattr(inference.Predictor, "set_weights", real_set_weights)
+
+    def item(run, step, name):
+        return _leaves(ocp.StandardCheckpointer().restore(str(run / "checkpoints" / str(step) / name)))
+
+    def scored(path, which="best"):
+        from flax import nnx
+
+        return _leaves(nnx.state(checkpoint.load_for_inference(str(path), which)[1], nnx.Param))
+
+    assert len(measured) == 2  # validations at steps 2 and 4
+    for got, s in zip(measured, (2, 4), strict=True):
+        ema, raw = item(ref, s, "ema_params"), item(ref, s, "params")
+        assert all(np.array_equal(a, b) for a, b in zip(got, ema, strict=True))
+        assert not all(np.array_equal(a, b) for a, b in zip(got, raw, strict=True))
+    best = int(os.path.basename(checkpoint.resolve(str(ref), "best")))
+    want = item(ref, best, "ema_params")  # the best folder and the step folder both score as the averages
+    for path in (ref, ref / "checkpoints" / str(best)):
+        assert all(np.array_equal(a, b) for a, b in zip(scored(path), want, strict=True)) and want
+
+    run = tmp_path / "stopped"
+
+    def stop_after_four_batches(ds):
+        drawn = itertools.count()
+
+        def stop(batch):
+            if next(drawn) == 3:
+                raise RuntimeError("stopped")
+            return batch
+
+        return ds.map(stop)
+
+    with pytest.raises(Exception, match="stopped"):
+        train.train_and_evaluate(c, str(run), transform_data=stop_after_four_batches)
+    deadline = time.time() + 60  # the step-2 save is asynchronous
+    while time.time() < deadline and not (run / "checkpoints" / "2" / "ema_params").is_dir():
+        time.sleep(0.1)
+    off = small_config(shards, steps=4, checkpoint_every=2, eval_every=2, ema_decay=0.0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints.2: holds moving averages"):
+        train.train_and_evaluate(off, str(run))
+    train.train_and_evaluate(c, str(run))
+    # Steps 1-3 before the stop; then from the step-2 checkpoint: 3 again, and 4.
+    assert [r["step"] for r in batches(run)] == [1, 2, 3, 3, 4]
+    for name in ("ema_params", "ema_batch_stats", "params"):
+        for a, b in zip(item(run, 4, name), item(ref, 4, name), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)

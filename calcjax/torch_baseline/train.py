@@ -227,6 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
     config_schema.check_config(config)
     if config.train.init_from:
         raise config_schema.ConfigError("train.init_from (fine-tuning) is not supported by the PyTorch twin")
+    if config.train.ema_decay:
+        raise config_schema.ConfigError(
+            "train.ema_decay (weight averaging) is not supported by the PyTorch twin"
+        )
     if config.data.real_val_shards:
         raise config_schema.ConfigError("data.real_val_shards is not supported by the PyTorch twin")
     if config.data.qrm_val_dicom:
