@@ -6,7 +6,9 @@ Prints one JSON line per figure: ``train_step`` steps/s and slices/s for the jit
 (global batch ``train.batch_size``, crops ``data.crop``) on a ``('data',)`` mesh of 1 and of 2 CPU devices
 (each measured in a fresh process with ``--xla_force_host_platform_device_count``), with the batches
 already in memory; ``input_pipeline`` batches/s of the grain training stream alone; and
-``loader_over_step``: pipeline batches/s over the 1-device step rate (the aim: >= 3). Without
+``loader_over_step``: pipeline batches/s over the 1-device step rate (the aim: >= 3); and
+``ema_step_over_plain``: the 1-device step rate with ``train.ema_decay`` (moving averages of the weights
+updated inside the step) over the plain step's, both measured by this command (the aim: >= 0.9). Without
 ``--shards`` it writes 12 phantom scans (256x256) and builds shards in a temporary folder first.
 """
 
@@ -35,12 +37,13 @@ batches = [next(it) for _ in range(4)]
 model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
 tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
                        grad_clip=1.0)
-graphdef, state = ts.create_state(model, tx)
+ema_decay = float(sys.argv[3])
+graphdef, state = ts.create_state(model, tx, ema=ema_decay > 0)
 mesh = sharding.make_mesh()
 rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
 state = jax.device_put(state, rep)
-step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(c.loss), in_shardings=(rep, dat, dat),
-                          out_shardings=(rep, rep))
+step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(c.loss), ema_decay=ema_decay,
+                          in_shardings=(rep, dat, dat), out_shardings=(rep, rep))
 gl = [sharding.to_global({"images": b["images"], "labels": b["labels"]}, mesh) for b in batches]
 state, m = step(state, gl[0]["images"], gl[0]["labels"]); m["loss"].block_until_ready()
 n = int(sys.argv[2])
@@ -52,7 +55,7 @@ m["loss"].block_until_ready()
 dt = time.perf_counter() - t0
 print(json.dumps({"devices": jax.device_count(), "steps_per_s": n / dt,
                   "slices_per_s": n * c.train.batch_size / dt, "batch": c.train.batch_size,
-                  "crop": c.data.crop}))
+                  "crop": c.data.crop, "ema_decay": ema_decay}))
 """
 
 
@@ -76,14 +79,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or make_shards(tmp)
         rates = {}
-        for devices in (1, 2):
+        for devices, ema_decay in ((1, 0.0), (2, 0.0), (1, 0.998)):
             env = {
                 **os.environ,
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                 "PYTHONPATH": ROOT,
             }
             out = subprocess.run(
-                [sys.executable, "-c", STEP_SCRIPT, shards, str(args.steps)],
+                [sys.executable, "-c", STEP_SCRIPT, shards, str(args.steps), str(ema_decay)],
                 capture_output=True,
                 text=True,
                 env=env,
@@ -91,7 +94,7 @@ def main() -> None:
                 check=True,
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rates[devices] = r["steps_per_s"]
+            rates[devices, ema_decay] = r["steps_per_s"]
             print(json.dumps({"bench": "train", "figure": "train_step", "config": "smoke", **r}))
         from calcjax import input_pipeline as ip
         from configs import smoke
@@ -126,7 +129,18 @@ def main() -> None:
             )
         )
         print(
-            json.dumps({"bench": "train", "figure": "loader_over_step", "value": round(loader / rates[1], 2)})
+            json.dumps(
+                {"bench": "train", "figure": "loader_over_step", "value": round(loader / rates[1, 0.0], 2)}
+            )
+        )
+        print(
+            json.dumps(
+                {
+                    "bench": "train",
+                    "figure": "ema_step_over_plain",
+                    "value": round(rates[1, 0.998] / rates[1, 0.0], 3),
+                }
+            )
         )
 
 
