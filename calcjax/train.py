@@ -117,6 +117,10 @@ def train_and_evaluate(
     ``images`` / ``labels``) before it is iterated, e.g. a test's corrupt batches.
     """
     config_schema.check_config(config)
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise config_schema.ConfigError(
+            f"train.ema_decay is {config.train.ema_decay}: it must be in [0, 1) (0 = no weight averaging)"
+        )
     sharding.initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     cfg_dict = _to_dict(config)

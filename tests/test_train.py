@@ -422,6 +422,15 @@ def test_the_moving_average_follows_its_formula_and_a_skipped_step_leaves_it():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("decay", [-0.1, 1.0])
+def test_an_ema_decay_outside_0_to_1_is_refused_before_the_run_starts(shards, tmp_path, decay):
+    from calcjax import config_schema, train
+
+    with pytest.raises(config_schema.ConfigError, match=r"train.ema_decay is .*\[0, 1\)"):
+        train.train_and_evaluate(small_config(shards, ema_decay=decay), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_averaging_run_validates_keeps_scores_and_resumes_its_averages(shards, tmp_path, monkeypatch):
     """A run with train.ema_decay: each validation measures the averages (not the raw weights), the best
     checkpoint and a step folder load as the averages, and a run that stops after its step-2 checkpoint
