@@ -456,10 +456,10 @@ def test_an_averaging_run_validates_keeps_scores_and_resumes_its_averages(shards
     def item(run, step, name):
         return _leaves(ocp.StandardCheckpointer().restore(str(run / "checkpoints" / str(step) / name)))
 
-    def scored(path, which="best"):
+    def scored(path):
         from flax import nnx
 
-        return _leaves(nnx.state(checkpoint.load_for_inference(str(path), which)[1], nnx.Param))
+        return _leaves(nnx.state(checkpoint.load_for_inference(str(path))[1], nnx.Param))
 
     assert len(measured) == 2  # validations at steps 2 and 4
     for got, s in zip(measured, (2, 4), strict=True):
@@ -473,7 +473,7 @@ def test_an_averaging_run_validates_keeps_scores_and_resumes_its_averages(shards
 
     run = tmp_path / "stopped"
 
-    def stop_after_four_batches(ds):
+    def stop_at_the_fourth_batch(ds):
         drawn = itertools.count()
 
         def stop(batch):
@@ -484,7 +484,7 @@ def test_an_averaging_run_validates_keeps_scores_and_resumes_its_averages(shards
         return ds.map(stop)
 
     with pytest.raises(Exception, match="stopped"):
-        train.train_and_evaluate(c, str(run), transform_data=stop_after_four_batches)
+        train.train_and_evaluate(c, str(run), transform_data=stop_at_the_fourth_batch)
     deadline = time.time() + 60  # the step-2 save is asynchronous
     while time.time() < deadline and not (run / "checkpoints" / "2" / "ema_params").is_dir():
         time.sleep(0.1)
