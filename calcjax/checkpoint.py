@@ -40,6 +40,11 @@ STATE_ITEMS = ("params", "batch_stats", "opt_state", "counters")
 EMA_ITEMS = ("ema_params", "ema_batch_stats")
 
 
+def holds_averages(folder: str) -> bool:
+    """Whether a step folder holds a run's moving averages (``EMA_ITEMS``, ``train.ema_decay``)."""
+    return all(os.path.isdir(os.path.join(folder, item)) for item in EMA_ITEMS)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that must not be used, naming the folder and the reason."""
 
@@ -176,12 +181,12 @@ class Checkpointer:
     def restore(self, state: TrainState, data_iter) -> TrainState:
         """Restores the latest checkpoint into (a state shaped like) ``state`` and the data iterator."""
         step = self.latest.latest_step()
-        verify(os.path.join(str(self.latest.directory), str(step)))
+        folder = os.path.join(str(self.latest.directory), str(step))
+        verify(folder)
         abstract = ocp.utils.to_shape_dtype_struct
         counters = {"step": state.step, "skipped": state.skipped, "bad_in_a_row": state.bad_in_a_row}
-        folder = os.path.join(str(self.latest.directory), str(step))
         averages = {}
-        held = all(os.path.isdir(os.path.join(folder, item)) for item in EMA_ITEMS)
+        held = holds_averages(folder)
         if held != (state.ema_params is not None):
             raise CheckpointError(
                 f"{folder}: holds {'' if held else 'no '}moving averages, but this run's config "
@@ -345,8 +350,7 @@ def load_for_inference(path: str | None, which: str = "best"):
     ckptr = ocp.StandardCheckpointer()
     abstract = ocp.utils.to_shape_dtype_struct
     _drop_failed_read_noise()
-    averaged = all(os.path.isdir(os.path.join(folder, item)) for item in EMA_ITEMS)
-    names = EMA_ITEMS if averaged else ("params", "batch_stats")
+    names = EMA_ITEMS if holds_averages(folder) else ("params", "batch_stats")
     try:
         params = ckptr.restore(os.path.join(folder, names[0]), jax.tree.map(abstract, params))
         batch_stats = ckptr.restore(os.path.join(folder, names[1]), jax.tree.map(abstract, batch_stats))
