@@ -12,6 +12,8 @@ REAL_DATA ?= $(or $(CALCJAX_REAL_DATA),../shared/data)
 REAL_OUT ?= real_eval
 REAL_SHARDS ?= real_shards
 CHECKPOINT ?=
+# Extra calcjax.score flags for real-eval, e.g. SCORE_FLAGS=--lesion_completion_mm2=40.
+SCORE_FLAGS ?=
 
 .PHONY: install test test-fast lint format demo bench clean real-eval real-shards check-install
 
@@ -63,7 +65,7 @@ real-eval: $(STAMP)
 	rm -rf $(REAL_OUT)
 	$(BIN)/python -m calcjax.score --dicom "$(REAL_DATA)/coca-sample" --out $(REAL_OUT) \
 		--reference_scores "$(REAL_DATA)/coca-sample/deidentified_nongated/scores.xlsx" --reference_key_suffix A \
-		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(SCORE_FLAGS)
 	@cat $(REAL_OUT)/report.md
 	@if test -d "$(REAL_DATA)/qrm-canon/dicom"; then \
 		$(BIN)/python -m calcjax.qrm_check "$(REAL_DATA)/qrm-canon/dicom" $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \

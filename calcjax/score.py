@@ -10,7 +10,9 @@ folder or a one-file model (``calcjax.model_file``, SHA-256 checked); without it
 (``calcjax.model_file.DEFAULT_MODEL``). The model's config comes from the checkpoint. Scans stream one
 at a time (memory is bounded by the largest scan, not the cohort): load -> jitted, batched forward
 sharded over this process's devices (``calcjax.inference``) -> predicted labels, kept only inside the
-heart's neighbourhood (``calcjax.heart_region``; ``--noheart_region`` keeps them all) -> ``calcjax.agatston``
+heart's neighbourhood (``calcjax.heart_region``; ``--noheart_region`` keeps them all) -> with
+``--lesion_completion_mm2 A`` (default 0: off), each predicted lesion completed to its whole >= threshold
+component up to A mm^2 (``calcjax.lesion_completion``) -> ``calcjax.agatston``
 (HU >= the calcium threshold inside the prediction) -> one row (``calcjax.score_rows``, whose
 ``heart_region`` says ``found``, ``not_found``: no lungs found, nothing removed, or ``off``).
 
@@ -54,11 +56,13 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from calcjax import (
+    agatston,
     checkpoint,
     cli,
     dicom_outputs,
     heart_region,
     inference,
+    lesion_completion,
     model_file,
     outputs,
     report,
@@ -86,6 +90,7 @@ def score_cohort(
     mass_calibration: float | None = None,
     kvp_specific_threshold: bool = False,
     use_heart_region: bool = True,
+    lesion_completion_mm2: float = 0.0,
     dicom_seg: bool = False,
     dicom_sr: bool = False,
     num_bootstrap: int = 1000,
@@ -101,6 +106,8 @@ def score_cohort(
     several cohorts without recompiling (default: built from the checkpoint).
     ``use_heart_region``: keep predicted calcium only in the heart's neighbourhood
     (``calcjax.heart_region``).
+    ``lesion_completion_mm2``: complete each predicted lesion to its >= threshold component when that is at
+    most this many mm^2 in-plane (``calcjax.lesion_completion``; 0: off, the default).
     ``dicom_seg`` / ``dicom_sr``: DICOM route only, write each scan's SEG / SR (``calcjax.dicom_outputs``).
     ``reference_scores_path``: a sheet of scan-level reference scores (``calcjax.io.reference_scores``:
     CSV or .xlsx, rows matched to scans by folder name + ``reference_key_suffix`` or by scan id) for the
@@ -115,6 +122,8 @@ def score_cohort(
         raise ValueError("give exactly one of --shards and --dicom")
     if shards is not None and (dicom_seg or dicom_sr):
         raise ValueError("--dicom_seg / --dicom_sr need --dicom: a shard scan has no source DICOM instances")
+    if not lesion_completion_mm2 >= 0:  # also refuses NaN
+        raise ValueError(f"lesion_completion_mm2 must be >= 0 (0: off), got {lesion_completion_mm2}")
     pid = jax.process_index()
     os.makedirs(out, exist_ok=True)
     # Process 0 holds the folder for the whole job (the other processes of a multi-host job write their
@@ -134,6 +143,7 @@ def score_cohort(
             batch_size=batch_size,
             score_kw=dict(mass_calibration=mass_calibration, kvp_specific_threshold=kvp_specific_threshold),
             use_heart_region=use_heart_region,
+            lesion_completion_mm2=float(lesion_completion_mm2),
             dicom_outputs_asked=(dicom_seg, dicom_sr),
             num_bootstrap=num_bootstrap,
             progress=progress,
@@ -159,6 +169,7 @@ def _score_locked(
     batch_size,
     score_kw,
     use_heart_region,
+    lesion_completion_mm2,
     dicom_outputs_asked,
     num_bootstrap,
     progress,
@@ -193,6 +204,8 @@ def _score_locked(
         }
         if dicom_seg or dicom_sr:  # only when asked: folders scored before these existed still resume
             run_record.update(dicom_seg=dicom_seg, dicom_sr=dicom_sr)
+        if lesion_completion_mm2:  # likewise
+            run_record.update(lesion_completion_mm2=lesion_completion_mm2)
         if not resume and os.path.isfile(os.path.join(out, "run.json")):
             os.remove(os.path.join(out, "run.json"))  # nothing was scored into it: this run starts afresh
         outputs.check_run_record(
@@ -256,6 +269,16 @@ def _score_locked(
                 if use_heart_region:
                     region = heart_region.heart_region(loaded.hu, loaded.grid.spacing)
                     pred, region_status = heart_region.restrict(pred, region), region.status
+                if lesion_completion_mm2:
+                    threshold = agatston.threshold_for(  # the one score_row's figures use
+                        loaded.meta.get("kvp") or 120.0,
+                        kvp_specific_threshold=score_kw["kvp_specific_threshold"],
+                    )
+                    pred = lesion_completion.complete_lesions(
+                        pred, loaded.hu, loaded.grid.spacing, lesion_completion_mm2, threshold
+                    )
+                    if use_heart_region:  # a completed component may reach past the region's edge
+                        pred = heart_region.restrict(pred, region)
                 ref_score = None
                 if sheet is not None:
                     ref_score = reference_scores.match(
@@ -382,6 +405,12 @@ def define_flags() -> None:
         True,
         "Keep predicted calcium only in the heart's neighbourhood (calcjax.heart_region).",
     )
+    flags.DEFINE_float(
+        "lesion_completion_mm2",
+        0.0,
+        "Complete each predicted lesion to its whole >= threshold component up to this in-plane area "
+        "(mm^2; calcjax.lesion_completion). 0: off (the default, chosen on phantoms: README).",
+    )
     flags.DEFINE_bool("dicom_seg", False, "DICOM route: write OUT/dicom/<scan_id>.seg.dcm (DICOM SEG).")
     flags.DEFINE_bool("dicom_sr", False, "DICOM route: write OUT/dicom/<scan_id>.sr.dcm (TID 1500 SR).")
     flags.DEFINE_integer("num_bootstrap", 1000, "Bootstrap resamples for the report's CIs.")
@@ -402,6 +431,8 @@ def main(argv):
         raise app.UsageError("give exactly one of --shards and --dicom")
     if flags.FLAGS.shards is not None and (flags.FLAGS.dicom_seg or flags.FLAGS.dicom_sr):
         raise app.UsageError("--dicom_seg / --dicom_sr need --dicom: a shard scan has no source instances")
+    if not flags.FLAGS.lesion_completion_mm2 >= 0:
+        raise app.UsageError("--lesion_completion_mm2 must be >= 0 (0: off)")
     logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed()
     summary = cli.run_or_exit(
@@ -445,6 +476,7 @@ def _score_from_flags() -> dict:
         mass_calibration=flags.FLAGS.mass_calibration,
         kvp_specific_threshold=flags.FLAGS.kvp_specific_threshold,
         use_heart_region=flags.FLAGS.heart_region,
+        lesion_completion_mm2=flags.FLAGS.lesion_completion_mm2,
         dicom_seg=flags.FLAGS.dicom_seg,
         dicom_sr=flags.FLAGS.dicom_sr,
         num_bootstrap=flags.FLAGS.num_bootstrap,

@@ -281,3 +281,46 @@ def test_report_figures_equal_calcjax_metrics(cohort, tmp_path):
     for png in ("bland_altman.png", "risk_confusion.png"):
         with open(os.path.join(out, "figures", png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+class _PeakPredictor:
+    """Stands in for ``calcjax.inference.Predictor``: calls LAD only each slice's brightest voxel if it is
+    >= 130 HU, so a lesion's core is found and its footprint is not (what completion is for)."""
+
+    in_channels, forward_seconds = 3, 0.0
+    mesh = type("Mesh", (), {"size": 1})()
+
+    def predict(self, hu, spacing=None):
+        peak = hu.reshape(len(hu), -1).max(axis=1)[:, None, None]
+        return ((hu == peak) & (hu >= 130)).astype(np.uint8) * 2
+
+
+def test_lesion_completion_only_adds_calcium_and_is_part_of_the_run_record(cohort, tmp_path):
+    """``lesion_completion_mm2``: each predicted lesion completed to its >= 130 HU component. It can only add
+    calcium (a lesion's area and peak grow, merged lesions score at least their parts), it is recorded in
+    run.json so a resume with another setting is refused, and a negative value is refused."""
+    from calcjax import outputs
+
+    shards = cohort["shards"] + "/test-*"
+    kw = dict(
+        checkpoint_path=cohort["run"], shards=shards, predictor=_PeakPredictor(), use_heart_region=False
+    )
+    off, on = str(tmp_path / "off"), str(tmp_path / "on")
+    _score(out=off, **kw)
+    _score(out=on, lesion_completion_mm2=1e6, **kw)
+    rows_off, rows_on = _stable(_rows(off)), _stable(_rows(on))
+    assert rows_off.keys() == rows_on.keys()
+    for scan_id, a in rows_off.items():
+        b = rows_on[scan_id]
+        assert b["agatston"] >= a["agatston"] - 1e-9 and b["volume_mm3"] >= a["volume_mm3"] - 1e-9
+        assert b["reference_agatston"] == a["reference_agatston"]
+    grew = [k for k in rows_off if rows_on[k]["volume_mm3"] > 2 * rows_off[k]["volume_mm3"] > 0]
+    assert len(grew) >= 2, (rows_off, rows_on)  # single voxels became whole lesions
+    with open(os.path.join(on, "run.json")) as f:
+        assert json.load(f)["lesion_completion_mm2"] == 1e6
+    with open(os.path.join(off, "run.json")) as f:
+        assert "lesion_completion_mm2" not in json.load(f)  # folders scored before the key still resume
+    with pytest.raises(outputs.RunRecordError):
+        _score(out=on, resume=True, lesion_completion_mm2=20.0, **kw)
+    with pytest.raises(ValueError, match="lesion_completion_mm2"):
+        _score(out=str(tmp_path / "bad"), lesion_completion_mm2=-1.0, **kw)
