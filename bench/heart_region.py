@@ -7,7 +7,9 @@ sample is at hand, on its 5 scans: one JSON line per scan with the fraction of r
 (label > 0 and HU >= 130) the region keeps (the aim: 1.0), the fraction of other >= 130 HU voxels it
 keeps (bone, confounders, noise; lower is better), the region's share of the grid, its seconds, and the
 seconds of the shipped model's forward pass over the same scan in the same process (``ratio_to_forward``
-= region seconds / forward seconds: what the stage adds to scoring). A last line per source sums them.
+= region seconds / forward seconds: what the stage adds to scoring), and the seconds of the optional step
+after it, ``calcjax.lesion_completion`` of the model's prediction in the region at ``--completion_mm2``
+(``completion_ratio_to_forward``). A last line per source sums them.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scans", type=int, default=4, help="phantom scans (cardiac, chest alternating)")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--completion_mm2", type=float, default=40.0, help="lesion completion's cap (mm^2)")
     parser.add_argument(
         "--real", default=os.environ.get("CALCJAX_REAL_DATA") or os.path.join(ROOT, "..", "shared", "data")
     )
     args = parser.parse_args()
     from absl import logging
 
-    from calcjax import checkpoint, heart_region, inference
+    from calcjax import checkpoint, heart_region, inference, lesion_completion
     from calcjax.agatston import CALCIUM_THRESHOLD_HU
 
     logging.set_verbosity(logging.ERROR)
@@ -62,11 +65,15 @@ def main() -> None:
     for source, protocol, hu, labels, spacing in _scans(args):
         predictor.predict(hu[: predictor.batch_size])  # compiled for this grid before timing
         t0 = time.perf_counter()
-        predictor.predict(hu)
+        pred = predictor.predict(hu)
         forward_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         region = heart_region.heart_region(hu, spacing)
         region_s = time.perf_counter() - t0
+        kept = heart_region.restrict(pred, region)
+        t0 = time.perf_counter()
+        lesion_completion.complete_lesions(kept, hu, spacing, args.completion_mm2)
+        completion_s = time.perf_counter() - t0
         bright = hu >= CALCIUM_THRESHOLD_HU
         calcium = bright & (labels > 0) if labels is not None else np.zeros_like(bright)
         others = bright & ~calcium
@@ -85,16 +92,27 @@ def main() -> None:
             "region_s": round(region_s, 3),
             "forward_s": round(forward_s, 3),
             "ratio_to_forward": round(region_s / forward_s, 3),
+            "completion_s": round(completion_s, 3),
+            "completion_ratio_to_forward": round(completion_s / forward_s, 3),
         }
         print(json.dumps(line), flush=True)
         t = totals.setdefault(
-            source, {"scans": 0, "calcium": 0, "calcium_kept": 0, "region_s": 0.0, "forward_s": 0.0}
+            source,
+            {
+                "scans": 0,
+                "calcium": 0,
+                "calcium_kept": 0,
+                "region_s": 0.0,
+                "forward_s": 0.0,
+                "completion_s": 0.0,
+            },
         )
         t["scans"] += 1
         t["calcium"] += int(calcium.sum())
         t["calcium_kept"] += int((calcium & region.mask).sum())
         t["region_s"] += region_s
         t["forward_s"] += forward_s
+        t["completion_s"] += completion_s
     for source, t in totals.items():
         print(
             json.dumps(
@@ -106,6 +124,8 @@ def main() -> None:
                     "calcium_kept": round(t["calcium_kept"] / max(t["calcium"], 1), 4),
                     "region_s_per_scan": round(t["region_s"] / t["scans"], 3),
                     "ratio_to_forward": round(t["region_s"] / t["forward_s"], 3),
+                    "completion_s_per_scan": round(t["completion_s"] / t["scans"], 3),
+                    "completion_ratio_to_forward": round(t["completion_s"] / t["forward_s"], 3),
                 }
             ),
             flush=True,
