@@ -14,7 +14,8 @@ the artery most of its predicted voxels carry (ties go to the lower label, as in
 A component larger than ``max_area_mm2`` is left as predicted: a plaque's cross-section is a few tens of
 mm^2, where a calcified aortic wall, a valve or a bone edge the network touches is larger, and growing
 into it would add its whole area to the score. Completion never adds a component the network did not
-touch, so it adds no lesion; it can only enlarge or relabel the ones found. Pure numpy + scipy.
+touch, so it finds no new lesion; it can only enlarge, merge or relabel the ones found (one under the
+1 mm^2 Agatston minimum may grow to count). Pure numpy + scipy.
 """
 
 from __future__ import annotations
