@@ -271,8 +271,7 @@ def _score_locked(
                     pred, region_status = heart_region.restrict(pred, region), region.status
                 if lesion_completion_mm2:
                     threshold = agatston.threshold_for(  # the one score_row's figures use
-                        loaded.meta.get("kvp") or 120.0,
-                        kvp_specific_threshold=score_kw["kvp_specific_threshold"],
+                        score_rows.scan_kvp(loaded), kvp_specific_threshold=score_kw["kvp_specific_threshold"]
                     )
                     pred = lesion_completion.complete_lesions(
                         pred, loaded.hu, loaded.grid.spacing, lesion_completion_mm2, threshold

@@ -15,6 +15,11 @@ from calcjax.io import reference_scores
 OVERLAY_CROP = 96  # pixels: the side of the disagreement crop kept for the report's overlays
 
 
+def scan_kvp(loaded: scan_sources.LoadedScan) -> float:
+    """The tube voltage (kVp) a scan is scored at: its header's, else 120 (the 130 HU threshold's own)."""
+    return loaded.meta.get("kvp") or 120.0
+
+
 def score_row(
     scan: scan_sources.ScanInput,
     loaded: scan_sources.LoadedScan,
@@ -36,7 +41,7 @@ def score_row(
     keeps the sum of its per-artery figures, which need not equal the total).
     """
     spacing = loaded.grid.spacing
-    kvp = loaded.meta.get("kvp") or 120.0
+    kvp = scan_kvp(loaded)
     s = agatston.score(loaded.hu, pred, spacing, kvp=kvp, **kw)
     row = {
         "scan_id": scan.scan_id,
