@@ -74,8 +74,8 @@ class AugmentConfig:
     label's, so a network trained on the labels alone may learn a footprint smaller than the threshold's,
     where a real reference (an annotated lesion's voxels >= 130 HU) holds the whole footprint (issue 14:
     growing the shipped model's real predictions into the >= 130 HU voxels around them took real voxel
-    recall from 0.26 to 0.46 at 4 pixels; training with label_grow_px=6, run J in the README, left real
-    recall where it was, so that mismatch is not the cause).
+    recall from 0.26 to 0.46 at 4 pixels; training with label_grow_px=6, run J in docs/EXPERIMENTS.md,
+    left real recall where it was, so that mismatch is not the cause).
 
     lesion_soft_tissue_mm / lesion_soft_tissue_probability: with that probability, a crop with calcium
     on its centre slice gets the fat (-190..-30 HU) within a radius uniform in [0, lesion_soft_tissue_mm]
@@ -84,12 +84,13 @@ class AugmentConfig:
     (:func:`soften_fat_around_calcium`). A phantom plaque sits in a fat groove; a real one in the soft
     tissue of its vessel wall, non-calcified plaque and the myocardium, atria and aortic root beside it
     (real gated lesions: 59% soft tissue 2-4 mm from their edge, v3 phantoms 4%), and the shipped model
-    calls a bright spot ringed by 6 mm of soft tissue background on phantoms as on real scans (README,
-    session 15). 0 mm turns it off and draws nothing. lesion_soft_tissue_bright: 1 seeds the same change
-    at every >= 130 HU pixel of the centre slice, calcium and unlabelled bright objects (confounders, bone,
-    noise specks) alike, in any crop that has one, so that what a bright spot sits in tells nothing about
-    its label; 0 seeds it at the calcium label only (run L in the README, seeded so, made more real false
-    positives, mostly bright specks in soft tissue; run M, seeded at every bright pixel, fewer).
+    calls a bright spot ringed by 6 mm of soft tissue background on phantoms as on real scans
+    (docs/EXPERIMENTS.md, session 15). 0 mm turns it off and draws nothing. lesion_soft_tissue_bright: 1
+    seeds the same change at every >= 130 HU pixel of the centre slice, calcium and unlabelled bright
+    objects (confounders, bone, noise specks) alike, in any crop that has one, so that what a bright spot
+    sits in tells nothing about its label; 0 seeds it at the calcium label only (run L in
+    docs/EXPERIMENTS.md, seeded so, made more real false positives, mostly bright specks in soft tissue;
+    run M, seeded at every bright pixel, fewer).
     """
 
     crop: int

@@ -17,7 +17,7 @@ each centre (in-plane, on the centre's slice and the model's context slices) set
 fat and to soft tissue (``SURROUND_HU``, with Gaussian noise of ``SURROUND_NOISE_SD_HU``): what the
 disc sits in, apart from where it is. The shipped model finds a 2 mm SD, 900 HU disc at the 20 real
 gated lesion places 6 times as they are, 20 ringed by 6 mm of fat and 0 ringed by soft tissue; at the 23
-lesion places of 6 unseen v3 cardiac phantoms 23, 21 and 3 (README, session 15).
+lesion places of 6 unseen v3 cardiac phantoms 23, 21 and 3 (docs/EXPERIMENTS.md, session 15).
 
 The same standard lesion at the same kind of place, scored in real scans and in phantoms: the gap between
 the two found fractions is the model's context gap, the part that better lesions cannot close. ``peak_hu``

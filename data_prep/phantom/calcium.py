@@ -201,8 +201,8 @@ def plan_lesions(
 # three 3 mm slices and holds a quarter of its calcium voxels), where every other phantom plaque's width is
 # capped at the vessel's diameter + 1 mm and the risk-category search shrinks bright plaques; phantom-trained
 # models then took large bright blobs for non-coronary calcium (the lesion probe found a 2 mm-SD, 900 HU
-# disc at 30% of real lesion places against 65% for a 1 mm one). Run K (README) trained on C's data with
-# one in half the scans with calcium: it did not help on the real scans.
+# disc at 30% of real lesion places against 65% for a 1 mm one). Run K (docs/EXPERIMENTS.md) trained on
+# C's data with one in half the scans with calcium: it did not help on the real scans.
 BULKY_LENGTH_MM = (5.0, 11.0)
 BULKY_WIDTH_MM = (4.5, 9.0)
 BULKY_PEAK_HU = (500.0, 1300.0)

@@ -36,8 +36,8 @@ the scan without it; the noise, confounders and lesions drawn after the extra sl
 ``plaque_peak_max_hu`` (any version) raises the top weight band's upper edge for coronary plaques from
 900 HU (``calcium.weight_bands_hu``): real dense plaques peak higher, and the two brightest real lesions
 (834 and 934 HU, a third of the real sample's calcium voxels) were what phantom-trained models missed
-(README, lesion probe by peak band). The same draws: only the top band's plaque peaks change (and with
-them, through the size search, possibly the lesions' scale).
+(docs/EXPERIMENTS.md, lesion probe by peak band). The same draws: only the top band's plaque peaks
+change (and with them, through the size search, possibly the lesions' scale).
 
 ``bulky_plaque_probability`` (any version) gives a scan with calcium, with that probability, one more
 plaque, wider than its vessel (``calcium.bulky_plaque``), drawn from its own stream (``SeedSequence([seed,
