@@ -28,6 +28,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -56,7 +57,7 @@ demo: $(STAMP)
 # Scores the real COCA sample with the shipped model (or CHECKPOINT=RUN): gated scans against their
 # calcium masks, chest scans against the release's sheet of physician scores -> $(REAL_OUT)/report.md;
 # with $(REAL_DATA)/qrm-canon, the model on the real QRM insert too -> $(REAL_OUT)/qrm_check.json.
-# The shipped model's outputs on a fixed phantom set against calcjax/models/reference_scores.csv.
+# The shipped model's outputs on a fixed phantom set against calcjax/model/shipped/reference_scores.csv.
 check-install: $(STAMP)
 	$(BIN)/python -m data_prep.check_install
 
@@ -68,8 +69,8 @@ real-eval: $(STAMP)
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(SCORE_FLAGS)
 	@cat $(REAL_OUT)/report.md
 	@if test -d "$(REAL_DATA)/qrm-canon/dicom"; then \
-		$(BIN)/python -m calcjax.qrm_check "$(REAL_DATA)/qrm-canon/dicom" $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-			> $(REAL_OUT)/qrm_check.json && echo "QRM insert (calcjax.qrm_check):" && cat $(REAL_OUT)/qrm_check.json; fi
+		$(BIN)/python -m calcjax.research.qrm_check "$(REAL_DATA)/qrm-canon/dicom" $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+			> $(REAL_OUT)/qrm_check.json && echo "QRM insert (calcjax.research.qrm_check):" && cat $(REAL_OUT)/qrm_check.json; fi
 
 # The real gated scans (with their calcium masks) as a shard folder, for training's real_* figure:
 # --config.data.real_val_shards=$(REAL_SHARDS) (watched, never used to choose a checkpoint).

@@ -2,7 +2,7 @@
 
   python bench/agatston.py [--repeats 5]
 
-Figures: the median seconds of ``calcjax.agatston.score`` (vectorised: one connected-component pass over
+Figures: the median seconds of ``calcjax.core.agatston.score`` (vectorised: one connected-component pass over
 the slices holding candidates, per-lesion sums by bincount; it also gives per-artery, volume, mass and the
 lesion list) and of two baselines run in the same process on the same volume: the natural library one
 (one ``scipy.ndimage.label`` over the volume with an in-plane 8-connected structure, areas and peaks
@@ -20,7 +20,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from calcjax import agatston
+from calcjax.core import agatston
 
 
 def make_volume(rng, shape=(300, 512, 512), lesions=50):

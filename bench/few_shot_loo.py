@@ -8,7 +8,7 @@ For each of the real sample's three gated COCA scans with calcium masks: the shi
 DICOM route with the heart region, as ``make real-eval`` scores it; and the shipped model itself on the
 same scan. One JSON line per (fold, model) with the scan's voxel precision / recall / F1, lesion
 sensitivity, false-positive lesions and risk categories, then one line per model over the three held-out
-scans (``calcjax.metrics.evaluate``, no CIs: three scans).
+scans (``calcjax.core.metrics.evaluate``, no CIs: three scans).
 
 The fine-tuning settings below were fixed before any fold ran and were not changed after looking at
 results (the held-out scans are the test set; no validation scan is left to tune on).
@@ -58,15 +58,19 @@ def _link_release(real_gated: str, ids: list[str], dest: str) -> str:
 
 
 def _score(test_root: str, checkpoint: str | None, out: str):
-    from calcjax import metrics, score
+    from calcjax.core import metrics
+    from calcjax.score import cohort as score
+    from calcjax.score.options import ScoreOptions
 
     score.score_cohort(
-        checkpoint_path=checkpoint,
-        which="latest",
-        out=out,
-        dicom_dir=test_root,
-        progress=False,
-        num_bootstrap=0,
+        ScoreOptions(
+            checkpoint_path=checkpoint,
+            which="latest",
+            out=out,
+            dicom_dir=test_root,
+            progress=False,
+            num_bootstrap=0,
+        )
     )
     with open(os.path.join(out, "scores.jsonl")) as f:
         (row,) = [json.loads(line) for line in f]
@@ -93,7 +97,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/calcjax-loo")
     p.add_argument("--steps", type=int, default=FINE_TUNE["train.steps"])
     args = p.parse_args()
-    from calcjax import metrics, model_file
+    from calcjax.core import metrics
+    from calcjax.model import files as model_file
     from data_prep import builder
 
     gated = os.path.join(args.real, "coca-sample", "Gated_release_final")

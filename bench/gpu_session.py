@@ -15,7 +15,7 @@ Each figure is one JSON line on stdout and in ``OUT/session.jsonl``; everything 
 3. ``input_pipeline``: the grain training stream alone at the config's batch and crop (batches/s).
 4. ``calcjax.train`` with the config for as many steps as the time left allows at the slower of the
    measured step and pipeline rates (warm-up and cosine decay over those steps, validation at the end);
-   its ``metrics.jsonl`` and the exported model (``calcjax.model_file``) go to OUT.
+   its ``metrics.jsonl`` and the exported model (``calcjax.model.files``) go to OUT.
 5. ``calcjax.score`` with that model over the test split (phantom test figures, ``report.md`` and
    ``scores.csv`` to OUT, and the wall time per scan), then ``bench/score.py`` (scorer throughput).
 
@@ -39,8 +39,9 @@ sys.path.insert(0, ROOT)
 PREFLIGHT = r"""
 import json, jax, flax, optax, orbax.checkpoint as ocp, numpy as np
 from flax import nnx
-import calcjax.train, calcjax.score, calcjax.checkpoint, calcjax.input_pipeline
-from calcjax import model as M, train_step as ts
+import calcjax.train.loop, calcjax.score.cohort, calcjax.model.checkpoint, calcjax.data.input_pipeline
+from calcjax.model import network as M
+from calcjax.train import step as ts
 from configs import smoke
 c = smoke.get_config()
 m = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
@@ -56,7 +57,7 @@ PIPELINE = r"""
 import importlib, json, sys, time
 from absl import flags
 flags.FLAGS(sys.argv[:1])  # grain's multiprocessing reads absl flags
-from calcjax import input_pipeline as ip
+from calcjax.data import input_pipeline as ip
 shards, config, workers, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 c = importlib.import_module(f"configs.{config}").get_config()
 split = ip.ShardSplit.load(shards, "train")
@@ -284,7 +285,7 @@ def main() -> None:
     model = os.path.join(args.out, f"calcjax-{args.config}-phantom-gpu.msgpack")
     rc, _ = s.call(
         "export",
-        [py, "-m", "calcjax.model_file", f"--checkpoint={run}", "--which=latest", f"--out={model}"],
+        [py, "-m", "calcjax.model.files", f"--checkpoint={run}", "--which=latest", f"--out={model}"],
         60,
     )
     s.figure({"bench": "export", "ok": rc == 0})

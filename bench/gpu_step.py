@@ -3,7 +3,7 @@
   python bench/gpu_step.py [--config default] [--size 512] [--batch 8] [--steps 10] \
       [--peak_tflops 989 --peak_tflops_f32 67] [--torch_variants eager,channels_last,compile]
 
-For float32 and bfloat16 compute: JAX's jitted train step (``calcjax.train_step``) and the PyTorch twin's
+For float32 and bfloat16 compute: JAX's jitted train step (``calcjax.train.step``) and the PyTorch twin's
 model in a step under the same conditions (:func:`time_torch_step`: batch resident on the device, no host
 sync inside the step, fused AdamW; eager, channels-last and ``torch.compile`` variants; bfloat16 through
 ``torch.autocast``) on the same random batch, after warm-up. One JSON line per (framework, dtype):
@@ -53,8 +53,8 @@ def main() -> None:
     import torch
     from flax import nnx
 
-    from calcjax import model as M
-    from calcjax import train_step as ts
+    from calcjax.model import network as M
+    from calcjax.train import step as ts
 
     rng = np.random.default_rng(0)
     images = rng.normal(0, 400, size=(args.batch, args.size, args.size, 3)).astype(np.float32)
@@ -138,16 +138,16 @@ def _emitter(args, flops: float, peak: float, dtype: str, jax_device: str, torch
 def time_torch_step(config, images, labels, dtype: str, variant: str, steps: int, device: str) -> float:
     """Seconds per PyTorch train step under the conditions the JAX step has: the batch already on the
     device, no host synchronisation inside the step (no ``.item()``: clipping and the non-finite guard stay
-    on the device, as ``optax`` and ``calcjax.train_step`` keep them), fused / foreach AdamW, optionally
+    on the device, as ``optax`` and ``calcjax.train.step`` keep them), fused / foreach AdamW, optionally
     channels-last memory and ``torch.compile``; bfloat16 through ``torch.autocast``. The same work as the
     JAX step (forward, bootstrap-IoU loss, backward, global-norm clip, AdamW); the exact numerics of the
     twin (BatchNorm variance rule, skipped-step bookkeeping) are held by tests, not timed here."""
     import numpy as np
     import torch
 
-    from calcjax import train_step as ts
-    from calcjax.torch_baseline import losses as torch_losses
-    from calcjax.torch_baseline import train as torch_train
+    from calcjax.research.torch_baseline import losses as torch_losses
+    from calcjax.research.torch_baseline import train as torch_train
+    from calcjax.train import step as ts
 
     _, model = torch_train.initial_models(config, 0)
     model = model.to(device).train()

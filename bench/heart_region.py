@@ -1,4 +1,4 @@
-"""The heart-region stage (calcjax.heart_region): what it keeps, what it removes, what it costs.
+"""The heart-region stage (calcjax.inference.heart_region): what it keeps, what it removes, what it costs.
 
   python bench/heart_region.py [--scans 4] [--size 512] [--real ../shared/data]
 
@@ -8,8 +8,8 @@ sample is at hand, on its 5 scans: one JSON line per scan with the fraction of r
 keeps (bone, confounders, noise; lower is better), the region's share of the grid, its seconds, and the
 seconds of the shipped model's forward pass over the same scan in the same process (``ratio_to_forward``
 = region seconds / forward seconds: what the stage adds to scoring), and the seconds of the optional step
-after it, ``calcjax.lesion_completion`` of the model's prediction in the region at ``--completion_mm2``
-(``completion_ratio_to_forward``). A last line per source sums them.
+after it, ``calcjax.inference.lesion_completion`` of the model's prediction in the region at
+``--completion_mm2`` (``completion_ratio_to_forward``). A last line per source sums them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _scans(args):
         yield "phantom", protocol, scan.hu, scan.label, scan.grid.spacing
     coca = os.path.join(args.real, "coca-sample")
     if os.path.isdir(coca):
-        from calcjax import scan_sources
+        from calcjax.data import scan_sources
 
         scans, _ = scan_sources.dicom_scans(coca, context=1, salt="bench-heart-region-salt")
         for s in scans:
@@ -55,8 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     from absl import logging
 
-    from calcjax import checkpoint, heart_region, inference, lesion_completion
-    from calcjax.agatston import CALCIUM_THRESHOLD_HU
+    from calcjax.core.agatston import CALCIUM_THRESHOLD_HU
+    from calcjax.inference import heart_region, lesion_completion
+    from calcjax.inference import predictor as inference
+    from calcjax.model import checkpoint
 
     logging.set_verbosity(logging.ERROR)
     _, model = checkpoint.load_for_inference(None)  # the shipped model

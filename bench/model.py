@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from calcjax import model as jmodel
-from calcjax import train_step as ts
-from calcjax.torch_baseline import convert
-from calcjax.torch_baseline import losses as tlosses
-from calcjax.torch_baseline import model as tmodel
+from calcjax.model import network as jmodel
+from calcjax.research.torch_baseline import convert
+from calcjax.research.torch_baseline import losses as tlosses
+from calcjax.research.torch_baseline import model as tmodel
+from calcjax.train import step as ts
 from configs import default, smoke
 
 SETUPS = {"smoke": (smoke, 128), "default": (default, 512)}

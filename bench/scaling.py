@@ -26,7 +26,9 @@ ROOT = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
 STEP = r"""
 import json, sys, time, numpy as np, jax
 from flax import nnx
-from calcjax import model as M, train_step as ts, sharding
+from calcjax.model import network as M
+from calcjax.train import step as ts
+from calcjax.core import sharding
 from configs import smoke
 steps, batch, crop = (int(a) for a in sys.argv[1:4])
 c = smoke.get_config()

@@ -4,13 +4,14 @@
 
 For each config: a checkpoint of a freshly initialised model (speed does not depend on the weights), a
 shard folder of ``--scans`` cardiac phantoms at ``--size`` x ``--size`` (45-50 slices each), and
-``calcjax.score.score_cohort`` over it twice with one compiled predictor: the first run includes
+``calcjax.score.cohort.score_cohort`` over it twice with one compiled predictor: the first run includes
 compilation, the second is the steady state. One JSON line per config with ``slices_per_s``,
 ``scans_per_min``, ``forward_s`` (time inside the jitted forward: host -> device, forward, labels back),
 ``total_s`` and ``outside_forward_fraction`` = 1 - forward_s / total_s (reading, stacking, Agatston,
 metrics, writing, and the report with its default 1000 bootstrap resamples, as users run it; the aim:
 under 0.25), all from the warm run, plus ``first_run_s``. ``--ensemble K`` adds a line for an ensemble
-model file of K smoke models (``calcjax.model.Ensemble``, as ``python -m calcjax.model_file --checkpoint
+model file of K smoke models (``calcjax.model.network.Ensemble``, as ``python -m calcjax.model.files
+--checkpoint
 A,B,C`` writes one) scored the same way, with ``slices_per_s_vs_one``: its throughput over the single
 model's in the same command.
 """
@@ -44,14 +45,14 @@ def fresh_checkpoint(run: str, config) -> None:
     import optax
     from flax import nnx
 
-    from calcjax import checkpoint
-    from calcjax import model as model_lib
-    from calcjax import train_step as ts
-    from calcjax.train import _to_dict
+    from calcjax.model import network as model_lib
+    from calcjax.train import checkpoint as train_checkpoint
+    from calcjax.train import step as ts
+    from calcjax.train.loop import _to_dict
 
     model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
     _, state = ts.create_state(model, optax.sgd(0.1))
-    ckpt = checkpoint.Checkpointer(run, async_save=False)
+    ckpt = train_checkpoint.Checkpointer(run, async_save=False)
     ckpt.save_best(state, _to_dict(config), {"val_voxel_f1": 0.0})
     ckpt.close()
 
@@ -59,7 +60,11 @@ def fresh_checkpoint(run: str, config) -> None:
 def bench(name: str, config, tmp: str, scans: int, size: int, batch_size: int, members: int = 1) -> dict:
     import jax
 
-    from calcjax import checkpoint, inference, model_file, score
+    from calcjax.inference import predictor as inference
+    from calcjax.model import checkpoint
+    from calcjax.model import export as model_export
+    from calcjax.score import cohort as score
+    from calcjax.score.options import ScoreOptions
 
     run = os.path.join(tmp, f"run_{name}")
     shards = os.path.join(tmp, f"data_{name}")
@@ -69,18 +74,18 @@ def bench(name: str, config, tmp: str, scans: int, size: int, batch_size: int, m
     shards = os.path.join(shards, "shards")
     if members > 1:
         path = os.path.join(tmp, f"{name}_x{members}.msgpack")
-        model_file.export([run] * members, "best", path)  # speed does not depend on the weights
+        model_export.export([run] * members, "best", path)  # speed does not depend on the weights
         run, name = path, f"{name}_ensemble{members}"
     _, model = checkpoint.load_for_inference(run, "best")
     predictor = inference.Predictor(model, batch_size=batch_size)
     # The scorer's defaults, as a user runs it: the report with 1000 bootstrap resamples included.
-    kw = dict(checkpoint_path=run, shards=shards + "/test-*", progress=False, predictor=predictor)
+    kw = dict(checkpoint_path=run, shards=shards + "/test-*", progress=False)
     t0 = time.perf_counter()
-    score.score_cohort(out=os.path.join(tmp, f"out_{name}_1"), **kw)
+    score.score_cohort(ScoreOptions(out=os.path.join(tmp, f"out_{name}_1"), **kw), predictor=predictor)
     first_s = time.perf_counter() - t0
     f0 = predictor.forward_seconds
     t0 = time.perf_counter()
-    warm = score.score_cohort(out=os.path.join(tmp, f"out_{name}_2"), **kw)
+    warm = score.score_cohort(ScoreOptions(out=os.path.join(tmp, f"out_{name}_2"), **kw), predictor=predictor)
     total = time.perf_counter() - t0  # the whole call: scans, CSV and the report
     forward = predictor.forward_seconds - f0
     slices = round(warm["slices_per_s"] * warm["seconds"])

@@ -8,7 +8,7 @@ scalar fields) serialised two ways: calcjax's record today (``calcjax.io.records
 TensorFlow, plus its schema and shape checks; no CRC, since ArrayRecord's chunks are hashed) and the
 baseline, calcjax's earlier record (schema 1: JSON header, raw arrays, CRC-32; its codec is kept below only
 as this baseline). Per format, one JSON line each: records/s of decode alone, and of decode + the training
-stream's per-record work (``calcjax.input_pipeline.augment`` on a 96x96 crop, configs/smoke.py), best of
+stream's per-record work (``calcjax.data.input_pipeline.augment`` on a 96x96 crop, configs/smoke.py), best of
 ``--repeats``; and ``tfds_over_schema1`` for both (issue 16's rule: keep TFDS only if the pipeline loses
 no more than 10%, i.e. the ratio >= 0.9).
 """
@@ -74,7 +74,7 @@ def main() -> None:
 
     import numpy as np
 
-    from calcjax import input_pipeline
+    from calcjax.data import input_pipeline
     from calcjax.io import records
     from configs import smoke
     from data_prep.phantom.generator import generate_scan

@@ -27,7 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_SCRIPT = """
 import json, sys, time, numpy as np, jax
 from flax import nnx
-from calcjax import model as M, train_step as ts, sharding, input_pipeline as ip
+from calcjax.model import network as M
+from calcjax.train import step as ts
+from calcjax.core import sharding
+from calcjax.data import input_pipeline as ip
 from configs import smoke
 c = smoke.get_config()
 split = ip.ShardSplit.load(sys.argv[1], "train")
@@ -96,7 +99,7 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rates[devices, ema_decay] = r["steps_per_s"]
             print(json.dumps({"bench": "train", "figure": "train_step", "config": "smoke", **r}))
-        from calcjax import input_pipeline as ip
+        from calcjax.data import input_pipeline as ip
         from configs import smoke
 
         c = smoke.get_config()

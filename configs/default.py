@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
             pixel_mm=0.0,
         )
     )
-    # iou_classes="present": the IoU term averages over the classes in the batch (calcjax.losses says why).
+    # iou_classes="present": the IoU term averages over the classes in the batch (calcjax.model.losses says
+    # why).
     c.loss = ml_collections.ConfigDict(dict(rho=0.05, k_min=512, lam=1.0, smooth=1.0, iou_classes="present"))
     c.data = ml_collections.ConfigDict(
         dict(
@@ -39,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
             # steps, 64 training scans) 0.3 with bright_crop_probability 0.8 gave val voxel precision 0.75
             # (recall 0.84) where 0.5 with 0.5 gave 0.60 (recall 0.83): fewer calls on confounders.
             calcium_fraction=0.3,
-            # calcjax.input_pipeline.AugmentConfig: crops centred on calcium, else on bright objects.
+            # calcjax.data.input_pipeline.AugmentConfig: crops centred on calcium, else on bright objects.
             calcium_crop_probability=0.9,
             bright_crop_probability=0.8,
             # Augmentation magnitudes (AugmentConfig's docstring: units and how each is drawn).
@@ -66,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
             real_val_shards="",
             real_val_split="test",
             # Another extra figure, never a selector: a folder holding a real scan of the QRM calcification
-            # insert (../shared/data/qrm-canon/dicom), scored at every validation by calcjax.qrm_check and
+            # insert (../shared/data/qrm-canon/dicom), scored at every validation by
+            # calcjax.research.qrm_check and
             # logged as qrm_* (how the model answers to calcium in soft tissue on a real scanner).
             qrm_val_dicom="",
         )
@@ -88,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
             seed=0,
             # A model file or checkpoint whose weights start the run (fine-tuning); "": fresh weights.
             init_from="",
-            # Polyak averaging (calcjax.train_step.ema_rate): > 0 keeps moving averages of the weights with
+            # Polyak averaging (calcjax.train.step.ema_rate): > 0 keeps moving averages of the weights with
             # a horizon of about 1 / (1 - ema_decay) steps, and validates, keeps and scores those; 0 = off.
             ema_decay=0.0,
         )

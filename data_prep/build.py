@@ -25,8 +25,8 @@ import os
 
 from absl import flags
 
-from calcjax import cli, outputs
-from calcjax.io import deid
+from calcjax.core import cli
+from calcjax.io import deid, outputs
 from calcjax.io.discover import NoScansError
 from data_prep.builder import build
 

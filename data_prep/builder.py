@@ -7,7 +7,7 @@ label and its files' relative paths, sizes and modification times) before any sh
 shard's sidecar records the fingerprint of the scans and settings it was written from. A rerun with the
 same inputs and settings finishes only the shards whose sidecar matches (a killed build resumes); a rerun
 with other inputs or settings is refused with :class:`BuildRecordError` naming what changed, never
-mixed into the old shards. One build per folder at a time (``calcjax.outputs.FolderLock``); shard-writing
+mixed into the old shards. One build per folder at a time (``calcjax.io.outputs.FolderLock``); shard-writing
 worker processes are killed by the kernel when the build's process dies.
 """
 
@@ -25,8 +25,7 @@ import time
 
 from tqdm import tqdm
 
-from calcjax import outputs
-from calcjax.io import deid, records
+from calcjax.io import deid, outputs, records
 from calcjax.io import discover as discover_lib
 from calcjax.io import shards as shard_folder
 from calcjax.io.atomic import write_atomic
@@ -116,7 +115,7 @@ def build(
 ) -> dict:
     """Builds the shard folder ``out`` from ``input_dir``; returns the manifest (see module docstring).
 
-    Raises ``calcjax.outputs.FolderBusyError`` when another build holds ``out``, BuildRecordError when
+    Raises ``calcjax.io.outputs.FolderBusyError`` when another build holds ``out``, BuildRecordError when
     ``out`` holds shards of other inputs or settings, NoScansError when ``input_dir`` has no CT series.
     """
     t0 = time.time()

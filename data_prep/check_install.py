@@ -7,8 +7,8 @@ Generates a fixed phantom set (``data_prep.phantom``: seed 2026, cardiac scans 1
 categories I-IV, 256 x 256, 45-50 slices each: the same bytes on every machine; chest scans have 5 times
 the slices and would make the check slow), scores it with the shipped model and the
 scorer's defaults (``calcjax.score``, heart region on), and compares each scan's row with
-``calcjax/models/reference_scores.csv`` (which travels with the installed package): Agatston total and per
-artery, and volume, within ``REL_TOL`` of the reference or ``ABS_TOL`` (the larger), the risk category and
+``calcjax/model/shipped/reference_scores.csv`` (which travels with the installed package): Agatston total and
+per artery, and volume, within ``REL_TOL`` of the reference or ``ABS_TOL`` (the larger), the risk category and
 slice count exactly. Prints ``ok`` and exits 0, or names every difference and exits 1. The tolerance
 leaves room for the last bits of float arithmetic that differ between CPUs and XLA builds; a wrong
 install, another model or a changed scoring rule is far outside it.
@@ -26,7 +26,8 @@ import tempfile
 
 from absl import flags
 
-from calcjax import cli, model_file
+from calcjax.core import cli
+from calcjax.model import files as model_file
 
 REFERENCE = os.path.join(model_file.MODELS_DIR, "reference_scores.csv")
 SEED, SCANS, SIZE = 2026, (1, 2, 3, 4), 256
@@ -52,7 +53,8 @@ _WRITE = flags.DEFINE_bool("write", False, "Write the reference instead of compa
 def reference_rows(workdir: str) -> list[dict]:
     """Generates the fixed phantom set under ``workdir`` and scores it with the shipped model: one dict
     per scan with :data:`COLUMNS`, in scan-id order."""
-    from calcjax import score
+    from calcjax.score import cohort as score
+    from calcjax.score.options import ScoreOptions
     from data_prep.phantom.generator import generate_scan, write_scan
 
     src = os.path.join(workdir, "phantoms")
@@ -63,9 +65,11 @@ def reference_rows(workdir: str) -> list[dict]:
         f.write(SALT)
     out = os.path.join(workdir, "scored")
     score.score_cohort(
-        checkpoint_path=None, out=out, dicom_dir=src, salt_file=salt_file, num_bootstrap=0, progress=False
+        ScoreOptions(
+            checkpoint_path=None, out=out, dicom_dir=src, salt_file=salt_file, num_bootstrap=0, progress=False
+        )
     )
-    from calcjax import outputs
+    from calcjax.io import outputs
 
     rows = []
     for r in outputs.read_jsonl(os.path.join(out, "scores.jsonl")):

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from calcjax import agatston
+from calcjax.core import agatston
 from calcjax.io import dicom, labels, preprocess, records
 from calcjax.io.discover import ScanJob
 

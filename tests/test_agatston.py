@@ -1,4 +1,4 @@
-"""Known-answer tests of calcjax.agatston (hand-computed values)."""
+"""Known-answer tests of calcjax.core.agatston (hand-computed values)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from agatston_reference import independent_agatston
 from scipy import ndimage
 
-from calcjax import agatston
+from calcjax.core import agatston
 
 
 def volume(nz=3, n=20, fill=-50.0):

@@ -1,5 +1,6 @@
 """Reference outputs (issue 17, point 4): the shipped model on the fixed phantom set scores as
-``calcjax/models/reference_scores.csv`` says, and the comparison reports a difference beyond tolerance."""
+``calcjax/model/shipped/reference_scores.csv`` says, and the comparison reports a difference beyond
+tolerance."""
 
 from __future__ import annotations
 

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
-from calcjax import scan_sources, score
+from calcjax.data import scan_sources
 from calcjax.io import dicom, discover
+from calcjax.score import cohort as score
+from calcjax.score.options import ScoreOptions
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
 
@@ -51,7 +53,9 @@ def test_finding_no_scan_is_an_error_for_the_scorer_and_the_builder(tmp_path):
         builder.build(str(empty), str(tmp_path / "shards"), split="all=1", progress=False)
     with pytest.raises(discover.NoScansError, match="no CT series found under"):
         score.score_cohort(
-            checkpoint_path=None, out=str(tmp_path / "out"), dicom_dir=str(empty), progress=False
+            ScoreOptions(
+                checkpoint_path=None, out=str(tmp_path / "out"), dicom_dir=str(empty), progress=False
+            )
         )
     p = subprocess.run(
         [sys.executable, "-m", "data_prep.build", "--input", str(empty), "--out", str(tmp_path / "s2")],

@@ -9,7 +9,11 @@ import sys
 
 import pytest
 
-from calcjax import config_schema, input_pipeline, model, train_step
+from calcjax.core import config as config_schema
+from calcjax.data import input_pipeline
+from calcjax.model import network as model
+from calcjax.train import config as train_config
+from calcjax.train import step as train_step
 from configs import default, demo, smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("module", [default, smoke, demo], ids=["default", "smoke", "demo"])
 def test_every_shipped_config_passes_and_fills_each_dataclass(module):
     c = module.get_config()
-    config_schema.check_config(c)
+    train_config.check_config(c)
     assert model.ModelConfig.from_config(c.model).widths == tuple(c.model.widths)
     assert train_step.LossConfig.from_config(c.loss).k_min == c.loss.k_min
     assert input_pipeline.AugmentConfig.from_config(c.data).rotate_deg == c.data.rotate_deg
@@ -36,7 +40,7 @@ def test_a_misspelt_key_is_an_error_naming_it_and_the_nearest_valid_one(block, k
     c = smoke.get_config()
     c[block][key] = 1
     with pytest.raises(config_schema.ConfigError, match=rf"{block}\.{key}; did you mean {block}\.{near}\?"):
-        config_schema.check_config(c)
+        train_config.check_config(c)
 
 
 def test_a_missing_key_is_an_error_naming_it():
@@ -47,13 +51,15 @@ def test_a_missing_key_is_an_error_naming_it():
     c = smoke.get_config()
     del c.train["max_bad_steps"]
     with pytest.raises(config_schema.ConfigError, match="train lacks max_bad_steps"):
-        config_schema.check_config(c)
+        train_config.check_config(c)
 
 
 def test_augmentation_magnitudes_are_overridable_from_the_command_line():
-    # The trainers' own flag definition (calcjax.train.define_flags: a locked config file) in a fresh process.
+    # The trainers' own flag definition (calcjax.train.loop.define_flags: a locked config file) in a fresh
+    # process.
     code = (
-        "import sys; from absl import flags; from calcjax import train, input_pipeline as ip; "
+        "import sys; from absl import flags; from calcjax.train import loop as train; "
+        "from calcjax.data import input_pipeline as ip; "
         "train.define_flags(); flags.FLAGS(sys.argv); "
         "a = ip.AugmentConfig.from_config(flags.FLAGS.config.data); "
         "print(a.rotate_deg, a.noise_sd_hu, a.scale)"
@@ -66,8 +72,8 @@ def test_augmentation_magnitudes_are_overridable_from_the_command_line():
 
 
 def test_the_trainers_refuse_a_bad_config_before_touching_the_workdir(tmp_path):
-    from calcjax import train
-    from calcjax.torch_baseline import train as torch_train
+    from calcjax.research.torch_baseline import train as torch_train
+    from calcjax.train import loop as train
 
     c = smoke.get_config()
     c.train.stpes = 3

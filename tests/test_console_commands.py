@@ -18,7 +18,7 @@ COMMANDS = {
     "calcjax-train": ("calcjax.train", "--config configs/smoke.py --workdir RUN"),
     "calcjax-build": ("data_prep.build", "--input DIR --out SHARDS"),
     "calcjax-phantom": ("data_prep.phantom", "--out DIR --scans N"),
-    "calcjax-compare": ("calcjax.compare", "RUN_JAX RUN_TORCH --out DIR"),
+    "calcjax-compare": ("calcjax.research.compare", "RUN_JAX RUN_TORCH --out DIR"),
     "calcjax-check-install": ("data_prep.check_install", "--write"),
 }
 

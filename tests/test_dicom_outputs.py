@@ -1,5 +1,5 @@
-"""DICOM SEG and TID 1500 SR of scored scans (calcjax.dicom_outputs): they open in pydicom / highdicom and
-read back to exactly the predicted mask and the score row; series without UIDs get new ones; refusals are
+"""DICOM SEG and TID 1500 SR of scored scans (calcjax.report.dicom_outputs): they open in pydicom / highdicom
+and read back to exactly the predicted mask and the score row; series without UIDs get new ones; refusals are
 clear."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from calcjax import agatston, dicom_outputs
+from calcjax.core import agatston
 from calcjax.io import dicom, labels
+from calcjax.report import dicom_outputs
 from data_prep.phantom.generator import generate_scan, write_scan
 
 SIZE = 64
@@ -37,9 +38,10 @@ def _files(folder):
 
 
 def _score(**kw):
-    from calcjax import score
+    from calcjax.score import cohort as score
+    from calcjax.score.options import ScoreOptions
 
-    return score.score_cohort(checkpoint_path=None, progress=False, num_bootstrap=20, **kw)
+    return score.score_cohort(ScoreOptions(checkpoint_path=None, progress=False, num_bootstrap=20, **kw))
 
 
 def _rows(out):

@@ -1,5 +1,5 @@
-"""The heart's neighbourhood (calcjax.heart_region): it keeps every reference calcium voxel and drops bone,
-on phantoms and, where the real sample is at hand, on real gated and chest scans."""
+"""The heart's neighbourhood (calcjax.inference.heart_region): it keeps every reference calcium voxel and
+drops bone, on phantoms and, where the real sample is at hand, on real gated and chest scans."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from calcjax import heart_region as hr
-from calcjax.agatston import CALCIUM_THRESHOLD_HU
+from calcjax.core.agatston import CALCIUM_THRESHOLD_HU
+from calcjax.inference import heart_region as hr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.environ.get("CALCJAX_REAL_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -57,7 +57,7 @@ def test_a_scan_without_lungs_keeps_the_whole_grid():
 
 @pytest.mark.skipif(not os.path.isdir(COCA), reason=f"no real sample at {COCA} (set CALCJAX_REAL_DATA)")
 def test_real_scans_keep_every_reference_voxel_and_lose_almost_all_bone():
-    from calcjax import scan_sources
+    from calcjax.data import scan_sources
 
     scans, errors = scan_sources.dicom_scans(COCA, context=1, salt="heart-region-test-salt")
     assert len(scans) == 5 and all(e["severity"] == "warning" for e in errors)  # invalid-UID warnings

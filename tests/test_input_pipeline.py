@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from calcjax import input_pipeline as ip
+from calcjax.data import input_pipeline as ip
 from configs import default
 
 

@@ -1,12 +1,13 @@
-"""calcjax.lesion_completion: a predicted lesion becomes its whole >= 130 HU footprint (hand-made scans)."""
+"""calcjax.inference.lesion_completion: a predicted lesion becomes its whole >= 130 HU footprint (hand-made
+scans)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from calcjax import agatston
-from calcjax.lesion_completion import complete_lesions
+from calcjax.core import agatston
+from calcjax.inference.lesion_completion import complete_lesions
 
 SPACING = (3.0, 0.5, 0.5)  # (dz, dy, dx) mm: a pixel is 0.25 mm^2
 

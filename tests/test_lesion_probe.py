@@ -1,4 +1,5 @@
-"""The lesion-insertion probe (calcjax.lesion_probe): erasing, painting, counting, and its command."""
+"""The lesion-insertion probe (calcjax.research.lesion_probe): erasing, painting, counting, and its
+command."""
 
 import json
 import subprocess
@@ -7,8 +8,9 @@ import sys
 import numpy as np
 from scipy import ndimage
 
-from calcjax import lesion_probe, scan_sources
+from calcjax.data import scan_sources
 from calcjax.io import geometry
+from calcjax.research import lesion_probe
 
 SPACING = (3.0, 0.5, 0.5)
 
@@ -148,7 +150,12 @@ def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
     write_scan(scan, str(tmp_path / "dicom"), seed=13, index=0)
     builder.build(str(tmp_path / "dicom"), str(tmp_path / "shards"), split="test=1", progress=False)
     out = tmp_path / "probe" / "probe.jsonl"
-    cmd = [sys.executable, "-m", "calcjax.lesion_probe", f"--shards={tmp_path}/shards/*.array_record"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "calcjax.research.lesion_probe",
+        f"--shards={tmp_path}/shards/*.array_record",
+    ]
     args = [*cmd, "--peaks=600", "--surround_mm=4", f"--out={out}"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

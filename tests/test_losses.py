@@ -1,4 +1,4 @@
-"""calcjax.losses against a direct numpy computation on hand-checkable inputs."""
+"""calcjax.model.losses against a direct numpy computation on hand-checkable inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calcjax import losses
+from calcjax.model import losses
 
 
 def numpy_loss(logits, labels, rho, k_min, lam, smooth=1.0, iou_classes="present"):

@@ -1,4 +1,4 @@
-"""calcjax.metrics against hand-computed values, published examples and scikit-learn."""
+"""calcjax.core.metrics against hand-computed values, published examples and scikit-learn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from calcjax import metrics
+from calcjax.core import metrics
 
 # Shrout & Fleiss (1979), Psychol Bull 86:420, Table 2: 6 targets rated by 4 judges.
 SHROUT_FLEISS = np.array(
@@ -194,9 +194,9 @@ def test_summarize_scan_on_phantoms(phantom_dir):
 def test_one_calcium_definition_per_row_at_100_kvp():
     """With the kVp-specific threshold (147 HU at 100 kVp) the row's voxel and lesion counts use the same
     candidate mask as its Agatston score, not 130 HU (issue 16, point 3)."""
-    from calcjax import score_rows
+    from calcjax.data.scan_sources import LoadedScan, ScanInput
     from calcjax.io.geometry import Grid
-    from calcjax.scan_sources import LoadedScan, ScanInput
+    from calcjax.score import rows as score_rows
 
     hu = np.full((3, 20, 20), -100, np.int16)
     lab = np.zeros(hu.shape, np.uint8)

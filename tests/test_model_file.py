@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from calcjax import config_schema, inference, model_file, train
-from calcjax import model as model_lib
+from calcjax.core import config as config_schema
+from calcjax.inference import predictor as inference
+from calcjax.model import export as model_export
+from calcjax.model import files as model_file
+from calcjax.model import network as model_lib
+from calcjax.train import loop as train
 from configs import shipped, smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +171,7 @@ def test_an_ensemble_model_file_is_exported_from_its_members_and_scores_as_one_m
         paths.append(str(tmp_path / f"m{seed}.msgpack"))
         model_file.save(paths[-1], config, model)
     out = str(tmp_path / "ens.msgpack")
-    digest = model_file.export(paths, "best", out)
+    digest = model_export.export(paths, "best", out)
     config, loaded, got = model_file.load(out)
     assert got == digest and isinstance(loaded, model_lib.Ensemble) and len(loaded.members) == 2
     assert config["ensemble"]["members"] == 2
@@ -184,6 +188,6 @@ def test_an_ensemble_model_file_is_exported_from_its_members_and_scores_as_one_m
     with pytest.raises(config_schema.ConfigError, match="ensemble of 2 models"):
         train.initial_weights_from(out, members[0].cfg, _member(3)[1])
     with pytest.raises(model_file.ModelFileError, match="single models"):
-        model_file.export([out, paths[0]], "best", str(tmp_path / "nested.msgpack"))
+        model_export.export([out, paths[0]], "best", str(tmp_path / "nested.msgpack"))
     with pytest.raises(model_file.ModelFileError, match="ensemble block"):
         model_file.save(str(tmp_path / "bad.msgpack"), _member(1)[0], loaded)

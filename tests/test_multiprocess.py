@@ -118,7 +118,7 @@ def _train_args(shards: str, workdir: str) -> list[str]:
 def _params(workdir: str) -> dict:
     from flax import nnx
 
-    from calcjax import checkpoint
+    from calcjax.model import checkpoint
 
     _, model = checkpoint.load_for_inference(workdir, "latest")
     return {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

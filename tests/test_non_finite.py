@@ -15,10 +15,15 @@ import pydicom
 import pytest
 from flax import nnx
 
-from calcjax import checkpoint, inference, outputs, scan_sources, score
-from calcjax import model as model_lib
-from calcjax import train_step as ts
-from calcjax.io import dicom
+from calcjax.data import scan_sources
+from calcjax.inference import predictor as inference
+from calcjax.io import dicom, outputs
+from calcjax.model import checkpoint
+from calcjax.model import network as model_lib
+from calcjax.score import cohort as score
+from calcjax.score.options import ScoreOptions
+from calcjax.train import checkpoint as train_checkpoint
+from calcjax.train import step as ts
 from configs import smoke
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
@@ -99,11 +104,11 @@ def _nan_model(poison):
 
 @pytest.mark.slow
 def test_a_checkpoint_with_non_finite_parameters_is_refused(tmp_path, poison_first_param):
-    from calcjax.train import _to_dict
+    from calcjax.train.loop import _to_dict
 
     config, model = _nan_model(poison_first_param)
     _, state = ts.create_state(model, optax.sgd(0.1))
-    checkpoint.save_for_inference(str(tmp_path / "ckpt"), state, _to_dict(config))
+    train_checkpoint.save_for_inference(str(tmp_path / "ckpt"), state, _to_dict(config))
     with pytest.raises(checkpoint.CheckpointError, match="non-finite values in params"):
         checkpoint.load_for_inference(str(tmp_path / "ckpt" / "0"))
     p = subprocess.run(
@@ -122,7 +127,8 @@ def test_non_finite_logits_make_an_error_row_not_a_zero_score(two_scans, tmp_pat
         predictor.predict(scans[0].load().hu)
     out = str(tmp_path / "out")
     s = score.score_cohort(
-        checkpoint_path=None, out=out, dicom_dir=str(two_scans), predictor=predictor, progress=False
+        ScoreOptions(checkpoint_path=None, out=out, dicom_dir=str(two_scans), progress=False),
+        predictor=predictor,
     )
     assert s["scored"] == 0 and s["failed"] == 2
     assert outputs.read_jsonl(os.path.join(out, "scores.jsonl")) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from calcjax.agatston import density_weight
+from calcjax.core.agatston import density_weight
 from data_prep.phantom.generator import generate_scan, protocol_of
 
 

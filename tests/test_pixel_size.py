@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from calcjax import input_pipeline
+from calcjax.data import input_pipeline
 from calcjax.io import pixel_size
 
 
@@ -71,7 +71,7 @@ def smoke_models():
     """A smoke-sized model reading 0.5 mm pixels and the same weights reading native pixels."""
     from flax import nnx
 
-    from calcjax import model as model_lib
+    from calcjax.model import network as model_lib
     from configs import smoke
 
     cfg = model_lib.ModelConfig.from_config(smoke.get_config().model)
@@ -81,7 +81,7 @@ def smoke_models():
 
 
 def test_a_pixel_size_model_predicts_on_its_grid_and_answers_on_the_scans(smoke_models):
-    from calcjax import inference
+    from calcjax.inference import predictor as inference
 
     at_half, native = smoke_models
     rng = np.random.default_rng(0)
@@ -104,9 +104,10 @@ def test_a_pixel_size_model_predicts_on_its_grid_and_answers_on_the_scans(smoke_
 
 
 def test_saved_configs_before_pixel_mm_are_native_models_and_the_twin_refuses_it(tmp_path):
-    from calcjax import config_schema, model_file
-    from calcjax import model as model_lib
-    from calcjax.torch_baseline import train as torch_train
+    from calcjax.core import config as config_schema
+    from calcjax.model import files as model_file
+    from calcjax.model import network as model_lib
+    from calcjax.research.torch_baseline import train as torch_train
     from configs import smoke
 
     config, _, _ = model_file.load(model_file.DEFAULT_MODEL)

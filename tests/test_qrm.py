@@ -1,5 +1,5 @@
 """A real scanner's known answer: the QRM calcification insert scanned on a Canon Aquilion ONE, found from HU
-alone and scored by calcjax.agatston, against the source study's per-insert Agatston and mass and against
+alone and scored by calcjax.core.agatston, against the source study's per-insert Agatston and mass and against
 the inserts' physical masses (shared/data/qrm-canon/README)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from calcjax import qrm
+from calcjax.data import qrm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.environ.get("CALCJAX_REAL_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")

@@ -1,5 +1,5 @@
-"""A model's figures on the QRM calcification insert (calcjax.qrm_check): a synthetic insert of the QRM layout
-here, the real Canon scan when ../shared/data is present."""
+"""A model's figures on the QRM calcification insert (calcjax.research.qrm_check): a synthetic insert of the
+QRM layout here, the real Canon scan when ../shared/data is present."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from calcjax import agatston, inference, qrm, qrm_check
-from calcjax import model as model_lib
+from calcjax.core import agatston
+from calcjax.data import qrm
+from calcjax.inference import predictor as inference
+from calcjax.inference import qrm_figures
+from calcjax.model import network as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.environ.get("CALCJAX_REAL_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -23,7 +26,7 @@ PEAKS_HU = {"low": 300.0, "medium": 600.0, "high": 1100.0}
 
 def qrm_layout_volume(size: int = 64, seed: int = 0) -> tuple[np.ndarray, tuple[float, float, float]]:
     """HU ``(8, size, size)`` at (3, 0.5, 0.5) mm: 75 HU soft tissue (SD 8 HU noise) holding the QRM layout
-    (``calcjax.qrm``): three rays 120 degrees apart, one density each, a 5 mm insert 12 mm from the axis
+    (``calcjax.data.qrm``): three rays 120 degrees apart, one density each, a 5 mm insert 12 mm from the axis
     (slices 3-4), a 3 mm one 4.5 mm further in (slice 3), a 1 mm one another 4.5 mm in (slice 3)."""
     rng = np.random.default_rng(seed)
     hu = 75.0 + rng.normal(0.0, 8.0, (8, size, size))
@@ -40,7 +43,7 @@ def qrm_layout_volume(size: int = 64, seed: int = 0) -> tuple[np.ndarray, tuple[
 
 def test_the_reference_is_the_large_and_medium_inserts_at_130_hu():
     hu, spacing = qrm_layout_volume()
-    ref = qrm_check.QrmReference.from_volume(hu, spacing)
+    ref = qrm_figures.QrmReference.from_volume(hu, spacing)
     bright = hu >= agatston.CALCIUM_THRESHOLD_HU
     assert not (ref.reference & ~bright).any() and not (ref.reference & ~ref.cylinders).any()
     # the 1 mm inserts (slice 3, 2-4 pixels each) lie in the cylinders but not in the reference
@@ -50,19 +53,19 @@ def test_the_reference_is_the_large_and_medium_inserts_at_130_hu():
     whole = agatston.score(hu, (ref.cylinders & bright).astype(np.uint8), spacing)["agatston"]
     assert ref.agatston_reference == pytest.approx(whole) and whole > 0
     with pytest.raises(qrm.InsertNotFoundError):
-        qrm_check.QrmReference.from_volume(np.full_like(hu, 40.0), spacing)
+        qrm_figures.QrmReference.from_volume(np.full_like(hu, 40.0), spacing)
 
 
 def test_figures_count_what_is_found_and_what_lies_outside_the_cylinders():
     hu, spacing = qrm_layout_volume()
-    ref = qrm_check.QrmReference.from_volume(hu, spacing)
+    ref = qrm_figures.QrmReference.from_volume(hu, spacing)
     labels = np.zeros(hu.shape, np.uint8)
     found = ref.reference.copy()
     found[:, : hu.shape[1] // 2] = False  # the reference voxels of the upper half only
     labels[found] = 2
     labels[0, 0, :5] = 1  # five voxels far from any insert
     probability = np.where(labels > 0, 0.9, 0.1).astype(np.float32)
-    out = qrm_check.figures(ref, labels, probability)
+    out = qrm_figures.figures(ref, labels, probability)
     share = found.sum() / ref.reference.sum()
     assert 0 < share < 1
     assert out["qrm_voxel_recall"] == pytest.approx(share)
@@ -70,7 +73,7 @@ def test_figures_count_what_is_found_and_what_lies_outside_the_cylinders():
     assert out["qrm_fp_voxels_outside"] == 5
     assert 0 < out["qrm_agatston"] < out["qrm_agatston_reference"]
     with pytest.raises(ValueError, match="do not match"):
-        qrm_check.figures(ref, labels[1:], probability[1:])
+        qrm_figures.figures(ref, labels[1:], probability[1:])
 
 
 def test_a_models_calcium_probability_is_what_its_labels_threshold():
@@ -98,8 +101,8 @@ def test_a_models_calcium_probability_is_what_its_labels_threshold():
     coarse_probability = coarse.calcium_probability(hu16, spacing)
     assert coarse_probability.shape == hu.shape
     assert np.mean((coarse.predict(hu16, spacing) > 0) == (coarse_probability > 0.5)) > 0.9
-    ref = qrm_check.QrmReference.from_volume(hu, spacing)
-    out = qrm_check.evaluate(predictor, ref)
+    ref = qrm_figures.QrmReference.from_volume(hu, spacing)
+    out = qrm_figures.evaluate(predictor, ref)
     assert 0.0 <= out["qrm_calcium_probability"] <= 1.0 and 0.0 <= out["qrm_voxel_recall"] <= 1.0
     assert out["qrm_fp_voxels_outside"] == int(((labels > 0) & ~ref.cylinders).sum())
 
@@ -108,8 +111,8 @@ def test_a_models_calcium_probability_is_what_its_labels_threshold():
 def test_the_real_qrm_scans_reference():
     """The Canon scan: 1,206 reference voxels (235 + 48 + 305 + 83 + 421 + 114 over the six large and medium
     inserts, measured 2026-12-01) and the HU-only Agatston of the nine
-    cylinders, 957.6 (the sum of calcjax.qrm's per-insert rows: 137.4 / 236.7 / 396.3 at 5 mm ...)."""
-    ref = qrm_check.QrmReference.load(QRM_DICOM)
+    cylinders, 957.6 (the sum of calcjax.data.qrm's per-insert rows: 137.4 / 236.7 / 396.3 at 5 mm ...)."""
+    ref = qrm_figures.QrmReference.load(QRM_DICOM)
     assert ref.hu.shape == (47, 512, 512)
     assert int(ref.reference.sum()) == 1206
     assert ref.agatston_reference == pytest.approx(957.6, abs=0.1)
@@ -118,9 +121,14 @@ def test_the_real_qrm_scans_reference():
 def test_the_command_names_the_folder_in_one_line_when_it_holds_no_insert(tmp_path):
     """A folder without a CT series: one stderr line naming it, exit status 2, nothing on stdout."""
     run = subprocess.run(
-        [sys.executable, "-m", "calcjax.qrm_check", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "calcjax.research.qrm_check", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2, run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.startswith("calcjax.qrm_check: error:")]
+    lines = [
+        line for line in run.stderr.splitlines() if line.startswith("calcjax.research.qrm_check: error:")
+    ]
     assert len(lines) == 1 and str(tmp_path) in lines[0] and "Traceback" not in run.stderr
     assert run.stdout == ""

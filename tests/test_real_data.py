@@ -75,7 +75,8 @@ def test_release_sheet_xlsx_equals_its_csv():
 def test_real_eval_scores_a_chest_scan_against_the_sheet(tmp_path):
     """``make real-eval``'s command on one real chest scan (61 slices; the build test reads both): the
     sheet, outside the scored tree, is matched below it (folder ``1`` is row ``1A``)."""
-    from calcjax import score
+    from calcjax.score import cohort as score
+    from calcjax.score.options import ScoreOptions
 
     tree = tmp_path / "nongated"
     src = os.path.join(COCA, "deidentified_nongated", "1", "1")
@@ -84,13 +85,15 @@ def test_real_eval_scores_a_chest_scan_against_the_sheet(tmp_path):
         os.symlink(os.path.join(src, name), tree / "1" / "1" / name)
     out = str(tmp_path / "out")
     s = score.score_cohort(
-        checkpoint_path=None,
-        out=out,
-        dicom_dir=str(tree),
-        reference_scores_path=SHEET,
-        reference_key_suffix="A",
-        progress=False,
-        num_bootstrap=50,
+        ScoreOptions(
+            checkpoint_path=None,
+            out=out,
+            dicom_dir=str(tree),
+            reference_scores_path=SHEET,
+            reference_key_suffix="A",
+            progress=False,
+            num_bootstrap=50,
+        )
     )
     assert s["scored"] == 1 and s["failed"] == 0 and s["sheet_rows_matched"] == 1
     (row,) = [json.loads(x) for x in open(os.path.join(out, "scores.jsonl"))]

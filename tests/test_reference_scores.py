@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from calcjax import metrics
+from calcjax.core import metrics
 from calcjax.io import reference_scores as rs
 from data_prep.phantom.generator import generate_scan, write_scan
 
@@ -105,17 +105,20 @@ def unlabelled_cohort(tmp_path_factory):
 
 
 def test_score_with_a_sheet_reports_scan_level_agreement(unlabelled_cohort, tmp_path):
-    from calcjax import score
+    from calcjax.score import cohort as score
+    from calcjax.score.options import ScoreOptions
 
     out = str(tmp_path / "out")
     s = score.score_cohort(
-        checkpoint_path=None,  # the shipped model
-        out=out,
-        dicom_dir=str(unlabelled_cohort),
-        reference_scores_path=str(unlabelled_cohort / "scores.csv"),
-        reference_key_suffix="A",
-        progress=False,
-        num_bootstrap=50,
+        ScoreOptions(
+            checkpoint_path=None,
+            out=out,
+            dicom_dir=str(unlabelled_cohort),
+            reference_scores_path=str(unlabelled_cohort / "scores.csv"),
+            reference_key_suffix="A",
+            progress=False,
+            num_bootstrap=50,
+        )
     )
     assert s["scored"] == 3 and s["sheet_rows"] == 4 and s["sheet_rows_matched"] == 3
     rows = [json.loads(line) for line in open(os.path.join(out, "scores.jsonl"))]

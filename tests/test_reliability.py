@@ -20,8 +20,12 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from calcjax import checkpoint, cli, outputs, score
-from calcjax.io import deid, dicom, labels, preprocess
+from calcjax.core import cli
+from calcjax.io import deid, dicom, labels, outputs, preprocess
+from calcjax.model import checkpoint
+from calcjax.score import cohort as score
+from calcjax.score.options import ScoreOptions
+from calcjax.train import checkpoint as train_checkpoint
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
 
@@ -110,11 +114,13 @@ def test_no_input_path_text_or_header_value_in_any_output_or_log(two_scans, tmp_
     with caplog.at_level("WARNING"):
         m = builder.build(str(tmp_path / "in"), str(shards), split="all=1", salt=SALT, progress=False)
         s = score.score_cohort(
-            checkpoint_path=None,
-            out=str(scored),
-            dicom_dir=str(tmp_path / "in"),
-            num_bootstrap=20,
-            progress=True,
+            ScoreOptions(
+                checkpoint_path=None,
+                out=str(scored),
+                dicom_dir=str(tmp_path / "in"),
+                num_bootstrap=20,
+                progress=True,
+            )
         )
     assert m["num_scans"] == 1 and s["scored"] == 1 and s["failed"] == 1
     captured = capfd.readouterr()
@@ -207,13 +213,13 @@ def test_a_second_job_on_one_output_folder_is_refused(two_scans, tmp_path):
 
 
 def test_resume_with_another_model_or_settings_is_refused(two_scans, tmp_path):
-    from calcjax import model_file
+    from calcjax.model import files as model_file
 
     src, out = tmp_path / "in", tmp_path / "scored"
     _copy_scan(two_scans[0], src / "a")
     _copy_scan(two_scans[1], src / "b")
     kw = dict(out=str(out), dicom_dir=str(src), num_bootstrap=0, progress=False)
-    score.score_cohort(checkpoint_path=None, **kw)
+    score.score_cohort(ScoreOptions(checkpoint_path=None, **kw))
     rows = outputs.read_jsonl(str(out / "scores.jsonl"))
     record = json.load(open(out / "run.json"))
     assert record["model_sha256"] == model_file.sha256_of(model_file.DEFAULT_MODEL)
@@ -225,14 +231,14 @@ def test_resume_with_another_model_or_settings_is_refused(two_scans, tmp_path):
     other = str(tmp_path / "other.msgpack")
     model_file.save(other, config, model)
     with pytest.raises(outputs.RunRecordError, match="model_sha256"):
-        score.score_cohort(checkpoint_path=other, resume=True, **kw)
+        score.score_cohort(ScoreOptions(checkpoint_path=other, resume=True, **kw))
     with pytest.raises(outputs.RunRecordError, match="kvp_specific_threshold"):
-        score.score_cohort(checkpoint_path=None, resume=True, kvp_specific_threshold=True, **kw)
+        score.score_cohort(ScoreOptions(checkpoint_path=None, resume=True, kvp_specific_threshold=True, **kw))
     assert record["heart_region"] is True and {r["heart_region"] for r in rows} <= {"found", "not_found"}
     with pytest.raises(outputs.RunRecordError, match="heart_region"):
-        score.score_cohort(checkpoint_path=None, resume=True, use_heart_region=False, **kw)
+        score.score_cohort(ScoreOptions(checkpoint_path=None, resume=True, use_heart_region=False, **kw))
     assert outputs.read_jsonl(str(out / "scores.jsonl")) == rows
-    s = score.score_cohort(checkpoint_path=None, resume=True, **kw)  # the same model: resumes
+    s = score.score_cohort(ScoreOptions(checkpoint_path=None, resume=True, **kw))  # the same model: resumes
     assert s["skipped_already_scored"] == 2 and s["scored"] == 0
 
 
@@ -342,16 +348,16 @@ def test_a_damaged_checkpoint_is_one_line_and_its_checksum_catches_a_flipped_byt
     import optax
     from flax import nnx
 
-    from calcjax import model as model_lib
-    from calcjax import train_step as ts
-    from calcjax.train import _to_dict
+    from calcjax.model import network as model_lib
+    from calcjax.train import step as ts
+    from calcjax.train.loop import _to_dict
     from configs import smoke
 
     config = smoke.get_config()
     model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(5))
     _, state = ts.create_state(model, optax.sgd(0.1))
     run = str(tmp_path / "run")
-    ckpt = checkpoint.Checkpointer(run, async_save=False)
+    ckpt = train_checkpoint.Checkpointer(run, async_save=False)
     ckpt.save_best(state, _to_dict(config), {"val_voxel_f1": 0.0})
     ckpt.close()
     folder = checkpoint.resolve(run)
@@ -405,7 +411,9 @@ def test_an_output_folder_inside_the_input_is_not_searched(two_scans, tmp_path):
         assert m["num_scans"] == 1 and m["num_errors"] == 0 and m["num_warnings"] == 0
     scored = src / "scored"
     s = score.score_cohort(
-        checkpoint_path=None, out=str(scored), dicom_dir=str(src), num_bootstrap=0, progress=False
+        ScoreOptions(
+            checkpoint_path=None, out=str(scored), dicom_dir=str(src), num_bootstrap=0, progress=False
+        )
     )
     assert s["scored"] == 1 and outputs.read_jsonl(str(scored / "errors.jsonl")) == []
     assert np.isfinite(outputs.read_jsonl(str(scored / "scores.jsonl"))[0]["agatston"])

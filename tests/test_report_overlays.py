@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from calcjax import report, score_rows
+from calcjax.data.scan_sources import LoadedScan
 from calcjax.io.geometry import Grid
-from calcjax.scan_sources import LoadedScan
+from calcjax.report import markdown as report
+from calcjax.score import rows as score_rows
 
 
 def _scan():

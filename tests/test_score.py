@@ -1,5 +1,5 @@
 """The batch scorer: shard route = DICOM route, bad inputs recorded, resume after SIGKILL, 8 devices = 1,
-and a report whose figures are calcjax.metrics on the same scans."""
+and a report whose figures are calcjax.core.metrics on the same scans."""
 
 from __future__ import annotations
 
@@ -43,24 +43,25 @@ def _fresh_checkpoint(run: str) -> None:
     import optax
     from flax import nnx
 
-    from calcjax import checkpoint
-    from calcjax import model as model_lib
-    from calcjax import train_step as ts
-    from calcjax.train import _to_dict
+    from calcjax.model import network as model_lib
+    from calcjax.train import checkpoint as train_checkpoint
+    from calcjax.train import step as ts
+    from calcjax.train.loop import _to_dict
     from configs import smoke
 
     config = smoke.get_config()
     model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(3))
     _, state = ts.create_state(model, optax.sgd(0.1))
-    ckpt = checkpoint.Checkpointer(run, async_save=False)
+    ckpt = train_checkpoint.Checkpointer(run, async_save=False)
     ckpt.save_best(state, _to_dict(config), {"val_voxel_f1": 0.0})
     ckpt.close()
 
 
-def _score(**kw):
-    from calcjax import score
+def _score(predictor=None, **kw):
+    from calcjax.score import cohort as score
+    from calcjax.score.options import ScoreOptions
 
-    return score.score_cohort(progress=False, num_bootstrap=50, **kw)
+    return score.score_cohort(ScoreOptions(progress=False, num_bootstrap=50, **kw), predictor=predictor)
 
 
 def _rows(out: str) -> list[dict]:
@@ -123,7 +124,7 @@ def test_stored_stacks_equal_the_rebuilt_ones(cohort):
     """The scorer rebuilds stacks from centre slices: they must equal the records' own stacks."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    from calcjax import scan_sources
+    from calcjax.data import scan_sources
     from calcjax.io import records
 
     scans, readers = scan_sources.shard_scans(cohort["shards"] + "/test-*", context=1)
@@ -246,7 +247,8 @@ def test_eight_devices_give_the_same_scores_as_one(cohort, tmp_path):
 
 
 def test_report_figures_equal_calcjax_metrics(cohort, tmp_path):
-    from calcjax import metrics, scan_sources
+    from calcjax.core import metrics
+    from calcjax.data import scan_sources
 
     out = str(tmp_path / "out")
     s = _score(checkpoint_path=cohort["run"], out=out, shards=cohort["shards"] + "/test-*", save_masks=True)
@@ -284,8 +286,8 @@ def test_report_figures_equal_calcjax_metrics(cohort, tmp_path):
 
 
 class _PeakPredictor:
-    """Stands in for ``calcjax.inference.Predictor``: calls LAD only each slice's brightest voxel if it is
-    >= 130 HU, so a lesion's core is found and its footprint is not (what completion is for)."""
+    """Stands in for ``calcjax.inference.predictor.Predictor``: calls LAD only each slice's brightest voxel if
+    it is >= 130 HU, so a lesion's core is found and its footprint is not (what completion is for)."""
 
     in_channels, forward_seconds = 3, 0.0
     mesh = type("Mesh", (), {"size": 1})()
@@ -299,7 +301,7 @@ def test_lesion_completion_only_adds_calcium_and_is_part_of_the_run_record(cohor
     """``lesion_completion_mm2``: each predicted lesion completed to its >= 130 HU component. It can only add
     calcium (a lesion's area and peak grow, merged lesions score at least their parts), it is recorded in
     run.json so a resume with another setting is refused, and a negative value is refused."""
-    from calcjax import outputs
+    from calcjax.io import outputs
 
     shards = cohort["shards"] + "/test-*"
     kw = dict(

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from calcjax import scan_sources
+from calcjax.data import scan_sources
 from calcjax.io import dicom, discover, records
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan

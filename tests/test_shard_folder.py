@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from calcjax import input_pipeline, scan_sources
+from calcjax.data import input_pipeline, scan_sources
 from calcjax.io import records, shards
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
@@ -174,14 +174,16 @@ def test_every_bit_flip_in_a_shard_is_refused_by_the_reader_or_misses_the_record
 
 
 def test_validation_runs_the_scorers_forward_pass(folder):
-    """calcjax.evaluation predicts through calcjax.inference.Predictor: the same labels as the scorer's
-    predict on the same weights, and figures from the one shared function."""
+    """calcjax.train.evaluation predicts through calcjax.inference.predictor.Predictor: the same labels as the
+    scorer's predict on the same weights, and figures from the one shared function."""
     import optax
     from flax import nnx
 
-    from calcjax import evaluation, inference, metrics
-    from calcjax import model as model_lib
-    from calcjax import train_step as ts
+    from calcjax.core import metrics
+    from calcjax.inference import predictor as inference
+    from calcjax.model import network as model_lib
+    from calcjax.train import evaluation
+    from calcjax.train import step as ts
     from configs import smoke
 
     c = smoke.get_config()
@@ -210,7 +212,7 @@ def test_validation_runs_the_scorers_forward_pass(folder):
     assert got == evaluation.validation_figures(summaries, loss_sum, slices)
 
     # The real-sample figure: the same, with the scorer's heart region applied to each prediction.
-    from calcjax import heart_region
+    from calcjax.inference import heart_region
 
     regional = []
     for item in input_pipeline.iter_scans(split):

@@ -18,11 +18,11 @@ torch = pytest.importorskip("torch")
 
 from flax import nnx  # noqa: E402
 
-from calcjax import losses  # noqa: E402
-from calcjax.model import DenseRAUnet, ModelConfig  # noqa: E402
-from calcjax.torch_baseline import convert  # noqa: E402
-from calcjax.torch_baseline import losses as torch_losses  # noqa: E402
-from calcjax.torch_baseline import model as torch_model  # noqa: E402
+from calcjax.model import losses  # noqa: E402
+from calcjax.model.network import DenseRAUnet, ModelConfig  # noqa: E402
+from calcjax.research.torch_baseline import convert  # noqa: E402
+from calcjax.research.torch_baseline import losses as torch_losses  # noqa: E402
+from calcjax.research.torch_baseline import model as torch_model  # noqa: E402
 from configs import default, smoke  # noqa: E402
 from data_prep.phantom.generator import generate_scan  # noqa: E402
 

@@ -36,9 +36,9 @@ def _config(shards):
 def test_first_20_losses_agree_with_jax(shards):
     import jax
 
-    from calcjax import input_pipeline
-    from calcjax import train_step as ts
-    from calcjax.torch_baseline import train as torch_train
+    from calcjax.data import input_pipeline
+    from calcjax.research.torch_baseline import train as torch_train
+    from calcjax.train import step as ts
 
     c = _config(shards)
     c.loss.iou_classes = "all"
@@ -80,7 +80,7 @@ def test_first_20_losses_agree_with_jax(shards):
     # BatchNorm running statistics follow Flax's rule (biased variance) too.
     from flax import nnx
 
-    from calcjax.torch_baseline import convert
+    from calcjax.research.torch_baseline import convert
 
     jax_stats = convert.jax_to_torch(nnx.merge(graphdef, state.params, state.batch_stats))
     torch_stats = twin.state_dict()
@@ -91,9 +91,9 @@ def test_first_20_losses_agree_with_jax(shards):
 def test_cli_writes_jax_compatible_metrics_and_a_scorable_checkpoint(shards, tmp_path):
     import torch
 
-    from calcjax import checkpoint
-    from calcjax.torch_baseline import convert
-    from calcjax.torch_baseline import train as torch_train
+    from calcjax.model import checkpoint
+    from calcjax.research.torch_baseline import convert
+    from calcjax.research.torch_baseline import train as torch_train
 
     c = _config(shards)
     c.train.update(dict(steps=4, eval_every=4, log_every=2, warmup_steps=1))
@@ -117,8 +117,9 @@ def test_cli_writes_jax_compatible_metrics_and_a_scorable_checkpoint(shards, tmp
 
 
 def test_compare_writes_curves_metrics_and_framework_agreement(shards, tmp_path):
-    from calcjax import compare, train
-    from calcjax.torch_baseline import train as torch_train
+    from calcjax.research import compare
+    from calcjax.research.torch_baseline import train as torch_train
+    from calcjax.train import loop as train
 
     c = _config(shards)
     c.train.update(dict(steps=4, eval_every=4, log_every=2, warmup_steps=1, checkpoint_every=4))
@@ -178,8 +179,8 @@ def test_compare_writes_curves_metrics_and_framework_agreement(shards, tmp_path)
 def test_the_twin_refuses_a_key_it_does_not_support_before_writing(block, key, value, tmp_path):
     """The real-sample and QRM figures, fine-tuning and weight averaging are the JAX trainer's: the twin
     names the key and writes nothing."""
-    from calcjax import config_schema
-    from calcjax.torch_baseline import train as torch_train
+    from calcjax.core import config as config_schema
+    from calcjax.research.torch_baseline import train as torch_train
 
     c = _config(str(tmp_path / "no-shards"))
     c[block][key] = value

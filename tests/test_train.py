@@ -93,7 +93,7 @@ def cli_args(shards, workdir, **train):
 
 
 def final_params(workdir):
-    from calcjax import checkpoint
+    from calcjax.model import checkpoint
 
     _, model = checkpoint.load_for_inference(str(workdir), "latest")
     from flax import nnx
@@ -134,7 +134,7 @@ def test_exact_resume_after_sigkill(shards, tmp_path):
 
 
 def test_nan_batch_is_skipped_reported_and_never_saved(shards, tmp_path):
-    from calcjax import train
+    from calcjax.train import loop as train
 
     c = small_config(shards, steps=6)
     last = train.train_and_evaluate(c, str(tmp_path / "run"), transform_data=nan_at_steps({2}))
@@ -148,8 +148,10 @@ def test_nan_batch_is_skipped_reported_and_never_saved(shards, tmp_path):
 def test_init_from_starts_the_run_from_a_model_files_weights(shards, tmp_path):
     from flax import nnx
 
-    from calcjax import config_schema, model_file, train
-    from calcjax import model as model_lib
+    from calcjax.core import config as config_schema
+    from calcjax.model import files as model_file
+    from calcjax.model import network as model_lib
+    from calcjax.train import loop as train
 
     _, shipped, _ = model_file.load(model_file.DEFAULT_MODEL)
     want = nnx.to_flat_state(nnx.state(shipped, nnx.Param))
@@ -172,7 +174,8 @@ def test_a_pixel_size_model_trains_validates_and_loads_with_its_pixel_size(shard
     """model.pixel_mm through the trainer: crops and validation on the model's pixels (the phantoms here
     have about 3.5 mm pixels: 64 px over a 200-250 mm FOV; the model reads 2 mm), labels back on the
     scans' grid."""
-    from calcjax import checkpoint, train
+    from calcjax.model import checkpoint
+    from calcjax.train import loop as train
 
     c = small_config(shards, steps=2, checkpoint_every=2, eval_every=2)
     c.model.pixel_mm = 2.0
@@ -183,7 +186,7 @@ def test_a_pixel_size_model_trains_validates_and_loads_with_its_pixel_size(shard
 
 
 def test_too_many_bad_steps_stop_the_run(shards, tmp_path):
-    from calcjax import train
+    from calcjax.train import loop as train
 
     c = small_config(shards, steps=8, max_bad_steps=2)
     with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
@@ -191,7 +194,8 @@ def test_too_many_bad_steps_stop_the_run(shards, tmp_path):
 
 
 def test_best_checkpoint_loads_for_inference_without_a_config_file(shards, tmp_path):
-    from calcjax import checkpoint, train
+    from calcjax.model import checkpoint
+    from calcjax.train import loop as train
 
     c = small_config(shards, steps=4, eval_every=4)
     last = train.train_and_evaluate(c, str(tmp_path / "run"))
@@ -214,7 +218,10 @@ def test_best_checkpoint_holds_the_params_of_the_best_step_and_a_worse_one_keeps
     import jax
     from flax import nnx
 
-    from calcjax import checkpoint, evaluation, train
+    from calcjax.model import checkpoint
+    from calcjax.train import checkpoint as train_checkpoint
+    from calcjax.train import evaluation
+    from calcjax.train import loop as train
 
     scripted = {2: 0.5, 4: 0.7, 6: 0.2, 8: 0.6}
     seen_steps = []
@@ -225,14 +232,14 @@ def test_best_checkpoint_holds_the_params_of_the_best_step_and_a_worse_one_keeps
         return {"val_voxel_f1": scripted[step], "val_loss": 1.0}
 
     saved = {}
-    real_save_best = checkpoint.Checkpointer.save_best
+    real_save_best = train_checkpoint.Checkpointer.save_best
 
     def recording_save_best(self, state, config, metrics):
         saved[int(jax.device_get(state.step))] = [np.asarray(x) for x in jax.tree.leaves(state.params)]
         return real_save_best(self, state, config, metrics)
 
     monkeypatch.setattr(evaluation.Evaluator, "evaluate", fake_evaluate)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save_best", recording_save_best)
+    monkeypatch.setattr(train_checkpoint.Checkpointer, "save_best", recording_save_best)
     c = small_config(shards, steps=8, eval_every=2, checkpoint_every=2)
     train.train_and_evaluate(c, str(tmp_path / "run"))
     assert seen_steps == [2, 4, 6, 8] and sorted(saved) == [2, 4]
@@ -251,7 +258,9 @@ def test_the_real_sample_figure_is_logged_at_each_validation_and_never_selects(s
     step 6, where validation is worst)."""
     import jax
 
-    from calcjax import checkpoint, evaluation, train
+    from calcjax.model import checkpoint
+    from calcjax.train import evaluation
+    from calcjax.train import loop as train
 
     val_f1 = {2: 0.5, 4: 0.7, 6: 0.2, 8: 0.6}
     real_f1 = {2: 0.1, 4: 0.2, 6: 0.9, 8: 0.3}
@@ -278,20 +287,23 @@ def test_the_real_sample_figure_is_logged_at_each_validation_and_never_selects(s
 
 
 def test_the_qrm_figure_is_logged_at_each_validation_and_never_selects(shards, tmp_path, monkeypatch):
-    """data.qrm_val_dicom: at each validation the model's calcjax.qrm_check figures on the insert scan are
+    """data.qrm_val_dicom: at each validation the model's calcjax.research.qrm_check figures on the insert
+    scan are
     logged as qrm_* (a synthetic insert of the QRM layout stands in for the real Canon scan here); the
     best checkpoint still follows val_voxel_f1 alone."""
     from test_qrm_check import qrm_layout_volume
 
-    from calcjax import checkpoint, qrm_check, train
+    from calcjax.inference import qrm_figures
+    from calcjax.model import checkpoint
+    from calcjax.train import loop as train
 
     loaded = []
 
     def fake_load(folder):
         loaded.append(folder)
-        return qrm_check.QrmReference.from_volume(*qrm_layout_volume())
+        return qrm_figures.QrmReference.from_volume(*qrm_layout_volume())
 
-    monkeypatch.setattr(qrm_check.QrmReference, "load", staticmethod(fake_load))
+    monkeypatch.setattr(qrm_figures.QrmReference, "load", staticmethod(fake_load))
     c = small_config(shards, steps=4, eval_every=2, checkpoint_every=2)
     c.data.qrm_val_dicom = "qrm-folder"
     last = train.train_and_evaluate(c, str(tmp_path / "run"))
@@ -308,8 +320,8 @@ def test_the_qrm_figure_is_logged_at_each_validation_and_never_selects(shards, t
 
 
 def test_a_missing_real_folder_stops_the_run_before_training(shards, tmp_path):
-    from calcjax import train
     from calcjax.io import shards as shard_folder
+    from calcjax.train import loop as train
 
     c = small_config(shards)
     c.data.real_val_shards = str(tmp_path / "nowhere")
@@ -322,7 +334,9 @@ EIGHT_DEVICES = textwrap.dedent(
     """
     import json, numpy as np, jax, jax.numpy as jnp
     from flax import nnx
-    from calcjax import model as M, train_step as ts, sharding
+    from calcjax.model import network as M
+    from calcjax.train import step as ts
+    from calcjax.core import sharding
     from configs import smoke
     assert jax.device_count() == 8
     c = smoke.get_config()
@@ -379,8 +393,8 @@ def test_the_moving_average_follows_its_formula_and_a_skipped_step_leaves_it():
     import jax.numpy as jnp
     from flax import nnx
 
-    from calcjax import model as M
-    from calcjax import train_step as ts
+    from calcjax.model import network as M
+    from calcjax.train import step as ts
     from configs import smoke
 
     c = smoke.get_config()
@@ -424,7 +438,8 @@ def test_the_moving_average_follows_its_formula_and_a_skipped_step_leaves_it():
 
 @pytest.mark.parametrize("decay", [-0.1, 1.0])
 def test_an_ema_decay_outside_0_to_1_is_refused_before_the_run_starts(shards, tmp_path, decay):
-    from calcjax import config_schema, train
+    from calcjax.core import config as config_schema
+    from calcjax.train import loop as train
 
     with pytest.raises(config_schema.ConfigError, match=r"train.ema_decay is .*\[0, 1\)"):
         train.train_and_evaluate(small_config(shards, ema_decay=decay), str(tmp_path / "run"))
@@ -438,7 +453,9 @@ def test_an_averaging_run_validates_keeps_scores_and_resumes_its_averages(shards
     off is refused, naming the folder."""
     import orbax.checkpoint as ocp
 
-    from calcjax import checkpoint, inference, train
+    from calcjax.inference import predictor as inference
+    from calcjax.model import checkpoint
+    from calcjax.train import loop as train
 
     measured = []
     real_set_weights = inference.Predictor.set_weights

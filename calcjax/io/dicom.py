@@ -38,10 +38,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from calcjax.core.hu import AIR_HU, CARDIAC_FOV_MAX_MM, CHEST_FOV_MIN_MM
 from calcjax.io.errors import InputError
 from calcjax.io.geometry import Grid
 
-AIR_HU = -1000  # HU of air, and of padding, outside the field of view and off the image: the one definition
 CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
@@ -50,8 +50,6 @@ CT_SOP_CLASSES = {
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 SPACING_TOLERANCE = 0.01  # relative deviation of a gap from the median gap still called uniform
 ORIENTATION_TOLERANCE = 1e-3  # max abs difference of direction cosines within one series
-CARDIAC_FOV_MAX_MM = 260.0  # reconstruction FOV at or below which a non-gated series is called cardiac
-CHEST_FOV_MIN_MM = 300.0
 GATING_TAGS = (
     "TriggerTime",
     "CardiacSynchronizationTechnique",
@@ -101,7 +99,7 @@ class MixedThicknessError(DicomError):
 
 THICKNESS_TOLERANCE_MM = 0.01
 OUTPUT_FOLDER_MARKER = ".calcjax.lock"
-"""The lock file every calcjax output folder holds (``calcjax.outputs.FolderLock``): a folder with one is a
+"""The lock file every calcjax output folder holds (``calcjax.io.outputs.FolderLock``): a folder with one is a
 job's output (shards, scores), never searched as input."""
 
 

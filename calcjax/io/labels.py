@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
-from calcjax.agatston import CALCIUM_THRESHOLD_HU
+from calcjax.core.agatston import CALCIUM_THRESHOLD_HU
 from calcjax.io.errors import InputError
 from calcjax.io.geometry import Grid
 

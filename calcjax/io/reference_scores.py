@@ -27,7 +27,7 @@ import dataclasses
 import math
 import os
 
-from calcjax import agatston
+from calcjax.core import agatston
 
 KEY_COLUMNS = ("filename", "scan", "scan_id", "patient", "id")
 ARTERY_COLUMNS = {

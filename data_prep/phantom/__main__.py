@@ -20,7 +20,7 @@ import os
 from absl import flags, logging
 from tqdm import tqdm
 
-from calcjax import cli
+from calcjax.core import cli
 from data_prep.phantom.generator import check_options, generate_scan, protocol_of, scan_name, write_scan
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)

@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from calcjax.agatston import ARTERIES
+from calcjax.core.agatston import ARTERIES
 
 ARTERY_LABELS = {name: i + 1 for i, name in enumerate(ARTERIES)}  # label value = index + 1
 HEART_DROP = np.array([0.0, 0.0, -20.0])  # mm; puts the left AV groove at the level of the root

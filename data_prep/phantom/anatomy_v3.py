@@ -33,7 +33,7 @@ ANTERIOR_SHIFT = 0.8  # mm the heart moves forward per mm of extra body half-dep
 # v4: 0.5-2.5 mm, because the real sample's lesions sit in far less fat than v3's (fraction of fat within
 # 5 mm of a lesion centre: real gated 0.42, v3 0.83; ``data_prep.phantom.realism``'s ``lesion_fat``), and
 # a model trained on v3 finds a standard lesion in phantom surroundings and not in a real heart's
-# (``calcjax.lesion_probe``; docs/EXPERIMENTS.md).
+# (``calcjax.research.lesion_probe``; docs/EXPERIMENTS.md).
 GROOVE_FAT_MM = {3: (5.0, 8.0), 4: (0.5, 2.5)}
 
 

@@ -12,7 +12,7 @@ real sample does differently, and nothing else: plaques (``calcium.plan_lesions`
 confluent clusters along the vessel), noise SD (cardiac 10-25, chest 12-35 HU, where v1's chest noise was
 four times the sample's) and noise texture (correlation sigma drawn per scan, 0.7-1.6 px: the real gated
 noise is coarser than v1's). Version 1 stays the default and byte-identical, since reference outputs
-(``calcjax/models/reference_scores.csv``) and tests are pinned to it.
+(``calcjax/model/shipped/reference_scores.csv``) and tests are pinned to it.
 
 ``version`` 3 is v2 plus anatomy and confounders (``anatomy_v3``, ``confounders_v3``): an adult-sized
 body that a chest field of view is fitted to (body width + 5-40 mm), a gated field of view centred on
@@ -57,8 +57,9 @@ import tempfile
 import numpy as np
 from scipy import ndimage
 
-from calcjax import agatston
-from calcjax.io import dicom, labels
+from calcjax.core import agatston
+from calcjax.core.hu import AIR_HU
+from calcjax.io import labels
 from calcjax.io.geometry import Grid
 from data_prep.phantom import anatomy_v3, annotations, calcium, confounders_v3, dicom_series
 from data_prep.phantom.acquisition import (
@@ -81,7 +82,6 @@ VERSIONS = (1, 2, 3, 4)
 CAUDAL_STREAM = 1  # third SeedSequence word of the gated_caudal_mm draw
 BULKY_STREAM = 2  # third SeedSequence word of the bulky_plaque_probability draws
 CHEST_FOV_MARGIN_MM = (5.0, 40.0)  # v3: chest FOV = body width + this (clipped to 320-480 mm)
-AIR_HU = float(dicom.AIR_HU)
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ r"""Phantom and real CT side by side on the same figures: ``python -m data_prep.
       [--phantoms 2] [--seed 0] [--size 512]
 
 Four groups: real gated, phantom gated (``cardiac``), real chest, phantom chest. The real scans are read
-with calcjax's own reader (``calcjax.scan_sources.dicom_scans``: COCA's XML labels where the release has
+with calcjax's own reader (``calcjax.data.scan_sources.dicom_scans``: COCA's XML labels where the release has
 them) and are only measured, never copied into the phantom. Per scan, each figure below; per group, the
 pooled figure: one JSON line per (group, figure) in ``OUT/realism.jsonl`` and one panel per figure in
 ``OUT/realism.png``.
@@ -24,7 +24,7 @@ pooled figure: one JSON line per (group, figure) in ``OUT/realism.jsonl`` and on
   slice (what a scorer must reject): components per slice, median area, and per slice those of
   >= 1 mm^2 (the ones Agatston would count). The real chest scans have no labels: their own coronary
   calcium is counted here too (a few components at most).
-- ``lesions``: the reference lesions (``calcjax.agatston`` 2D lesions of the labels): count per scan,
+- ``lesions``: the reference lesions (``calcjax.core.agatston`` 2D lesions of the labels): count per scan,
   median and IQR of area (mm^2) and peak HU, the fraction with peak >= 400 HU.
 - ``lesion_fat``: what a plaque sits in. For each 3D reference lesion (6-connected component of the
   labels), the fraction of fat (-190..-30 HU) among the unlabelled voxels of the slice through its
@@ -42,8 +42,9 @@ from absl import app, flags
 from scipy import ndimage
 from tqdm import tqdm
 
-from calcjax import agatston, metrics, scan_sources
-from calcjax.input_pipeline import FAT_HU  # the fat band's one definition
+from calcjax.core import agatston, metrics
+from calcjax.data import scan_sources
+from calcjax.data.input_pipeline import FAT_HU  # the fat band's one definition
 
 BODY_HU = -400.0
 SOFT_HU = (-30.0, 100.0)

@@ -1,0 +1,1 @@
+"""calcjax.inference.predictor."""

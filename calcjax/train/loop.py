@@ -1,0 +1,288 @@
+r"""Data-parallel training of DenseRAUnet on ArrayRecord shards.
+
+  python -m calcjax.train --config configs/smoke.py --workdir RUN --config.data.shards=SHARDS \
+      [--config.train.steps=600 ...]
+
+One ``jax.jit`` train step over a ``('data',)`` mesh of every device (batch sharded, state replicated);
+grain input with the iterator state in every checkpoint, so a run killed at any point and restarted with
+the same workdir resumes exactly where its last checkpoint was (same parameters, same next batches).
+A non-finite loss or gradient leaves the state unchanged, is reported, and after ``train.max_bad_steps``
+in a row stops the run with a message; such a state is never saved. Validation every ``eval_every``
+steps on the ``val`` split, whole scans: loss, voxel precision / recall / F1 and Agatston risk accuracy;
+the best voxel F1 is kept in ``WORKDIR/best``. With ``train.ema_decay`` > 0 the run also keeps moving
+averages of its weights (``calcjax.train.step``): they are what validation measures, what ``best`` keeps and
+what a checkpoint is scored with; training itself goes on with the raw weights. Logs:
+``WORKDIR/metrics.jsonl`` (one JSON line per log), TensorBoard events in ``WORKDIR/tb`` (tensorboardX),
+``WORKDIR/config.json``, and a progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from calcjax.core import cli, sharding
+from calcjax.core import config as config_schema
+from calcjax.data import input_pipeline
+from calcjax.inference import qrm_figures
+from calcjax.model import checkpoint
+from calcjax.model import network as model_lib
+from calcjax.train import checkpoint as train_checkpoint
+from calcjax.train import config as train_config
+from calcjax.train import evaluation
+from calcjax.train import step as ts
+
+
+class MetricWriter:
+    """JSONL metrics (process 0) and TensorBoard events (tensorboardX, if importable)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # pragma: no cover
+                logging.warning("tensorboardX not installed: JSONL metrics only")
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def batch_fingerprint(batch: dict) -> str:
+    """A short hash of a host batch (logged per step: proves the batch order after a resume)."""
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        h.update(np.ascontiguousarray(batch[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def initial_weights_from(path: str, mcfg: model_lib.ModelConfig, model: nnx.Module) -> nnx.Module:
+    """``model`` with the parameters and BatchNorm statistics of a model file or checkpoint (``path``, as
+    ``calcjax.score --checkpoint`` takes it) for fine-tuning; its architecture must be ``mcfg``'s (the
+    compute dtype and the input pixel size may differ). A run that resumes from its own checkpoint does
+    not come here."""
+    config, loaded = checkpoint.load_for_inference(path, "best")
+    if isinstance(loaded, model_lib.Ensemble):
+        raise config_schema.ConfigError(
+            f"train.init_from: {path} is an ensemble of {len(loaded.members)} models; "
+            "fine-tune from one member"
+        )
+    theirs = model_lib.ModelConfig.from_saved(config["model"])
+    theirs = dataclasses.replace(theirs, dtype=mcfg.dtype, pixel_mm=mcfg.pixel_mm)  # architecture only
+    if theirs != mcfg:
+        raise config_schema.ConfigError(
+            f"train.init_from: {path} holds another architecture than config.model ({theirs} vs {mcfg})"
+        )
+    _, params, batch_stats = nnx.split(loaded, nnx.Param, nnx.BatchStat)
+    nnx.update(model, params, batch_stats)
+    logging.info("initial weights from %s", path)
+    return model
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    transform_data: Callable[[grain.IterDataset], grain.IterDataset] | None = None,
+) -> dict:
+    """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics.
+
+    ``config`` is checked first (``calcjax.core.config.check_config``: an unknown or missing key is an
+    error naming it). ``transform_data``: applied to this process's training stream (batches of
+    ``images`` / ``labels``) before it is iterated, e.g. a test's corrupt batches.
+    """
+    train_config.check_config(config)
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise config_schema.ConfigError(
+            f"train.ema_decay is {config.train.ema_decay}: it must be in [0, 1) (0 = no weight averaging)"
+        )
+    sharding.initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    cfg_dict = _to_dict(config)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(cfg_dict, f, indent=1)
+    logging.info("config:\n%s", config)
+    mesh = sharding.make_mesh()
+    tcfg, dcfg = config.train, config.data
+    local_batch = sharding.local_batch_size(tcfg.batch_size, mesh)
+
+    mcfg = model_lib.ModelConfig.from_config(config.model)
+    model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(tcfg.seed))
+    if tcfg.init_from:
+        model = initial_weights_from(tcfg.init_from, mcfg, model)
+    logging.info("DenseRAUnet: %d parameters", model_lib.parameter_count(model))
+    tx = ts.make_optimizer(
+        learning_rate=tcfg.learning_rate,
+        warmup_steps=tcfg.warmup_steps,
+        total_steps=tcfg.steps,
+        weight_decay=tcfg.weight_decay,
+        grad_clip=tcfg.grad_clip,
+    )
+    graphdef, state = ts.create_state(model, tx, ema=tcfg.ema_decay > 0)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    loss_cfg = ts.LossConfig.from_config(config.loss)
+
+    train_split = input_pipeline.ShardSplit.load(dcfg.shards, "train")
+    aug = input_pipeline.AugmentConfig.from_config(dcfg)
+    data = input_pipeline.train_dataset(
+        train_split,
+        batch_size=local_batch,
+        aug=aug,
+        calcium_fraction=dcfg.calcium_fraction,
+        seed=dcfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        worker_count=dcfg.worker_count,
+        pixel_mm=mcfg.pixel_mm,
+    )
+    if transform_data is not None:
+        data = transform_data(data)
+    data_iter = iter(data)
+    ckpt = train_checkpoint.Checkpointer(workdir, max_to_keep=tcfg.max_to_keep)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, data_iter)
+        state = jax.device_put(state, sharding.replicated(mesh))
+        logging.info("resumed from step %d", int(state.step))
+    best = ckpt.best_value()
+
+    rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
+    step_fn = ts.make_train_step(
+        graphdef,
+        tx,
+        loss_cfg,
+        ema_decay=tcfg.ema_decay,
+        in_shardings=(rep, dat, dat),
+        out_shardings=(rep, rep),
+    )
+    try:
+        val_split = input_pipeline.ShardSplit.load(dcfg.shards, "val")
+    except ValueError:
+        val_split = None
+        logging.warning("no val split in %s: no validation", dcfg.shards)
+    # Real labelled scans: an extra figure at each validation, never a checkpoint selector (configs/default).
+    real_split = None
+    if dcfg.real_val_shards:
+        real_split = input_pipeline.ShardSplit.load(dcfg.real_val_shards, dcfg.real_val_split)
+    # The QRM insert scan: another extra figure (qrm_*), never a checkpoint selector (configs/default).
+    qrm_ref = qrm_figures.QrmReference.load(dcfg.qrm_val_dicom) if dcfg.qrm_val_dicom else None
+    evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg, state.params, state.batch_stats)
+    writer = MetricWriter(workdir)
+
+    start = int(jax.device_get(state.step))
+    acc = evaluation.TrainMetrics()
+    last = {}
+    with tqdm(
+        total=tcfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0
+    ) as bar:
+        for step in range(start, tcfg.steps):
+            batch = next(data_iter)
+            batch = {"images": batch["images"], "labels": batch["labels"]}
+            fingerprint = batch_fingerprint(batch)
+            g = sharding.to_global(batch, mesh)
+            state, m = step_fn(state, g["images"], g["labels"])
+            m = jax.device_get(m)
+            if not m["finite"]:
+                logging.warning("step %d: non-finite loss or gradient (%s); update skipped", step, m["loss"])
+                writer.write(step + 1, {"skipped_step": True, "loss": float(m["loss"]), "batch": fingerprint})
+                if int(state.bad_in_a_row) >= tcfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"{tcfg.max_bad_steps} non-finite steps in a row (last at step {step}); stopping. "
+                        "Check the data (corrupt records, NaN HU) and the learning rate."
+                    )
+            else:
+                acc.add(m["loss"], m["tp"], m["fp"], m["fn"])
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "batches.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step + 1, "batch": fingerprint}) + "\n")
+            bar.update()
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                last = acc.line(int(state.skipped))
+                writer.write(done, last)
+                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
+            evaluating = done % tcfg.eval_every == 0 or done == tcfg.steps
+            if val_split is not None and evaluating:
+                val = evaluator.evaluate(
+                    state, val_split, 0 if done == tcfg.steps else tcfg.get("eval_max_scans", 0)
+                )
+                if val:
+                    writer.write(done, val)
+                    last.update(val)
+                    logging.info("step %d: %s", done, val)
+                    if best is None or val["val_voxel_f1"] > best:
+                        best = val["val_voxel_f1"]
+                        ckpt.save_best(state, cfg_dict, {**val, "step": done})
+            if real_split is not None and evaluating:
+                real = evaluator.evaluate(state, real_split, use_heart_region=True, prefix="real")
+                if real:
+                    writer.write(done, real)
+                    last.update(real)
+                    logging.info("step %d: %s", done, real)
+            if qrm_ref is not None and evaluating:
+                qrm_out = evaluator.evaluate_qrm(state, qrm_ref)
+                writer.write(done, qrm_out)
+                last.update(qrm_out)
+                logging.info("step %d: %s", done, qrm_out)
+            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+                ckpt.save(state, data_iter, cfg_dict)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return last
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so modules import side by side)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, config.")
+
+
+def main(argv):
+    del argv
+    if flags.FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def run() -> None:
+    """The console command ``calcjax-train``."""
+    cli.run_command("calcjax-train", "calcjax.train", __doc__, main, define_flags, required=["config"])
+
+
+if __name__ == "__main__":
+    run()
