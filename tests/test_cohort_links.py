@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from calcjax.data import scan_sources
-from calcjax.io import dicom, discover
+from calcjax.io import dicom_series, discover
 from calcjax.score import cohort as score
 from calcjax.score.options import ScoreOptions
 from data_prep import builder
@@ -39,7 +39,7 @@ def linked_cohort(tmp_path_factory):
 
 
 def test_folder_links_are_followed_and_each_real_folder_searched_once(linked_cohort):
-    series, bad = dicom.find_series(str(linked_cohort))
+    series, bad = dicom_series.find_series(str(linked_cohort))
     assert bad == [] and len(series) == 2
     scans, errors = scan_sources.dicom_scans(str(linked_cohort), context=1, salt="links-salt")
     assert len(scans) == 2 and errors == []

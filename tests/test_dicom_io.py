@@ -15,7 +15,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from calcjax.io import dicom
+from calcjax.io import dicom, dicom_series
 
 TEST_FILES = os.path.dirname(get_testdata_file("CT_small.dcm"))
 DIRTESTS = os.path.join(TEST_FILES, "dicomdirtests")
@@ -66,7 +66,7 @@ def test_localizers_gaps_and_non_ct_are_refused_with_reasons():
 
 
 def test_find_series_groups_by_uid_and_skips_dicomdir():
-    series, bad = dicom.find_series(DIRTESTS)
+    series, bad = dicom_series.find_series(DIRTESTS)
     assert not any("DICOMDIR" in e.path for e in bad)
     ct = [s for s in series if s.modality == "CT"]
     assert sorted(len(s.files) for s in ct) == [2, 4, 5, 50]

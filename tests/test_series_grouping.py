@@ -14,7 +14,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from calcjax.data import scan_sources
-from calcjax.io import dicom, discover, records
+from calcjax.io import dicom, dicom_series, discover, records
 from data_prep import builder
 from data_prep.phantom.generator import generate_scan, write_scan
 
@@ -61,7 +61,7 @@ def _mixed_folder(two_series, root):
 
 def test_two_uidless_series_in_one_folder_are_two_scans_identical_to_the_uid_route(two_series, tmp_path):
     _mixed_folder(two_series, str(tmp_path / "nouid"))
-    found, bad = dicom.find_series(str(tmp_path / "nouid"))
+    found, bad = dicom_series.find_series(str(tmp_path / "nouid"))
     assert bad == [] and len(found) == 2
     assert {s.grouping for s in found} == {"geometry"}
     ref = {}
@@ -127,7 +127,7 @@ def test_gated_sequential_acquisition_numbers_stay_one_series(two_series, tmp_pa
     _strip_uids(
         src, str(tmp_path / "in"), "s", edit=lambda k, ds: setattr(ds, "AcquisitionNumber", 2 + k // 12)
     )
-    found, _ = dicom.find_series(str(tmp_path / "in"))
+    found, _ = dicom_series.find_series(str(tmp_path / "in"))
     assert len(found) == 1 and len(found[0].files) == len(src)
 
 
@@ -143,7 +143,7 @@ def test_two_acquisitions_of_the_same_range_are_split(two_series, tmp_path):
 
     _strip_uids(src, folder, "a", edit=lambda k, ds: setattr(ds, "AcquisitionNumber", 3))
     _strip_uids(src, folder, "b", edit=second)
-    found, _ = dicom.find_series(folder)
+    found, _ = dicom_series.find_series(folder)
     assert len(found) == 2
     assert sorted(len(s.files) for s in found) == [len(src), len(src)]
     assert all({os.path.basename(f)[0] for f in s.files} in ({"a"}, {"b"}) for s in found)

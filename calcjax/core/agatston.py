@@ -134,64 +134,36 @@ def score(
       lesions) and ``lesions``: a list of dicts (slice, artery, area_mm2, peak_hu, weight, score,
       num_voxels, counted) for every 2D lesion, counted or not.
     """
-    hu = np.asarray(hu)
-    labels = np.asarray(labels)
-    if hu.ndim != 3 or hu.shape != labels.shape:
-        raise ValueError(f"hu {hu.shape} and labels {labels.shape} must be equal (z, y, x) volumes")
-    dz, dy, dx = (float(s) for s in spacing)
-    if min(dz, dy, dx) <= 0:
-        raise ValueError(f"spacing must be positive mm, got {spacing}")
+    hu, labels, (dz, dy, dx) = _checked_inputs(hu, labels, spacing)
     thr = threshold_for(kvp, threshold_hu, kvp_specific_threshold)
-
-    _check_finite(hu)
-    if labels.size and (labels.max() > len(ARTERIES) or labels.min() < 0):
-        raise ValueError(f"labels must lie in 0..{len(ARTERIES)}, got {labels.min()}..{labels.max()}")
-
     empty = _empty_result(thr, mass_calibration)
     idx, cid, n = _in_plane_lesions(hu, labels, thr)
     if n == 0:
         return empty
-    hu_v = hu.ravel()[idx].astype(np.float64)
-    lab_v = labels.ravel()[idx].astype(np.int64)
-    npix = np.bincount(cid, minlength=n)
-    peak = np.full(n, -np.inf)
-    np.maximum.at(peak, cid, hu_v)
-    hu_sum = np.bincount(cid, weights=hu_v, minlength=n)
-    votes = np.bincount(cid * len(ARTERIES) + (lab_v - 1), minlength=n * len(ARTERIES))
-    artery = votes.reshape(n, len(ARTERIES)).argmax(axis=1)  # ties -> lower label
-    slice_of = np.zeros(n, dtype=np.int64)
-    slice_of[cid] = idx // (hu.shape[1] * hu.shape[2])
-
-    area = npix * dy * dx
+    t = _lesion_table(hu, labels, idx, cid, n)
+    area = t["npix"] * dy * dx
     counted = area >= min_area_mm2
-    weight = density_weight(peak, thr)
+    weight = density_weight(t["peak"], thr)
     lesion_score = np.where(counted, area * weight * (dz / REFERENCE_INCREMENT_MM), 0.0)
     voxel_mm3 = dz * dy * dx
 
     def per_artery(values: np.ndarray) -> dict[str, float]:
-        sums = np.bincount(artery, weights=values, minlength=len(ARTERIES))
+        sums = np.bincount(t["artery"], weights=values, minlength=len(ARTERIES))
         return {name: float(s) for name, s in zip(ARTERIES, sums, strict=True)}
 
     agatston = per_artery(lesion_score)
-    volume = per_artery(np.where(counted, npix * voxel_mm3, 0.0))
+    volume = per_artery(np.where(counted, t["npix"] * voxel_mm3, 0.0))
     total = float(sum(agatston.values()))
     mass = None
     if mass_calibration is not None:
-        mass = per_artery(np.where(counted, hu_sum * voxel_mm3 * mass_calibration, 0.0))
+        mass = per_artery(np.where(counted, t["hu_sum"] * voxel_mm3 * mass_calibration, 0.0))
     cat = risk_category(total)
     lesions = [
-        {
-            "slice": int(slice_of[i]),
-            "artery": ARTERIES[artery[i]],
-            "area_mm2": float(area[i]),
-            "peak_hu": float(peak[i]),
-            "weight": int(weight[i]),
-            "score": float(lesion_score[i]),
-            "num_voxels": int(npix[i]),
-            "counted": bool(counted[i]),
-        }
+        {"slice": int(t["slice"][i]), "artery": ARTERIES[t["artery"][i]], "area_mm2": float(area[i]),
+         "peak_hu": float(t["peak"][i]), "weight": int(weight[i]), "score": float(lesion_score[i]),
+         "num_voxels": int(t["npix"][i]), "counted": bool(counted[i])}
         for i in range(n)
-    ]
+    ]  # fmt: skip
     return {
         **empty,
         "agatston": total,
@@ -204,6 +176,42 @@ def score(
         "risk_category_name": RISK_CATEGORY_NAMES[cat],
         "num_lesions": int(counted.sum()),
         "lesions": lesions,
+    }
+
+
+def _checked_inputs(hu, labels, spacing) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(hu, labels, spacing) as arrays and floats, or ValueError: unequal or non-3D volumes, spacing not
+    positive, non-finite HU, labels outside 0..4."""
+    hu = np.asarray(hu)
+    labels = np.asarray(labels)
+    if hu.ndim != 3 or hu.shape != labels.shape:
+        raise ValueError(f"hu {hu.shape} and labels {labels.shape} must be equal (z, y, x) volumes")
+    dz, dy, dx = (float(s) for s in spacing)
+    if min(dz, dy, dx) <= 0:
+        raise ValueError(f"spacing must be positive mm, got {spacing}")
+    _check_finite(hu)
+    if labels.size and (labels.max() > len(ARTERIES) or labels.min() < 0):
+        raise ValueError(f"labels must lie in 0..{len(ARTERIES)}, got {labels.min()}..{labels.max()}")
+    return hu, labels, (dz, dy, dx)
+
+
+def _lesion_table(hu: np.ndarray, labels: np.ndarray, idx: np.ndarray, cid: np.ndarray, n: int) -> dict:
+    """Per 2D lesion (``cid`` of each candidate voxel ``idx`` of the flattened volume, ``n`` lesions):
+    ``npix`` voxels, ``peak`` and ``hu_sum`` HU, ``artery`` (index into ARTERIES: the majority label of
+    its voxels, ties to the lower label) and ``slice``."""
+    hu_v = hu.ravel()[idx].astype(np.float64)
+    lab_v = labels.ravel()[idx].astype(np.int64)
+    peak = np.full(n, -np.inf)
+    np.maximum.at(peak, cid, hu_v)
+    votes = np.bincount(cid * len(ARTERIES) + (lab_v - 1), minlength=n * len(ARTERIES))
+    slice_of = np.zeros(n, dtype=np.int64)
+    slice_of[cid] = idx // (hu.shape[1] * hu.shape[2])
+    return {
+        "npix": np.bincount(cid, minlength=n),
+        "peak": peak,
+        "hu_sum": np.bincount(cid, weights=hu_v, minlength=n),
+        "artery": votes.reshape(n, len(ARTERIES)).argmax(axis=1),
+        "slice": slice_of,
     }
 
 

@@ -1,12 +1,12 @@
 """Finds the scans of an input tree, their labels, pseudonymous ids and splits (headers only).
 
-- Series: every DICOM series under the input (``calcjax.io.dicom.find_series``); non-CT series and
+- Series: every DICOM series under the input (``calcjax.io.dicom_series.find_series``); non-CT series and
   unreadable files become error entries.
 - Scan id: ``scan-`` + the first 16 hex digits of SHA-256(salt + SeriesInstanceUID): stable for a salt,
   not reversible without it. The UID itself never leaves memory. A series without a UID is hashed from
   its instances' SOPInstanceUIDs (or, where a file lacks one, its folder relative to the input and
-  ``dicom.physical_series_key``) and marked ``grouping="geometry"`` in its job, the manifest and the
-  score row.
+  ``calcjax.io.dicom_headers.physical_series_key``) and marked ``grouping="geometry"`` in its job, the
+  manifest and the score row.
 - Names in outputs: a series by its scan id, a file of no series by ``file-<salted hash>``, a file of a
   series by its position (``calcjax.io.deid``); never a path. ``discover(private_map=...)`` collects each
   name's path relative to the input for the private map the caller keeps beside the salt.
@@ -29,7 +29,7 @@ import hashlib
 import logging
 import os
 
-from calcjax.io import deid, dicom
+from calcjax.io import deid, dicom_headers, dicom_series
 from calcjax.io.deid import redact
 from calcjax.io.errors import reason_of
 
@@ -168,15 +168,9 @@ def discover(
     ``private_map``, when given, receives ``name -> path relative to root`` for each name used.
     ``exclude``: folders not searched (the job's own output folder when it lies inside ``root``).
     """
-    series, bad = dicom.find_series(root, exclude=exclude)
+    series, bad = dicom_series.find_series(root, exclude=exclude)
     names = private_map if private_map is not None else {}
-    errors = []
-    for e in bad:
-        rel = os.path.relpath(e.path, root)
-        name = deid.file_name(salt, rel)
-        names[name] = rel
-        reason = deid.scrub_paths(e.reason, root, [e.path])
-        errors.append({"input": name, "stage": "discover", "kind": e.kind, "reason": reason})
+    errors = [_unreadable_entry(e, root, salt, names) for e in bad]
     per_folder: dict[str, int] = {}
     for s in series:
         per_folder[s.folder] = per_folder.get(s.folder, 0) + 1
@@ -184,48 +178,15 @@ def discover(
     for s in series:
         scan_id = scan_id_of(s.uid, salt)
         rel = os.path.relpath(s.folder, root)
-        if s.modality != "CT":
-            names[scan_id] = rel
-            errors.append(
-                {
-                    "input": scan_id,
-                    "stage": "discover",
-                    "kind": "not_ct",
-                    "reason": f"Modality {s.modality}, not CT",
-                }
-            )
-            continue
-        if scan_id in seen:
-            seen[scan_id] += 1
-            copy = f"{scan_id} copy {seen[scan_id]}"
-            names[copy] = rel
-            errors.append(
-                {
-                    "input": copy,
-                    "stage": "discover",
-                    "kind": "duplicate_series",
-                    "reason": f"the same series lies in {seen[scan_id]} folders; built once",
-                    "scan_id": scan_id,
-                }
-            )
+        refused = _refusal(s, scan_id, seen)
+        if refused is not None:
+            names[refused["input"]] = rel
+            errors.append(refused)
             continue
         seen[scan_id] = 1
         names[scan_id] = rel
         if s.reader_warnings:
-            summary = deid.scrub_paths(
-                redact(dicom.warnings_summary(s.reader_warnings), s.identifiers), root, s.files
-            )
-            log.warning("%s (%d files): %s", scan_id, len(s.files), summary)
-            errors.append(
-                {
-                    "input": scan_id,
-                    "stage": "discover",
-                    "kind": "reader_warnings",
-                    "severity": "warning",
-                    "reason": f"{summary} (over {len(s.files)} files; the scan is still read)",
-                    "scan_id": scan_id,
-                }
-            )
+            errors.append(_warnings_entry(s, scan_id, root))
         label_path, fmt = find_label(s.folder, root, labels_dir, label_format)
         jobs.append(
             ScanJob(
@@ -243,3 +204,50 @@ def discover(
         )
     jobs.sort(key=lambda j: (j.split, j.scan_id))
     return jobs, errors
+
+
+def _unreadable_entry(e, root: str, salt: str, names: dict[str, str]) -> dict:
+    """The error entry of a file that is no usable DICOM, named by its salted file name."""
+    rel = os.path.relpath(e.path, root)
+    name = deid.file_name(salt, rel)
+    names[name] = rel
+    reason = deid.scrub_paths(e.reason, root, [e.path])
+    return {"input": name, "stage": "discover", "kind": e.kind, "reason": reason}
+
+
+def _refusal(s, scan_id: str, seen: dict[str, int]) -> dict | None:
+    """The error entry of a series that is not scanned (not CT, or a copy of one already found), else
+    None."""
+    if s.modality != "CT":
+        return {
+            "input": scan_id,
+            "stage": "discover",
+            "kind": "not_ct",
+            "reason": f"Modality {s.modality}, not CT",
+        }
+    if scan_id not in seen:
+        return None
+    seen[scan_id] += 1
+    return {
+        "input": f"{scan_id} copy {seen[scan_id]}",
+        "stage": "discover",
+        "kind": "duplicate_series",
+        "reason": f"the same series lies in {seen[scan_id]} folders; built once",
+        "scan_id": scan_id,
+    }
+
+
+def _warnings_entry(s, scan_id: str, root: str) -> dict:
+    """The warning entry of a series read with reader warnings (redacted, no path text); logged too."""
+    summary = deid.scrub_paths(
+        redact(dicom_headers.warnings_summary(s.reader_warnings), s.identifiers), root, s.files
+    )
+    log.warning("%s (%d files): %s", scan_id, len(s.files), summary)
+    return {
+        "input": scan_id,
+        "stage": "discover",
+        "kind": "reader_warnings",
+        "severity": "warning",
+        "reason": f"{summary} (over {len(s.files)} files; the scan is still read)",
+        "scan_id": scan_id,
+    }

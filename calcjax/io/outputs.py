@@ -22,7 +22,7 @@ import os
 import time
 
 from calcjax.io.atomic import write_atomic
-from calcjax.io.dicom import OUTPUT_FOLDER_MARKER
+from calcjax.io.dicom_series import OUTPUT_FOLDER_MARKER
 
 SCORES = "scores.jsonl"
 ERRORS = "errors.jsonl"

@@ -28,10 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from calcjax.core import (
-    agatston,  # noqa: E402
-    metrics,  # noqa: E402
-)
+from calcjax.core import agatston, metrics  # noqa: E402
+from calcjax.io.atomic import write_atomic  # noqa: E402
 
 SEGMENTATION_TABLE = (  # scans with reference masks only
     ("voxel_precision", "Voxel precision"),
@@ -215,29 +213,39 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
     bland_altman_figure(referenced, os.path.join(fig_dir, "bland_altman.png"))
     confusion_figure(scan_level["all"]["risk_confusion"], os.path.join(fig_dir, "risk_confusion.png"))
     n_overlays = overlay_figure(out, labelled, os.path.join(fig_dir, "overlays.png"))
-
     lines = [
         "# calcjax scoring report",
         "",
         f"Checkpoint: `{checkpoint}`. Scans scored: {len(rows)}; with reference masks: {len(labelled)}; "
         f"with a scan-level reference score only (sheet): {len(sheet_rows)}.",
         "",
-        "Calcium = predicted (or reference) coronary label AND HU >= 130; Agatston per DESIGN.md. "
+        "Calcium = predicted (or reference) coronary label AND HU >= 130; Agatston as defined in "
+        "calcjax.core.agatston (Agatston et al., JACC 1990). "
         f"Figures: value (95% percentile bootstrap CI, {num_bootstrap} resamples of scans).",
         "",
     ]
     if labelled:
-        groups = list(results)
         lines += ["## Voxels and lesions (scans with reference masks)", ""]
-        lines += _table(results, SEGMENTATION_TABLE, groups)
-        lines.append("")
-    groups = list(scan_level)
-    lines += [
-        "## Agatston and risk category (every scan with a reference: masks or sheet)",
-        "",
-    ]
-    lines += _table(scan_level, AGREEMENT_TABLE, groups)
-    if sheet_rows:
+        lines += [*_table(results, SEGMENTATION_TABLE, list(results)), ""]
+    lines += _agreement_lines(scan_level, bool(sheet_rows))
+    lines += _figure_lines(n_overlays) + _per_scan_lines(referenced)
+    report = {
+        "checkpoint": checkpoint,
+        "num_bootstrap": num_bootstrap,
+        "results": results,
+        "scan_level": scan_level,
+    }
+    write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=1))
+    path = os.path.join(out, "report.md")
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _agreement_lines(scan_level: dict, with_sheet: bool) -> list[str]:
+    """The scan-level agreement table and the risk-category confusion matrix (markdown lines)."""
+    lines = ["## Agatston and risk category (every scan with a reference: masks or sheet)", ""]
+    lines += _table(scan_level, AGREEMENT_TABLE, list(scan_level))
+    if with_sheet:
         lines += [
             "",
             "Sheet references: the risk category comes from the sheet's total, which is what the reader "
@@ -253,18 +261,19 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
     ]
     for i, row in enumerate(scan_level["all"]["risk_confusion"]):
         lines.append(f"| {agatston.RISK_CATEGORY_NAMES[i]} | " + " | ".join(str(v) for v in row) + " |")
-    lines += [
-        "",
-        "## Figures",
-        "",
-        "![Bland-Altman](figures/bland_altman.png)",
-        "",
-        "![Risk confusion](figures/risk_confusion.png)",
-        "",
-    ]
+    return lines
+
+
+def _figure_lines(n_overlays: int) -> list[str]:
+    lines = ["", "## Figures", "", "![Bland-Altman](figures/bland_altman.png)", ""]
+    lines += ["![Risk confusion](figures/risk_confusion.png)", ""]
     if n_overlays:
         lines += ["![Largest disagreements](figures/overlays.png)", ""]
-    lines += [
+    return lines
+
+
+def _per_scan_lines(referenced: list[dict]) -> list[str]:
+    lines = [
         "## Per scan",
         "",
         "| scan | protocol | reference | slices | Agatston pred | Agatston ref | category pred "
@@ -277,20 +286,4 @@ def write_report(out: str, rows: list[dict], *, checkpoint: str = "", num_bootst
             f"{r['agatston']:.1f} | {r['reference_agatston']:.1f} | {r['risk_category']} | "
             f"{r['reference_risk_category']} |"
         )
-    with open(os.path.join(out, "report.json.tmp"), "w") as f:
-        json.dump(
-            {
-                "checkpoint": checkpoint,
-                "num_bootstrap": num_bootstrap,
-                "results": results,
-                "scan_level": scan_level,
-            },
-            f,
-            indent=1,
-        )
-    os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
-    path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+    return lines

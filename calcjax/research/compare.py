@@ -25,14 +25,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from calcjax.core import (
-    cli,  # noqa: E402
-    metrics,  # noqa: E402
-)
+from calcjax.core import cli, metrics  # noqa: E402
 from calcjax.io import outputs  # noqa: E402
 from calcjax.report import markdown as report  # noqa: E402
 from calcjax.score import cohort as score  # noqa: E402
-from calcjax.score.options import ScoreOptions
+from calcjax.score.options import ScoreOptions  # noqa: E402
 
 
 def read_metrics(workdir: str) -> list[dict]:

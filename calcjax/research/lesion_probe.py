@@ -245,47 +245,53 @@ def probe(
             logging.info("probed %d scans", probed)
         if max_scans and probed >= max_scans:
             break
+    lines = [_insertion_line(p, k, n, sigma_mm, surround_mm, probed) for p, (k, n) in totals.items()]
     bounds = (*PEAK_BANDS_HU[1:], None)
-    return (
-        [
-            {
-                "peak_hu": p[0] if isinstance(p, tuple) else p,
-                "sigma_mm": sigma_mm if p is not None else None,
-                **({"surround": p[1], "surround_mm": surround_mm} if isinstance(p, tuple) else {}),
-                "found": k,
-                "lesions": n,
-                "fraction": round(k / n, 4) if n else None,
-                "scans": probed,
-            }
-            for p, (k, n) in totals.items()
-        ]
-        + [
-            {
-                "reference_peak_hu": [lo, hi],
-                "lesions": int(c[0]),
-                "found": int(c[1]),
-                "calcium_voxels": int(c[2]),
-                "found_voxels": int(c[3]),
-                "voxel_recall": round(int(c[3]) / int(c[2]), 4) if c[2] else None,
-                "scans": probed,
-            }
-            for (lo, c), hi in zip(by_peak.items(), bounds, strict=True)
-        ]
-        + [
-            {
-                "grow_px": k,
-                "voxel_tp": int(c[0]),
-                "voxel_fp": int(c[1]),
-                "voxel_fn": int(c[2]),
-                "voxel_f1": round(float(metrics.f1_from_counts(*(int(x) for x in c[:3]))), 4),
-                "precision": round(int(c[0]) / int(c[0] + c[1]), 4) if c[0] + c[1] else None,
-                "recall": round(int(c[0]) / int(c[0] + c[2]), 4) if c[0] + c[2] else None,
-                "fp_lesions_per_scan": round(int(c[3]) / probed, 4) if probed else None,
-                "scans": probed,
-            }
-            for k, c in by_grow.items()
-        ]
-    )
+    lines += [_band_line(lo, hi, c, probed) for (lo, c), hi in zip(by_peak.items(), bounds, strict=True)]
+    return lines + [_grow_line(k, c, probed) for k, c in by_grow.items()]
+
+
+def _insertion_line(p, k: int, n: int, sigma_mm: float, surround_mm: float, probed: int) -> dict:
+    """Standard lesions found / inserted at peak ``p`` (None: the reference lesions; ``(peak, name)``: in a
+    surround)."""
+    return {
+        "peak_hu": p[0] if isinstance(p, tuple) else p,
+        "sigma_mm": sigma_mm if p is not None else None,
+        **({"surround": p[1], "surround_mm": surround_mm} if isinstance(p, tuple) else {}),
+        "found": k,
+        "lesions": n,
+        "fraction": round(k / n, 4) if n else None,
+        "scans": probed,
+    }
+
+
+def _band_line(lo: float, hi: float | None, c: np.ndarray, probed: int) -> dict:
+    """The reference lesions whose peak lies in [lo, hi): lesions, found, their voxels and those found."""
+    return {
+        "reference_peak_hu": [lo, hi],
+        "lesions": int(c[0]),
+        "found": int(c[1]),
+        "calcium_voxels": int(c[2]),
+        "found_voxels": int(c[3]),
+        "voxel_recall": round(int(c[3]) / int(c[2]), 4) if c[2] else None,
+        "scans": probed,
+    }
+
+
+def _grow_line(k: int, c: np.ndarray, probed: int) -> dict:
+    """Voxel figures of the baseline grown ``k`` pixels into the >= 130 HU voxels around it."""
+    tp, fp, fn, fp_lesions = (int(x) for x in c)
+    return {
+        "grow_px": k,
+        "voxel_tp": tp,
+        "voxel_fp": fp,
+        "voxel_fn": fn,
+        "voxel_f1": round(float(metrics.f1_from_counts(tp, fp, fn)), 4),
+        "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+        "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+        "fp_lesions_per_scan": round(fp_lesions / probed, 4) if probed else None,
+        "scans": probed,
+    }
 
 
 def define_flags() -> None:

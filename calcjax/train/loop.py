@@ -119,15 +119,66 @@ def train_and_evaluate(
 ) -> dict:
     """Trains per ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last metrics.
 
-    ``config`` is checked first (``calcjax.core.config.check_config``: an unknown or missing key is an
+    ``config`` is checked first (``calcjax.train.config.check_config``: an unknown or missing key is an
     error naming it). ``transform_data``: applied to this process's training stream (batches of
     ``images`` / ``labels``) before it is iterated, e.g. a test's corrupt batches.
     """
+    run = open_run(config, workdir, transform_data)
+    last = {}
+    show = jax.process_index() == 0
+    with tqdm(total=run.tcfg.steps, initial=run.start, desc="train", unit="step", disable=not show) as bar:
+        for step in range(run.start, run.tcfg.steps):
+            train_one_step(run, step)
+            bar.update()
+            done = step + 1
+            if done % run.tcfg.log_every == 0 or done == run.tcfg.steps:
+                last = run.acc.line(int(run.state.skipped))
+                run.writer.write(done, last)
+                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
+            if done % run.tcfg.eval_every == 0 or done == run.tcfg.steps:
+                last.update(validate(run, done))
+            if done % run.tcfg.checkpoint_every == 0 or done == run.tcfg.steps:
+                run.ckpt.save(run.state, run.data_iter, run.cfg_dict)
+    run.ckpt.wait()
+    run.ckpt.close()
+    run.writer.close()
+    return last
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's open state: its config blocks, mesh, train state and step, data, checkpoints,
+    validation sets and metric writer."""
+
+    tcfg: ml_collections.ConfigDict
+    cfg_dict: dict
+    mesh: object
+    state: ts.TrainState
+    step_fn: Callable
+    data_iter: object
+    ckpt: train_checkpoint.Checkpointer
+    best: float | None
+    evaluator: evaluation.Evaluator
+    splits: dict  # "val" / "real": input_pipeline.ShardSplit or None
+    qrm_ref: qrm_figures.QrmReference | None
+    writer: MetricWriter
+    workdir: str
+    start: int = 0
+    acc: evaluation.TrainMetrics = dataclasses.field(default_factory=evaluation.TrainMetrics)
+
+
+def _checked(config: ml_collections.ConfigDict) -> None:
     train_config.check_config(config)
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise config_schema.ConfigError(
             f"train.ema_decay is {config.train.ema_decay}: it must be in [0, 1) (0 = no weight averaging)"
         )
+
+
+def open_run(config, workdir: str, transform_data=None) -> Run:
+    """Checks the config, writes it to the workdir, builds the model, optimizer, data stream, checkpoints
+    (resuming from the latest) and validation sets."""
+    _checked(config)
     sharding.initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     cfg_dict = _to_dict(config)
@@ -136,9 +187,26 @@ def train_and_evaluate(
             json.dump(cfg_dict, f, indent=1)
     logging.info("config:\n%s", config)
     mesh = sharding.make_mesh()
-    tcfg, dcfg = config.train, config.data
-    local_batch = sharding.local_batch_size(tcfg.batch_size, mesh)
+    graphdef, state, step_fn, pixel_mm = _model_and_step(config, mesh)
+    local_batch = sharding.local_batch_size(config.train.batch_size, mesh)
+    data_iter = iter(_train_stream(config, local_batch, pixel_mm, transform_data))
+    ckpt = train_checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
+    if ckpt.latest_step() is not None:
+        state = jax.device_put(ckpt.restore(state, data_iter), sharding.replicated(mesh))
+        logging.info("resumed from step %d", int(state.step))
+    loss_cfg = ts.LossConfig.from_config(config.loss)
+    evaluator = evaluation.Evaluator(
+        graphdef, config.train.batch_size, loss_cfg, state.params, state.batch_stats
+    )
+    splits, qrm_ref = _validation_sets(config.data)
+    start = int(jax.device_get(state.step))
+    return Run(config.train, cfg_dict, mesh, state, step_fn, data_iter, ckpt, ckpt.best_value(), evaluator,
+               splits, qrm_ref, MetricWriter(workdir), workdir, start)  # fmt: skip
 
+
+def _model_and_step(config, mesh):
+    """(graphdef, replicated train state, jitted train step, the model's input pixel size)."""
+    tcfg = config.train
     mcfg = model_lib.ModelConfig.from_config(config.model)
     model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(tcfg.seed))
     if tcfg.init_from:
@@ -152,116 +220,94 @@ def train_and_evaluate(
         grad_clip=tcfg.grad_clip,
     )
     graphdef, state = ts.create_state(model, tx, ema=tcfg.ema_decay > 0)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    loss_cfg = ts.LossConfig.from_config(config.loss)
+    rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
+    step_fn = ts.make_train_step(
+        graphdef, tx, ts.LossConfig.from_config(config.loss), ema_decay=tcfg.ema_decay,
+        in_shardings=(rep, dat, dat), out_shardings=(rep, rep),
+    )  # fmt: skip
+    return graphdef, jax.device_put(state, rep), step_fn, mcfg.pixel_mm
 
-    train_split = input_pipeline.ShardSplit.load(dcfg.shards, "train")
-    aug = input_pipeline.AugmentConfig.from_config(dcfg)
+
+def _train_stream(config, local_batch: int, pixel_mm: float, transform_data):
+    """This process's grain stream of training batches (``calcjax.data.input_pipeline.train_dataset``)."""
+    dcfg = config.data
     data = input_pipeline.train_dataset(
-        train_split,
+        input_pipeline.ShardSplit.load(dcfg.shards, "train"),
         batch_size=local_batch,
-        aug=aug,
+        aug=input_pipeline.AugmentConfig.from_config(dcfg),
         calcium_fraction=dcfg.calcium_fraction,
         seed=dcfg.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         worker_count=dcfg.worker_count,
-        pixel_mm=mcfg.pixel_mm,
+        pixel_mm=pixel_mm,
     )
-    if transform_data is not None:
-        data = transform_data(data)
-    data_iter = iter(data)
-    ckpt = train_checkpoint.Checkpointer(workdir, max_to_keep=tcfg.max_to_keep)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, data_iter)
-        state = jax.device_put(state, sharding.replicated(mesh))
-        logging.info("resumed from step %d", int(state.step))
-    best = ckpt.best_value()
+    return transform_data(data) if transform_data is not None else data
 
-    rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
-    step_fn = ts.make_train_step(
-        graphdef,
-        tx,
-        loss_cfg,
-        ema_decay=tcfg.ema_decay,
-        in_shardings=(rep, dat, dat),
-        out_shardings=(rep, rep),
-    )
+
+def _validation_sets(dcfg) -> tuple[dict, qrm_figures.QrmReference | None]:
+    """The phantom val split (the checkpoint selector) and the extra figures' sets: the real labelled
+    scans and the QRM insert scan, each watched at every validation and never a selector."""
     try:
         val_split = input_pipeline.ShardSplit.load(dcfg.shards, "val")
     except ValueError:
         val_split = None
         logging.warning("no val split in %s: no validation", dcfg.shards)
-    # Real labelled scans: an extra figure at each validation, never a checkpoint selector (configs/default).
     real_split = None
     if dcfg.real_val_shards:
         real_split = input_pipeline.ShardSplit.load(dcfg.real_val_shards, dcfg.real_val_split)
-    # The QRM insert scan: another extra figure (qrm_*), never a checkpoint selector (configs/default).
     qrm_ref = qrm_figures.QrmReference.load(dcfg.qrm_val_dicom) if dcfg.qrm_val_dicom else None
-    evaluator = evaluation.Evaluator(graphdef, tcfg.batch_size, loss_cfg, state.params, state.batch_stats)
-    writer = MetricWriter(workdir)
+    return {"val": val_split, "real": real_split}, qrm_ref
 
-    start = int(jax.device_get(state.step))
-    acc = evaluation.TrainMetrics()
-    last = {}
-    with tqdm(
-        total=tcfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0
-    ) as bar:
-        for step in range(start, tcfg.steps):
-            batch = next(data_iter)
-            batch = {"images": batch["images"], "labels": batch["labels"]}
-            fingerprint = batch_fingerprint(batch)
-            g = sharding.to_global(batch, mesh)
-            state, m = step_fn(state, g["images"], g["labels"])
-            m = jax.device_get(m)
-            if not m["finite"]:
-                logging.warning("step %d: non-finite loss or gradient (%s); update skipped", step, m["loss"])
-                writer.write(step + 1, {"skipped_step": True, "loss": float(m["loss"]), "batch": fingerprint})
-                if int(state.bad_in_a_row) >= tcfg.max_bad_steps:
-                    raise RuntimeError(
-                        f"{tcfg.max_bad_steps} non-finite steps in a row (last at step {step}); stopping. "
-                        "Check the data (corrupt records, NaN HU) and the learning rate."
-                    )
-            else:
-                acc.add(m["loss"], m["tp"], m["fp"], m["fn"])
-            if jax.process_index() == 0:
-                with open(os.path.join(workdir, "batches.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step + 1, "batch": fingerprint}) + "\n")
-            bar.update()
-            done = step + 1
-            if done % tcfg.log_every == 0 or done == tcfg.steps:
-                last = acc.line(int(state.skipped))
-                writer.write(done, last)
-                bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
-            evaluating = done % tcfg.eval_every == 0 or done == tcfg.steps
-            if val_split is not None and evaluating:
-                val = evaluator.evaluate(
-                    state, val_split, 0 if done == tcfg.steps else tcfg.get("eval_max_scans", 0)
-                )
-                if val:
-                    writer.write(done, val)
-                    last.update(val)
-                    logging.info("step %d: %s", done, val)
-                    if best is None or val["val_voxel_f1"] > best:
-                        best = val["val_voxel_f1"]
-                        ckpt.save_best(state, cfg_dict, {**val, "step": done})
-            if real_split is not None and evaluating:
-                real = evaluator.evaluate(state, real_split, use_heart_region=True, prefix="real")
-                if real:
-                    writer.write(done, real)
-                    last.update(real)
-                    logging.info("step %d: %s", done, real)
-            if qrm_ref is not None and evaluating:
-                qrm_out = evaluator.evaluate_qrm(state, qrm_ref)
-                writer.write(done, qrm_out)
-                last.update(qrm_out)
-                logging.info("step %d: %s", done, qrm_out)
-            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-                ckpt.save(state, data_iter, cfg_dict)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    return last
+
+def train_one_step(run: Run, step: int) -> None:
+    """One optimizer step on the next batch (a non-finite one is skipped, logged, and counted: too many in
+    a row stop the run); the batch's fingerprint goes to ``batches.jsonl``."""
+    batch = next(run.data_iter)
+    batch = {"images": batch["images"], "labels": batch["labels"]}
+    fingerprint = batch_fingerprint(batch)
+    g = sharding.to_global(batch, run.mesh)
+    run.state, m = run.step_fn(run.state, g["images"], g["labels"])
+    m = jax.device_get(m)
+    if not m["finite"]:
+        logging.warning("step %d: non-finite loss or gradient (%s); update skipped", step, m["loss"])
+        run.writer.write(step + 1, {"skipped_step": True, "loss": float(m["loss"]), "batch": fingerprint})
+        if int(run.state.bad_in_a_row) >= run.tcfg.max_bad_steps:
+            raise RuntimeError(
+                f"{run.tcfg.max_bad_steps} non-finite steps in a row (last at step {step}); stopping. "
+                "Check the data (corrupt records, NaN HU) and the learning rate."
+            )
+    else:
+        run.acc.add(m["loss"], m["tp"], m["fp"], m["fn"])
+    if jax.process_index() == 0:
+        with open(os.path.join(run.workdir, "batches.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step + 1, "batch": fingerprint}) + "\n")
+
+
+def validate(run: Run, done: int) -> dict:
+    """The validation figures after ``done`` steps, written and logged; the best checkpoint follows
+    ``val_voxel_f1`` alone (the real and QRM figures are watched, never selectors)."""
+    figures = {}
+    if run.splits["val"] is not None:
+        max_scans = 0 if done == run.tcfg.steps else run.tcfg.get("eval_max_scans", 0)
+        val = run.evaluator.evaluate(run.state, run.splits["val"], max_scans)
+        if val and (run.best is None or val["val_voxel_f1"] > run.best):
+            run.best = val["val_voxel_f1"]
+            run.ckpt.save_best(run.state, run.cfg_dict, {**val, "step": done})
+        figures.update(_logged(run, done, val))
+    if run.splits["real"] is not None:
+        real = run.evaluator.evaluate(run.state, run.splits["real"], use_heart_region=True, prefix="real")
+        figures.update(_logged(run, done, real))
+    if run.qrm_ref is not None:
+        figures.update(_logged(run, done, run.evaluator.evaluate_qrm(run.state, run.qrm_ref)))
+    return figures
+
+
+def _logged(run: Run, done: int, figures: dict) -> dict:
+    if figures:
+        run.writer.write(done, figures)
+        logging.info("step %d: %s", done, figures)
+    return figures
 
 
 def define_flags() -> None:

@@ -1,0 +1,134 @@
+"""Stored pixels to HU: decoding (native 16-bit bytes directly, compressed syntaxes through the ``codecs``
+extra), the rescale (checked: a wrong slope or intercept is a wrong score, never a number), and padding
+mapped to air before the rescale. No jax here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+
+from calcjax.core.hu import AIR_HU
+from calcjax.io.dicom_errors import MissingCodecError, NoPixelDataError, RescaleError, TruncatedError
+
+
+@dataclasses.dataclass
+class Frame:
+    """One 2D image with its geometry and rescale, from a classic file or an Enhanced CT frame."""
+
+    path: str
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: np.ndarray
+    thickness: float | None
+    slope: float
+    intercept: float
+    pixels: np.ndarray  # raw stored values (rows, cols)
+    padding: tuple[int, int] | None
+
+
+MAX_ABS_RESCALE_SLOPE = 100.0  # CT slopes are 1 (sometimes 0.5 or 2); beyond this a header is damaged
+
+
+MAX_ABS_RESCALE_INTERCEPT = 100_000.0  # CT intercepts are -1024, -8192, 0 ...
+
+
+def rescale_of(slope, intercept, path: str) -> tuple[float, float]:
+    """``(slope, intercept)`` as floats; missing values default to 1 and 0. A non-numeric, non-finite,
+    zero or absurd value (beyond ``MAX_ABS_RESCALE_*``) is refused: it would turn every pixel into a wrong
+    HU (NaN reads as 0 HU, 1e30 as 32767 HU) and a wrong score, never an error."""
+    out = []
+    for name, value, default in (("RescaleSlope", slope, 1.0), ("RescaleIntercept", intercept, 0.0)):
+        if value in (None, ""):
+            out.append(default)
+            continue
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise RescaleError(path, f"{name} {str(value)[:40]!r} is not a number") from None
+        out.append(x)
+    s, i = out
+    if not (np.isfinite(s) and np.isfinite(i)):
+        raise RescaleError(path, f"non-finite rescale (RescaleSlope {s}, RescaleIntercept {i})")
+    if s == 0 or abs(s) > MAX_ABS_RESCALE_SLOPE or abs(i) > MAX_ABS_RESCALE_INTERCEPT:
+        raise RescaleError(
+            path,
+            f"implausible rescale for CT (RescaleSlope {s:g}, RescaleIntercept {i:g}; expected a slope in "
+            f"(0, {MAX_ABS_RESCALE_SLOPE:g}] and |intercept| <= {MAX_ABS_RESCALE_INTERCEPT:g})",
+        )
+    return s, i
+
+
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+
+
+def _native_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray | None:
+    """Uncompressed single-frame 16-bit pixels straight from the bytes (no decoder round trip), or None."""
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if ts not in _NATIVE_LE or ds.get("NumberOfFrames", 1) not in (1, "1", None):
+        return None
+    if ds.get("BitsAllocated") != 16 or ds.get("BitsStored") != 16 or ds.get("SamplesPerPixel", 1) != 1:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if len(data) < rows * cols * 2:
+        raise TruncatedError(
+            path, f"pixel data truncated ({len(data)} bytes for {rows}x{cols} 16-bit pixels)"
+        )
+    dtype = "<i2" if ds.get("PixelRepresentation", 0) == 1 else "<u2"
+    return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+
+
+def stored_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray:
+    native = _native_pixels(ds, path)
+    if native is not None:
+        return native
+    try:
+        return ds.pixel_array
+    except (NotImplementedError, RuntimeError):
+        ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        name = UID(str(ts)).name if ts else "unknown"
+        raise MissingCodecError(
+            path,
+            f"cannot decode transfer syntax {name}: install the codecs extra (pip install 'calcjax[codecs]')",
+        ) from None
+    except ValueError as e:
+        msg = str(e).split("\n")[0][:200]
+        if any(k in msg.lower() for k in ("length", "doesn't match", "truncat", "less than expected")):
+            raise TruncatedError(path, f"pixel data truncated ({msg})") from None
+        raise NoPixelDataError(path, f"pixel data unreadable ({msg})") from None
+
+
+def padding_range(ds) -> tuple[int, int] | None:
+    if "PixelPaddingValue" not in ds:
+        return None
+    a = int(ds.PixelPaddingValue)
+    b = int(ds.get("PixelPaddingRangeLimit", a))
+    return (min(a, b), max(a, b))
+
+
+def rescale_into(out: np.ndarray, f: Frame, integral: bool) -> None:
+    """HU of one frame into ``out``: padding (on stored values) to air, then slope and intercept."""
+    raw = f.pixels
+    if integral:
+        icpt = int(f.intercept)
+        lo, hi = int(raw.min()), int(raw.max())
+        if (
+            raw.dtype.kind in "iu"
+            and raw.dtype.itemsize <= 2
+            and hi <= 32767
+            and -32768 <= lo + icpt
+            and hi + icpt <= 32767
+        ):
+            out[...] = raw  # exact: every value fits int16, and so does every value + intercept
+            out += np.int16(icpt)
+        else:
+            out[...] = np.clip(raw.astype(np.int32) + icpt, -32768, 32767)
+    else:
+        np.multiply(raw, np.float32(f.slope), out=out, casting="unsafe")
+        out += np.float32(f.intercept)
+    if f.padding is not None:
+        a, b = f.padding
+        np.putmask(out, raw == a if a == b else (raw >= a) & (raw <= b), AIR_HU)
