@@ -1,6 +1,6 @@
-"""Few-shot fine-tuning on real gated scans, leave one out: what a little real data buys (issue 14, point 4).
+"""Few-shot fine-tuning on real gated scans, leave one out: what a little real data buys.
 
-  python bench/few_shot_loo.py [--real ../shared/data] [--steps 300] [--work /tmp/calcjax-loo]
+  python bench/few_shot_loo.py [--real $CALCJAX_REAL_DATA] [--steps 300] [--work /tmp/calcjax-loo]
 
 For each of the real sample's three gated COCA scans with calcium masks: the shipped phantom-trained model
 (``train.init_from``) fine-tuned with ``configs/smoke.py`` on the other two (their shards built by

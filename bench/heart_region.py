@@ -1,6 +1,6 @@
 """The heart-region stage (calcjax.inference.heart_region): what it keeps, what it removes, what it costs.
 
-  python bench/heart_region.py [--scans 4] [--size 512] [--real ../shared/data]
+  python bench/heart_region.py [--scans 4] [--size 512] [--real $CALCJAX_REAL_DATA]
 
 On ``--scans`` phantoms (cardiac and chest alternating, ``--size`` x ``--size``) and, where the real COCA
 sample is at hand, on its 5 scans: one JSON line per scan with the fraction of reference calcium voxels

@@ -9,7 +9,7 @@ TensorFlow, plus its schema and shape checks; no CRC, since ArrayRecord's chunks
 baseline, calcjax's earlier record (schema 1: JSON header, raw arrays, CRC-32; its codec is kept below only
 as this baseline). Per format, one JSON line each: records/s of decode alone, and of decode + the training
 stream's per-record work (``calcjax.data.input_pipeline.augment`` on a 96x96 crop, configs/smoke.py), best of
-``--repeats``; and ``tfds_over_schema1`` for both (issue 16's rule: keep TFDS only if the pipeline loses
+``--repeats``; and ``tfds_over_schema1`` for both (the rule: keep TFDS only if the pipeline loses
 no more than 10%, i.e. the ratio >= 0.9).
 """
 

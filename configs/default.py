@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
             hu_min=-400.0,
             hu_max=1200.0,
             dtype="bfloat16",
-            # In-plane pixel size (mm) every slice is resampled to, in training and scoring (issue 14:
-            # the same artery the same size on gated 0.4 mm and chest 0.7 mm pixels); 0 = native pixels.
+            # In-plane pixel size (mm) every slice is resampled to, in training and scoring
+            # (the same artery the same size on gated 0.4 mm and chest 0.7 mm pixels); 0 = native pixels.
             pixel_mm=0.0,
         )
     )
@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
             scale=0.1,
             noise_sd_hu=10.0,
             jitter=0.03,
-            # Randomisation against the phantom's tells (issue 14); 0 = off (configs/shipped.py sets them).
+            # Randomisation against the phantom's tells; 0 = off (configs/shipped.py sets them).
             blur_px=0.0,
             hu_offset=0.0,
             noise_correlation_px=0.0,
@@ -63,11 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
             # An extra figure, never a selector: a shard folder of real labelled scans (make real-shards
             # builds the COCA gated sample into one) scored at every validation through the scorer's
             # forward pass and heart region, logged as real_* beside val_*. The best checkpoint is chosen
-            # by val_voxel_f1 alone, since the real gated scans are the test set (issue 14).
+            # by val_voxel_f1 alone, since the real gated scans are the test set.
             real_val_shards="",
             real_val_split="test",
             # Another extra figure, never a selector: a folder holding a real scan of the QRM calcification
-            # insert (../shared/data/qrm-canon/dicom), scored at every validation by
+            # insert ($CALCJAX_REAL_DATA/qrm-canon/dicom), scored at every validation by
             # calcjax.research.qrm_check and
             # logged as qrm_* (how the model answers to calcium in soft tissue on a real scanner).
             qrm_val_dicom="",

@@ -1,5 +1,6 @@
 """The recipe of the shipped model (``calcjax/model/shipped/README.md``): ``configs/smoke.py`` for 1600 steps
-with the randomisation keys against the phantom's tells (issue 14, run C). Train it on 48 v3 phantoms:
+with the randomisation keys against the phantom's tells (run C, docs/experiments/). Train it on 48 v3
+phantoms:
 
   python -m data_prep.phantom --out P --scans 48 --protocol mixed --seed 1 --phantom_version 3 --workers 2
   python -m data_prep.build --input P --out S --split train=0.8,val=0.1,test=0.1 --salt calcjax-model-v1

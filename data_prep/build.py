@@ -4,7 +4,7 @@ r"""Builds ArrayRecord shards of 2.5D stacks from folders of DICOM CT (+ NIfTI /
       [--workers W] [--labels LABEL_TREE] [--label_format auto|nifti|xml] [--protocol chest|cardiac] \
       [--records_per_shard 512] [--salt S]
 
-Output (DESIGN.md "Shard folder"): ``{split}-{i:05d}-of-{n:05d}.array_record``, ``manifest.json``
+Output: ``{split}-{i:05d}-of-{n:05d}.array_record``, ``manifest.json``
 (schema version, settings, per-scan metadata with record ranges, indices of records with calcium), TFDS's
 ``dataset_info.json`` and ``features.json`` (the folder is a TFDS dataset: ``calcjax.io.shards``) and
 ``errors.jsonl`` (every skipped input and the reason; a series that was built but whose files made pydicom

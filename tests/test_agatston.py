@@ -180,7 +180,7 @@ def _check_against_naive(hu, lab, spacing):
 
 
 def test_lesion_labelling_equals_scipy_on_random_volumes():
-    """Randomized equivalence of the in-plane labelling (issue 18, point 6): random speckle and blobs,
+    """Randomized equivalence of the in-plane labelling: random speckle and blobs,
     where 8-connectivity, diagonal touches, artery ties and the 1 mm^2 limit all occur."""
     rng = np.random.default_rng(6)
     for trial in range(60):

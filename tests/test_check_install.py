@@ -1,4 +1,4 @@
-"""Reference outputs (issue 17, point 4): the shipped model on the fixed phantom set scores as
+"""Reference outputs: the shipped model on the fixed phantom set scores as
 ``calcjax/model/shipped/reference_scores.csv`` says, and the comparison reports a difference beyond
 tolerance."""
 

@@ -1,5 +1,5 @@
 """Cohorts assembled from folder links are searched (each real folder once), and a search that finds no
-scan at all is an error, in the scorer and in the shard builder (issue 15, point 9)."""
+scan at all is an error, in the scorer and in the shard builder."""
 
 from __future__ import annotations
 

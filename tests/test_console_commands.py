@@ -1,4 +1,4 @@
-"""The console commands of pyproject.toml's [project.scripts] (issue 17, point 3): installed beside the
+"""The console commands of pyproject.toml's [project.scripts]: installed beside the
 Python that runs the tests, each one the same program as its ``python -m`` form, whose ``--help`` shows
 the module's example command lines."""
 

@@ -1,4 +1,4 @@
-"""Label discovery in the layouts the README names, and the hash split's stability (issue 18, point 7)."""
+"""Label discovery in the layouts the README names, and the hash split's stability."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def test_a_slice_without_bright_objects_falls_back_to_uniform_crops():
 
 
 def test_randomisation_blurs_offsets_and_correlates_noise():
-    """data.blur_px / hu_offset / noise_correlation_px (issue 14): each does what it says on a crop."""
+    """data.blur_px / hu_offset / noise_correlation_px: each does what it says on a crop."""
     hu, label = slice_with([(128, 128, 20)], calcium=(100, 100))
     plain = still(calcium_crop_probability=1.0)
 
@@ -157,7 +157,7 @@ def test_soften_fat_around_calcium_raises_only_the_fat_within_the_radius():
 
 
 def test_lesion_soft_tissue_surrounds_calcium_crops_with_soft_tissue_and_keeps_labels():
-    """data.lesion_soft_tissue_mm (issue 14): with probability 1 every calcium crop's fat near the lesion
+    """data.lesion_soft_tissue_mm: with probability 1 every calcium crop's fat near the lesion
     reads soft tissue, further fat stays fat; labels are the same crops' labels without it; off (0 mm)
     draws nothing, so the stream is the one the keys' absence gives; the crop's pixel size is required."""
     hu = np.full((3, 128, 128), -100, np.int16)

@@ -201,7 +201,7 @@ def test_decoding_needs_neither_jax_nor_tensorflow():
 
 
 def test_rasterise_polygon_equals_matplotlib_path_on_random_polygons():
-    """Randomized equivalence with matplotlib's point-in-polygon (issue 18, point 6): star-shaped and
+    """Randomized equivalence with matplotlib's point-in-polygon: star-shaped and
     self-intersecting polygons with random real vertices (no pixel centre lies exactly on an edge)."""
     from matplotlib.path import Path
 

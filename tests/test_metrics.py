@@ -193,7 +193,7 @@ def test_summarize_scan_on_phantoms(phantom_dir):
 
 def test_one_calcium_definition_per_row_at_100_kvp():
     """With the kVp-specific threshold (147 HU at 100 kVp) the row's voxel and lesion counts use the same
-    candidate mask as its Agatston score, not 130 HU (issue 16, point 3)."""
+    candidate mask as its Agatston score, not 130 HU."""
     from calcjax.data.scan_sources import LoadedScan, ScanInput
     from calcjax.io.geometry import Grid
     from calcjax.score import rows as score_rows

@@ -1,4 +1,4 @@
-"""No silent wrong number (issue 15, point 1): a damaged rescale, a damaged checkpoint or a non-finite
+"""No silent wrong number: a damaged rescale, a damaged checkpoint or a non-finite
 forward pass is an error for that file or scan, never a score of 0; one failing scan never stops a build."""
 
 from __future__ import annotations

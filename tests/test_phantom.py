@@ -200,7 +200,7 @@ def _v2_draws(count: int, version: int):
 
 
 def test_phantom_v2_plaques_are_clustered_along_one_vessel_and_peak_lower():
-    """Phantom v2 (issue 14): a share of lesions become runs of 2-4 overlapping blobs on one artery, next
+    """Phantom v2: a share of lesions become runs of 2-4 overlapping blobs on one artery, next
     to each other along it; the target peaks are lower than v1's (the real sample's median is 306 HU)."""
     from data_prep.phantom import calcium
 

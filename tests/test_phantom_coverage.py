@@ -19,7 +19,7 @@ def test_ten_seeded_scans_cover_protocols_categories_and_weight_bands():
         protocols.add(scan.acquisition.protocol)
         categories.add(ref["risk_category"])
         weights.update(int(density_weight(les["peak_hu"])) for les in scan.truth["lesions"] if les["peak_hu"])
-        # Realism bounds from the protocol table (shared/FACTS.md).
+        # Realism bounds from the protocol table (docs/background.md).
         acq = scan.acquisition
         if acq.protocol == "cardiac":
             assert 0.39 <= acq.pixel_mm <= 0.49 and acq.thickness_mm == acq.increment_mm == 3.0

@@ -1,4 +1,4 @@
-"""Phantom v3 (issue 14): anatomy that fills the field of view, coronaries in fat grooves, confounders."""
+"""Phantom v3: anatomy that fills the field of view, coronaries in fat grooves, confounders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Input at a fixed physical pixel size (``model.pixel_mm``, issue 14): resampling, crops, prediction."""
+"""Input at a fixed physical pixel size (``model.pixel_mm``): resampling, crops, prediction."""
 
 from __future__ import annotations
 

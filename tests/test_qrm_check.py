@@ -1,5 +1,5 @@
 """A model's figures on the QRM calcification insert (calcjax.research.qrm_check): a synthetic insert of the
-QRM layout here, the real Canon scan when ../shared/data is present."""
+QRM layout here, the real Canon scan when the real sample ($CALCJAX_REAL_DATA) is present."""
 
 from __future__ import annotations
 

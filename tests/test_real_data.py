@@ -2,7 +2,7 @@
 without any UID and a sheet of physician scores) and the scorer's real-data evaluation.
 
 The real data is never in the repository: these tests find it at ``$CALCJAX_REAL_DATA`` or
-``../shared/data`` beside the checkout, and skip (saying why) when it is absent, as on a user's machine.
+a ``shared/data`` folder beside the checkout, and skip (saying why) when it is absent, as on a user's machine.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The phantom-vs-real measurement (issue 14, point 1): each figure measures what it names."""
+"""The phantom-vs-real measurement: each figure measures what it names."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 15, points 1 (checkpoint checksums), 2-8: no identifying text in outputs, no stale shards on
+"""Reliability: checkpoint checksums, no identifying text in outputs, no stale shards on
 reruns, one job per output folder, no resume with another model, no silent zero for labels that cannot be
 placed, no weak salt, no orphan workers, one-line errors, no mixed slice thickness, no output searched as
 input."""

@@ -1,8 +1,8 @@
 """Agatston, volume and mass calcium scores and the cardiovascular risk category.
 
-Pure numpy + scipy (no jax), so a light process pool can score. Definitions (DESIGN.md "Scoring
-definitions"; Agatston et al., JACC 1990; the "equivalent Agatston score" of vendors for other slice
-widths):
+Pure numpy + scipy (no jax), so a light process pool can score. Definitions (docs/background.md,
+"Agatston as implementations do it"; Agatston et al., JACC 1990; the "equivalent Agatston score" of vendors
+for other slice widths):
 
 - Candidate calcium: voxels with a coronary label (1 LM, 2 LAD, 3 LCX, 4 RCA) and HU >= ``threshold_hu``
   (130 HU at 120 kVp; ``kvp_specific_threshold=True`` takes the threshold from :data:`KVP_THRESHOLD_HU`).

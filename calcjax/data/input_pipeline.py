@@ -31,7 +31,8 @@ from calcjax.core.hu import AIR_HU
 from calcjax.io import pixel_size, records, shards
 
 CALCIUM_HU = agatston.CALCIUM_THRESHOLD_HU  # voxels below it are never calcium, whatever the label says
-FAT_HU = (-190.0, -30.0)  # adipose tissue on unenhanced CT (FACTS.md; data_prep.phantom.realism's band)
+# Adipose tissue on unenhanced CT (docs/background.md; data_prep.phantom.realism's band).
+FAT_HU = (-190.0, -30.0)
 SOFT_TISSUE_SHIFT_HU = (100.0, 150.0)  # fat (about -100 HU) to soft tissue (0..50 HU): lesion_soft_tissue_mm
 
 
@@ -63,7 +64,7 @@ class AugmentConfig:
     confounders (aortic wall and valve, mitral annulus, cartilage) a scorer must reject. Uniform crops alone
     rarely contain them and a model trained so calls them calcium.
 
-    Randomisation against the phantom's tells (issue 14; 0 turns each off and draws nothing, so a config
+    Randomisation against the phantom's tells (0 turns each off and draws nothing, so a config
     without them gives the stream it always gave): blur_px: in-plane Gaussian blur of the crop, sigma
     uniform in [0, blur_px] pixels (reconstruction kernels differ); hu_offset: a constant added to the crop,
     uniform +-hu_offset HU (scanner calibration); noise_correlation_px: the added noise is smoothed with a
@@ -73,9 +74,9 @@ class AugmentConfig:
     voxels of the centre slice at >= 130 HU, and loses those below 130 HU; 0 keeps the reference's labels
     as warped (no draw either way). Blur, offset and noise move the 130 HU edge of a lesion away from its
     label's, so a network trained on the labels alone may learn a footprint smaller than the threshold's,
-    where a real reference (an annotated lesion's voxels >= 130 HU) holds the whole footprint (issue 14:
+    where a real reference (an annotated lesion's voxels >= 130 HU) holds the whole footprint (measured:
     growing the shipped model's real predictions into the >= 130 HU voxels around them took real voxel
-    recall from 0.26 to 0.46 at 4 pixels; training with label_grow_px=6, run J in docs/EXPERIMENTS.md,
+    recall from 0.26 to 0.46 at 4 pixels; training with label_grow_px=6, run J in docs/experiments/,
     left real recall where it was, so that mismatch is not the cause).
 
     lesion_soft_tissue_mm / lesion_soft_tissue_probability: with that probability, a crop with calcium
@@ -86,11 +87,11 @@ class AugmentConfig:
     tissue of its vessel wall, non-calcified plaque and the myocardium, atria and aortic root beside it
     (real gated lesions: 59% soft tissue 2-4 mm from their edge, v3 phantoms 4%), and the shipped model
     calls a bright spot ringed by 6 mm of soft tissue background on phantoms as on real scans
-    (docs/EXPERIMENTS.md, session 15). 0 mm turns it off and draws nothing. lesion_soft_tissue_bright: 1
+    (docs/experiments/). 0 mm turns it off and draws nothing. lesion_soft_tissue_bright: 1
     seeds the same change at every >= 130 HU pixel of the centre slice, calcium and unlabelled bright
     objects (confounders, bone, noise specks) alike, in any crop that has one, so that what a bright spot
     sits in tells nothing about its label; 0 seeds it at the calcium label only (run L in
-    docs/EXPERIMENTS.md, seeded so, made more real false positives, mostly bright specks in soft tissue;
+    docs/experiments/, seeded so, made more real false positives, mostly bright specks in soft tissue;
     run M, seeded at every bright pixel, fewer).
     """
 

@@ -3,11 +3,11 @@
 An Agatston lesion is a 2D 8-connected component of voxels >= 130 HU (``calcjax.core.agatston``), and a
 reader scoring a scan marks lesions, not voxels: the scoring software takes each marked lesion's whole
 component. The real COCA masks are built that way (every labelled 2D component of the sample's masks is
-a whole >= 130 HU component; docs/EXPERIMENTS.md, "What the models miss"), and so are 87% of the
+a whole >= 130 HU component; docs/experiments/, "What the models miss"), and so are 87% of the
 phantom's labelled components. A phantom-trained network marks part of a real plaque and misses the rest
-of its 130 HU footprint (docs/EXPERIMENTS.md, "Lesion completion": recall by HU band), which shrinks the
+of its 130 HU footprint (docs/experiments/, "Lesion completion": recall by HU band), which shrinks the
 lesion's area and with it its Agatston score. Off by default: the phantoms, which choose the scorer's
-settings, chose off (docs/EXPERIMENTS.md).
+settings, chose off (docs/experiments/).
 
 :func:`complete_lesions` applies the reader's rule to a prediction: every 2D component of candidate
 voxels (>= the threshold, per slice) that holds predicted calcium becomes calcium whole, labelled with

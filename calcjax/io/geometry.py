@@ -1,6 +1,6 @@
 """Voxel grids of axial CT volumes and their mapping to patient coordinates.
 
-Conventions (DESIGN.md "Geometry"):
+Conventions:
 - volumes are indexed ``(z, y, x)`` = (slice, row, column); z ascends along the slice normal;
 - ``spacing`` is ``(dz, dy, dx)`` in mm, with dz the slice *increment* (difference of positions), not
   the SliceThickness tag; dy is the distance between rows and dx between columns (DICOM PixelSpacing

@@ -1,4 +1,4 @@
-"""In-plane resampling to the model's physical pixel size (``model.pixel_mm``; issue 14).
+"""In-plane resampling to the model's physical pixel size (``model.pixel_mm``).
 
 Gated calcium scans have 0.35-0.5 mm pixels, chest CT 0.65-0.8 mm: at native resolution the same artery
 is twice as wide on one as on the other. A model trained with ``pixel_mm`` > 0 sees every slice resampled

@@ -13,11 +13,11 @@ reader, which ``calcjax.io.shards.read_scan`` turns into a RecordError naming th
 ``tests/test_shard_folder.py`` flips single bits across a shard and finds every flip either refused there
 or outside the records' bytes. A record-level CRC never fired in that test and cost 45% of decode time.
 
-Why TFDS here (issue 16, point 7): ``bench/tfds_decode.py`` measured this format against calcjax's earlier
+Why TFDS here: ``bench/tfds_decode.py`` measured this format against calcjax's earlier
 JSON-header records in one run, decode alone and decode + the training crop's augmentation; it stays
 because the input pipeline loses less than the 10% the issue allows (figures in the README).
 
-Fields (DESIGN.md "Record"):
+Fields:
 - ``scan_id`` (str): pseudonymous scan id (salted hash; never a DICOM UID or name);
 - ``slice_index``, ``num_slices`` (int): the centre slice's index in the scan (z ascending) and the count;
 - ``image`` int16 ``(C, H, W)`` HU of the C = 2k+1 adjacent slices centred on ``slice_index`` (edges

@@ -12,7 +12,7 @@
   when nothing is predicted) and never NaN.
 - which classes the IoU term averages over (``iou_classes``): ``"present"`` (the default) averages
   ``1 - IoU`` over the foreground classes that occur in the batch's labels (0 when none does); ``"all"``
-  over all K-1 classes, as DESIGN.md words it. Why "present": with ``"all"``, a class absent from a batch
+  over all K-1 classes, as the paper words it. Why "present": with ``"all"``, a class absent from a batch
   scores IoU = 1 / (sum p_c + 1), so the first unit of probability mass put on it costs as much as getting
   a whole present lesion right gains, while each voxel of a present lesion gains only 1 / (union + 1).
   On phantoms (calcium in ~1% of slices, the LAD in most batches, LM / LCX / RCA in few) a model trained

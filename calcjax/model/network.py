@@ -215,7 +215,7 @@ class Ensemble(nnx.Module):
 
     ``softmax`` of the output is the mean of the members' softmax, so :func:`labels_from_logits` applies
     unchanged: calcium where the mean P(background) < 0.5, its artery the one of highest mean probability.
-    The mean keeps a voxel only where most members call it: on the real sample (issue 14, session 16)
+    The mean keeps a voxel only where most members call it: on the real sample (docs/experiments/, 2026-12-01)
     ensembles of three seeds made fewer false positives than their average member, at about their median
     member's recall. ``cfg`` is the members' (one architecture, input grid and window); the forward costs
     K members' forwards.

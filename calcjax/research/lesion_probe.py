@@ -1,6 +1,6 @@
 """Lesion-insertion probe: does a model find a standard calcification placed where reference lesions are?
 
-Issue 14 asks why a phantom-trained model misses real plaques. A miss has two possible causes: the real
+Why does a phantom-trained model miss real plaques? A miss has two possible causes: the real
 lesion looks unlike a phantom lesion, or the real *surroundings* make the model say background. The probe
 separates them. For every 3D reference lesion (6-connected voxels with label > 0) of a scan it
 
@@ -17,7 +17,7 @@ each centre (in-plane, on the centre's slice and the model's context slices) set
 fat and to soft tissue (``SURROUND_HU``, with Gaussian noise of ``SURROUND_NOISE_SD_HU``): what the
 disc sits in, apart from where it is. The shipped model finds a 2 mm SD, 900 HU disc at the 20 real
 gated lesion places 6 times as they are, 20 ringed by 6 mm of fat and 0 ringed by soft tissue; at the 23
-lesion places of 6 unseen v3 cardiac phantoms 23, 21 and 3 (docs/EXPERIMENTS.md, session 15).
+lesion places of 6 unseen v3 cardiac phantoms 23, 21 and 3 (docs/experiments/).
 
 The same standard lesion at the same kind of place, scored in real scans and in phantoms: the gap between
 the two found fractions is the model's context gap, the part that better lesions cannot close. ``peak_hu``
@@ -66,7 +66,7 @@ HU_MIN, HU_MAX = CT_MIN_HU, CT_MAX_HU
 # within 20% of it.
 PEAK_BANDS_HU = (130.0, 300.0, 500.0, 800.0)
 GROW_PX = (0, 2, 4, 8, 20)  # default --grow_px: in-plane pixels of growth into >= 130 HU voxels
-SURROUND_HU = {"fat": -100.0, "soft tissue": 40.0}  # FACTS.md: fat -100, blood and myocardium +40
+SURROUND_HU = {"fat": -100.0, "soft tissue": 40.0}  # docs/background.md: fat -100, blood and myocardium +40
 SURROUND_NOISE_SD_HU = 15.0
 
 

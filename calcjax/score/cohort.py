@@ -357,7 +357,7 @@ def define_flags() -> None:
         0.0,
         "Complete each predicted lesion to its whole >= threshold component up to this in-plane area "
         "(mm^2; calcjax.inference.lesion_completion). 0: off (the default, chosen on phantoms: "
-        "docs/EXPERIMENTS.md).",
+        "docs/experiments/).",
     )
     flags.DEFINE_bool("dicom_seg", False, "DICOM route: write OUT/dicom/<scan_id>.seg.dcm (DICOM SEG).")
     flags.DEFINE_bool("dicom_sr", False, "DICOM route: write OUT/dicom/<scan_id>.sr.dcm (TID 1500 SR).")

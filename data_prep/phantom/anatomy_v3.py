@@ -1,4 +1,4 @@
-"""Phantom v3 anatomy (issue 14): a thorax that fills its field of view, a heart of chambers whose
+"""Phantom v3 anatomy: a thorax that fills its field of view, a heart of chambers whose
 coronaries run in fat-filled grooves, and lung vessel trees.
 
 Driven by ``docs/realism`` (v1/v2 measured against the real sample): the phantom's body was too small for
@@ -33,7 +33,7 @@ ANTERIOR_SHIFT = 0.8  # mm the heart moves forward per mm of extra body half-dep
 # v4: 0.5-2.5 mm, because the real sample's lesions sit in far less fat than v3's (fraction of fat within
 # 5 mm of a lesion centre: real gated 0.42, v3 0.83; ``data_prep.phantom.realism``'s ``lesion_fat``), and
 # a model trained on v3 finds a standard lesion in phantom surroundings and not in a real heart's
-# (``calcjax.research.lesion_probe``; docs/EXPERIMENTS.md).
+# (``calcjax.research.lesion_probe``; docs/experiments/).
 GROOVE_FAT_MM = {3: (5.0, 8.0), 4: (0.5, 2.5)}
 
 

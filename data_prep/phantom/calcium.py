@@ -107,7 +107,7 @@ def _lesion_plan(target_category, coronaries, acq, rng):
 
 def weight_bands_hu(top_max_hu: float | None = None) -> tuple[tuple[float, float], ...]:
     """``WEIGHT_BANDS_HU`` with the top band's upper edge at ``top_max_hu`` (HU; None: as it is). Real
-    dense plaques peak above 900 HU (issue 14: two real lesions of 834 and 934 HU held a third of the real
+    dense plaques peak above 900 HU (two real lesions of 834 and 934 HU held a third of the real
     sample's calcium voxels and were missed); the top band's draw is the same uniform number, so a plaque
     of that band peaks at ``low + u * (top_max_hu - low)`` where it peaked at ``low + u * (900 - low)``."""
     if top_max_hu is None:
@@ -157,7 +157,7 @@ def _lesion_on(
     )
 
 
-# Phantom v2 plaques (issue 14, driven by docs/realism): the real sample's lesions peak lower (median 306
+# Phantom v2 plaques (driven by docs/realism): the real sample's lesions peak lower (median 306
 # against v1's 449 HU) and its large plaques are confluent runs along the LAD and LCX. v2 draws the weight
 # band with these probabilities (130-199, 200-299, 300-399, >= 400 HU) instead of uniformly, and turns a
 # lesion, with CLUSTER_PROBABILITY, into 2-4 overlapping eccentric blobs along its vessel.
@@ -197,11 +197,11 @@ def plan_lesions(
 
 
 # A bulky plaque (``bulky_plaque``): a dense calcification wider than its vessel. Real dense plaques bloom
-# into masses of several mm (issue 14: the real sample's largest lesion, 934 HU, spans 6 x 10 mm in-plane over
+# into masses of several mm (the real sample's largest lesion, 934 HU, spans 6 x 10 mm in-plane over
 # three 3 mm slices and holds a quarter of its calcium voxels), where every other phantom plaque's width is
 # capped at the vessel's diameter + 1 mm and the risk-category search shrinks bright plaques; phantom-trained
 # models then took large bright blobs for non-coronary calcium (the lesion probe found a 2 mm-SD, 900 HU
-# disc at 30% of real lesion places against 65% for a 1 mm one). Run K (docs/EXPERIMENTS.md) trained on
+# disc at 30% of real lesion places against 65% for a 1 mm one). Run K (docs/experiments/) trained on
 # C's data with one in half the scans with calcium: it did not help on the real scans.
 BULKY_LENGTH_MM = (5.0, 11.0)
 BULKY_WIDTH_MM = (4.5, 9.0)

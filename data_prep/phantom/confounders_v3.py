@@ -1,4 +1,4 @@
-"""Phantom v3 confounders (issue 14): the bright non-coronary objects real chests hold and v1/v2 lacked.
+"""Phantom v3 confounders: the bright non-coronary objects real chests hold and v1/v2 lacked.
 
 Each is a set of ``calcium.Blob`` (label 0) rendered like calcium (slab, motion, PSF, partial volume):
 

@@ -7,7 +7,7 @@ reference Agatston of the written image falls in it, so a seeded set covers ever
 
 Noise is Gaussian, correlated in-plane (CT kernels; sigma 0.7 px) and scaled to the protocol's SD.
 
-``version`` 2 (phantom v2, issue 14; ``truth.json`` says which) changes what ``docs/realism`` showed the
+``version`` 2 (phantom v2; ``truth.json`` says which) changes what ``docs/realism`` showed the
 real sample does differently, and nothing else: plaques (``calcium.plan_lesions``: lower peaks,
 confluent clusters along the vessel), noise SD (cardiac 10-25, chest 12-35 HU, where v1's chest noise was
 four times the sample's) and noise texture (correlation sigma drawn per scan, 0.7-1.6 px: the real gated
@@ -28,15 +28,15 @@ the same draws, so scan (seed, index) of v4 is its v3 twin but for the fat aroun
 ``gated_caudal_mm`` (any version; cardiac scans only) extends a gated scan's coverage below the default by
 a length drawn per scan, the top slice unchanged: the real gated sample covers 135-168 mm (46-57 slices, 3 mm
 apart) where the default draws 120-150 mm, and its extra slices are upper abdomen (liver, stomach), where
-a model trained on default-coverage phantoms (issue 14, run D2) put 9 of its 27 false positives on the
-real sample. The length comes from
+a model trained on default-coverage phantoms (run D2, docs/experiments/) put 9 of its 27 false positives on
+the real sample. The length comes from
 its own stream (``SeedSequence([seed, index, CAUDAL_STREAM])``), so acquisition and anatomy are those of
 the scan without it; the noise, confounders and lesions drawn after the extra slices are rendered differ.
 
 ``plaque_peak_max_hu`` (any version) raises the top weight band's upper edge for coronary plaques from
 900 HU (``calcium.weight_bands_hu``): real dense plaques peak higher, and the two brightest real lesions
 (834 and 934 HU, a third of the real sample's calcium voxels) were what phantom-trained models missed
-(docs/EXPERIMENTS.md, lesion probe by peak band). The same draws: only the top band's plaque peaks
+(docs/experiments/, lesion probe by peak band). The same draws: only the top band's plaque peaks
 change (and with them, through the size search, possibly the lesions' scale).
 
 ``bulky_plaque_probability`` (any version) gives a scan with calcium, with that probability, one more

@@ -1,6 +1,6 @@
 r"""Phantom and real CT side by side on the same figures: ``python -m data_prep.phantom.realism``.
 
-  python -m data_prep.phantom.realism --real ../shared/data/coca-sample --out docs/realism \
+  python -m data_prep.phantom.realism --real "$CALCJAX_REAL_DATA/coca-sample" --out docs/realism \
       [--phantoms 2] [--seed 0] [--size 512]
 
 Four groups: real gated, phantom gated (``cardiac``), real chest, phantom chest. The real scans are read
@@ -396,7 +396,7 @@ def plot(result: dict[str, dict], path: str) -> None:
 
 
 _REAL = flags.DEFINE_string(
-    "real", None, "Folder of real CT (e.g. ../shared/data/coca-sample).", required=True
+    "real", None, "Folder of real CT (e.g. $CALCJAX_REAL_DATA/coca-sample).", required=True
 )
 _OUT = flags.DEFINE_string("out", "docs/realism", "Output folder (realism.png, realism.jsonl).")
 _PHANTOMS = flags.DEFINE_integer("phantoms", 2, "Phantom scans per protocol.", lower_bound=1)
