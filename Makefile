@@ -91,4 +91,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 
 clean:
-	rm -rf $(DEMO_OUT) $(REAL_OUT) $(REAL_SHARDS) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_OUT) $(REAL_OUT) $(REAL_SHARDS) .pytest_cache .ruff_cache .import_linter_cache

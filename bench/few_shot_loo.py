@@ -110,7 +110,11 @@ def main() -> None:
         train_root = _link_release(gated, [i for i in ids if i != held], os.path.join(fold, "train"))
         test_root = _link_release(gated, [held], os.path.join(fold, "test"))
         shards = os.path.join(fold, "shards")
-        builder.build(train_root, shards, split="train=1", salt="calcjax-few-shot-loo", progress=False)
+        builder.build(
+            builder.BuildOptions(
+                train_root, shards, split="train=1", salt="calcjax-few-shot-loo", progress=False
+            )
+        )
         run = os.path.join(fold, "run")
         overrides = {**FINE_TUNE, "train.steps": args.steps, "train.checkpoint_every": args.steps}
         cmd = [sys.executable, "-m", "calcjax.train", f"--config={os.path.join(ROOT, 'configs', 'smoke.py')}",

@@ -43,13 +43,15 @@ def main() -> None:
             out = os.path.join(tmp, f"out{workers}")
             t0 = time.perf_counter()
             m = builder.build(
-                src,
-                out,
-                split="train=1",
-                workers=workers,
-                salt="bench-ingest-salt",
-                records_per_shard=48,
-                progress=False,
+                builder.BuildOptions(
+                    src,
+                    out,
+                    split="train=1",
+                    workers=workers,
+                    salt="bench-ingest-salt",
+                    records_per_shard=48,
+                    progress=False,
+                )
             )
             dt = time.perf_counter() - t0
             print(

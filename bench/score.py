@@ -37,7 +37,7 @@ def make_shards(tmp: str, scans: int, size: int) -> str:
         scan = generate_scan(4, 2 * i, "cardiac", size=size, target_category=(i % 4) + 1)
         write_scan(scan, os.path.join(tmp, "in"), seed=4, index=2 * i)
     out = os.path.join(tmp, "shards")
-    builder.build(os.path.join(tmp, "in"), out, split="test=1", progress=False)
+    builder.build(builder.BuildOptions(os.path.join(tmp, "in"), out, split="test=1", progress=False))
     return out
 
 

@@ -70,7 +70,11 @@ def make_shards(tmp: str) -> str:
         write_scan(
             generate_scan(2, i, protocol_of(i, "mixed"), size=256), os.path.join(tmp, "in"), seed=2, index=i
         )
-    builder.build(os.path.join(tmp, "in"), os.path.join(tmp, "shards"), split="train=1", progress=False)
+    builder.build(
+        builder.BuildOptions(
+            os.path.join(tmp, "in"), os.path.join(tmp, "shards"), split="train=1", progress=False
+        )
+    )
     return os.path.join(tmp, "shards")
 
 

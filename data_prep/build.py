@@ -28,7 +28,7 @@ from absl import flags
 from calcjax.core import cli
 from calcjax.io import deid, outputs
 from calcjax.io.discover import NoScansError
-from data_prep.builder import build
+from data_prep.builder import BuildOptions, build
 
 _INPUT = flags.DEFINE_string("input", None, "Folder tree holding DICOM series (and labels).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output shard folder.", required=True)
@@ -67,17 +67,19 @@ def main(argv):
 
 def _build_from_flags() -> dict:
     return build(
-        _INPUT.value,
-        _OUT.value,
-        split=_SPLIT.value,
-        split_seed=_SPLIT_SEED.value,
-        context=_CONTEXT.value,
-        workers=_WORKERS.value,
-        labels_dir=_LABELS.value,
-        label_format=_LABEL_FORMAT.value,
-        protocol=_PROTOCOL.value,
-        records_per_shard=_RECORDS_PER_SHARD.value,
-        salt=_SALT.value,
+        BuildOptions(
+            _INPUT.value,
+            _OUT.value,
+            split=_SPLIT.value,
+            split_seed=_SPLIT_SEED.value,
+            context=_CONTEXT.value,
+            workers=_WORKERS.value,
+            labels_dir=_LABELS.value,
+            label_format=_LABEL_FORMAT.value,
+            protocol=_PROTOCOL.value,
+            records_per_shard=_RECORDS_PER_SHARD.value,
+            salt=_SALT.value,
+        )
     )
 
 

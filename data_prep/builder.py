@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import glob
 import hashlib
 import json
@@ -98,101 +99,96 @@ def _write(args):
     return write_shard(path, jobs, context=context, protocol=protocol, fingerprint=fingerprint)
 
 
-def build(
-    input_dir: str,
-    out: str,
-    *,
-    split: str = "train=0.8,val=0.1,test=0.1",
-    split_seed: int = 0,
-    context: int = 1,
-    workers: int = 1,
-    labels_dir: str | None = None,
-    label_format: str = "auto",
-    protocol: str | None = None,
-    records_per_shard: int = 512,
-    salt: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Builds the shard folder ``out`` from ``input_dir``; returns the manifest (see module docstring).
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """The settings of one shard build (``python -m data_prep.build``'s flags).
+
+    ``input_dir``: the folder tree searched for DICOM series (and labels); ``out``: the shard folder.
+    ``split``: ratios by scan (``train=0.8,val=0.1,test=0.1``), assigned by a hash seeded with ``split_seed``;
+    ``context``: k, each record holding C = 2k+1 adjacent slices; ``workers``: processes writing shards;
+    ``labels_dir``: a label tree mirroring the input; ``label_format``: ``auto`` / ``nifti`` / ``xml``;
+    ``protocol``: an override of the protocol guess; ``records_per_shard``: the target shard size;
+    ``salt``: the scan-id salt (default: ``out/salt.txt``, made once); ``progress``: a progress bar.
+    """
+
+    input_dir: str
+    out: str
+    split: str = "train=0.8,val=0.1,test=0.1"
+    split_seed: int = 0
+    context: int = 1
+    workers: int = 1
+    labels_dir: str | None = None
+    label_format: str = "auto"
+    protocol: str | None = None
+    records_per_shard: int = 512
+    salt: str | None = None
+    progress: bool = True
+
+    def settings(self) -> dict:
+        """What the build record keeps of these options: a rebuild with others is refused."""
+        return {
+            "record_schema": records.SCHEMA_VERSION,
+            "context": self.context,
+            "split": self.split,
+            "split_seed": self.split_seed,
+            "label_format": self.label_format,
+            "protocol": self.protocol,
+            "records_per_shard": self.records_per_shard,
+        }
+
+
+def build(options: BuildOptions) -> dict:
+    """Builds the shard folder ``options.out`` from ``options.input_dir``; returns the manifest (see module
+    docstring).
 
     Raises ``calcjax.io.outputs.FolderBusyError`` when another build holds ``out``, BuildRecordError when
     ``out`` holds shards of other inputs or settings, NoScansError when ``input_dir`` has no CT series.
     """
     t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-    with outputs.FolderLock(out, "data_prep.build"):
-        manifest = _build_locked(
-            input_dir,
-            out,
-            split=split,
-            split_seed=split_seed,
-            context=context,
-            workers=workers,
-            labels_dir=labels_dir,
-            label_format=label_format,
-            protocol=protocol,
-            records_per_shard=records_per_shard,
-            salt=salt,
-            progress=progress,
-        )
+    os.makedirs(options.out, exist_ok=True)
+    with outputs.FolderLock(options.out, "data_prep.build"):
+        manifest = _build_locked(options)
     manifest["seconds"] = round(time.time() - t0, 2)
     return manifest
 
 
-def _build_locked(
-    input_dir,
-    out,
-    *,
-    split,
-    split_seed,
-    context,
-    workers,
-    labels_dir,
-    label_format,
-    protocol,
-    records_per_shard,
-    salt,
-    progress,
-) -> dict:
-    ratios = parse_split(split)
+def _build_locked(o: BuildOptions) -> dict:
+    """Discovers the scans, checks the folder's build record, writes the shards not yet done and the
+    manifest."""
+    ratios = parse_split(o.split)
     private_map: dict[str, str] = {}
     jobs, errors = discover(
-        input_dir,
-        salt=load_salt(out, salt),
-        split=ratios,
-        split_seed=split_seed,
-        labels_dir=labels_dir,
-        label_format=label_format,
-        exclude=(out,),
-        private_map=private_map,
-    )
-    _remove_stale_temporaries(out)
+        o.input_dir, salt=load_salt(o.out, o.salt), split=ratios, split_seed=o.split_seed,
+        labels_dir=o.labels_dir, label_format=o.label_format, exclude=(o.out,), private_map=private_map,
+    )  # fmt: skip
+    _remove_stale_temporaries(o.out)
     if not jobs:
-        deid.update_private_map(out, private_map)
-        write_atomic(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
-        raise discover_lib.no_scans_error(input_dir, errors)
-    settings = {
-        "record_schema": records.SCHEMA_VERSION,
-        "context": context,
-        "split": split,
-        "split_seed": split_seed,
-        "label_format": label_format,
-        "protocol": protocol,
-        "records_per_shard": records_per_shard,
-    }
+        deid.update_private_map(o.out, private_map)
+        write_atomic(os.path.join(o.out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
+        raise discover_lib.no_scans_error(o.input_dir, errors)
     fingerprints = {j.scan_id: job_fingerprint(j) for j in jobs}
+    _check_build_record(o, fingerprints)
+    deid.update_private_map(o.out, private_map)
+    tasks = _shard_tasks(o, plan_shards(jobs, o.records_per_shard), fingerprints)
+    _write_shards([t for t in tasks if not shard_done(t[0], t[4])], len(tasks), o.workers, o.progress)
+    return _manifest(o.out, tasks, errors, ratios, o.split_seed, o.context, o.protocol, o.label_format)
+
+
+def _check_build_record(o: BuildOptions, fingerprints: dict[str, str]) -> None:
+    """Writes ``build.json`` (the settings and a fingerprint of the inputs), or refuses a folder built
+    from other inputs or settings, or holding shards without a record."""
     inputs = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(fingerprints.items())).encode())
-    record = {**settings, "num_scans": len(jobs), "inputs_sha256": inputs.hexdigest()}
-    if not os.path.isfile(os.path.join(out, f"{BUILD_RECORD}.json")) and glob.glob(
-        os.path.join(out, "*.array_record")
+    record = {**o.settings(), "num_scans": len(fingerprints), "inputs_sha256": inputs.hexdigest()}
+    if not os.path.isfile(os.path.join(o.out, f"{BUILD_RECORD}.json")) and glob.glob(
+        os.path.join(o.out, "*.array_record")
     ):
         raise BuildRecordError(
-            f"{out} holds shards without a build record (an older calcjax or another tool made them): "
+            f"{o.out} holds shards without a build record (an older calcjax or another tool made them): "
             "build into a new --out, or delete the folder's shards to rebuild them here"
         )
     try:
         outputs.check_run_record(
-            out,
+            o.out,
             BUILD_RECORD,
             record,
             fix="build into a new --out (reuse the ids with --salt from its salt.txt), or delete the folder "
@@ -200,32 +196,38 @@ def _build_locked(
         )
     except outputs.RunRecordError as e:
         raise BuildRecordError(str(e)) from None
-    deid.update_private_map(out, private_map)
-    plan = plan_shards(jobs, records_per_shard)
-    settings_json = json.dumps(settings, sort_keys=True)
+
+
+def _shard_tasks(o: BuildOptions, plan: dict, fingerprints: dict[str, str]) -> list[tuple]:
+    """One ``(path, jobs, context, protocol, digest)`` per planned shard; the digest of the settings and
+    the shard's inputs says whether a shard already written is this one."""
+    settings_json = json.dumps(o.settings(), sort_keys=True)
     tasks = []
     for name, shards in plan.items():
         for i, shard_jobs in enumerate(shards):
-            path = os.path.join(out, shard_name(name, i, len(shards)))
+            path = os.path.join(o.out, shard_name(name, i, len(shards)))
             digest = hashlib.sha256(settings_json.encode())
             for j in shard_jobs:
                 digest.update(fingerprints[j.scan_id].encode())
-            tasks.append((path, shard_jobs, context, protocol, digest.hexdigest()))
-    todo = [t for t in tasks if not shard_done(t[0], t[4])]
+            tasks.append((path, shard_jobs, o.context, o.protocol, digest.hexdigest()))
+    return tasks
+
+
+def _write_shards(todo: list[tuple], total: int, workers: int, progress: bool) -> None:
+    """Writes the shards of ``todo`` (of ``total`` planned), in this process or in a pool of ``workers``."""
     with tqdm(
-        total=len(tasks), initial=len(tasks) - len(todo), desc="shards", unit="shard", disable=not progress
+        total=total, initial=total - len(todo), desc="shards", unit="shard", disable=not progress
     ) as bar:
         if workers == 1:
             for t in todo:
                 _write(t)
                 bar.update()
-        else:
-            with concurrent.futures.ProcessPoolExecutor(
-                workers, initializer=_die_with_parent, initargs=(os.getpid(),)
-            ) as pool:
-                for _ in pool.map(_write, todo):
-                    bar.update()
-    return _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_format)
+            return
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
+            for _ in pool.map(_write, todo):
+                bar.update()
 
 
 def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_format) -> dict:

@@ -58,7 +58,9 @@ def test_round_trip_dicom_to_shards_gives_the_phantom_hu_and_labels(phantoms, tm
     for i in range(4):
         shutil.copytree(phantoms[i][1], src / os.path.basename(phantoms[i][1]))
     out = str(tmp_path / "shards")
-    m = builder.build(str(src), out, split="train=0.5,test=0.5", context=1, salt=SALT, progress=False)
+    m = builder.build(
+        builder.BuildOptions(str(src), out, split="train=0.5,test=0.5", context=1, salt=SALT, progress=False)
+    )
     assert m["num_scans"] == 4 and m["num_errors"] == 0
     by_id = {scan_id_of(series_uid(folder), SALT): scan for scan, folder in phantoms.values()}
     seen = set()
@@ -92,10 +94,14 @@ def test_xml_labels_build_the_same_records_as_nifti(phantoms, tmp_path):
     src = tmp_path / "in"
     shutil.copytree(phantoms[1][1], src / "one")
     a = builder.build(
-        str(src), str(tmp_path / "a"), split="train=1", salt=SALT, label_format="nifti", progress=False
+        builder.BuildOptions(
+            str(src), str(tmp_path / "a"), split="train=1", salt=SALT, label_format="nifti", progress=False
+        )
     )
     b = builder.build(
-        str(src), str(tmp_path / "b"), split="train=1", salt=SALT, label_format="xml", progress=False
+        builder.BuildOptions(
+            str(src), str(tmp_path / "b"), split="train=1", salt=SALT, label_format="xml", progress=False
+        )
     )
     assert a["scans"][0]["label_format"] == "nifti" and b["scans"][0]["label_format"] == "xml"
     ra, rb = decode_split(str(tmp_path / "a"), a, "train"), decode_split(str(tmp_path / "b"), b, "train")
@@ -134,7 +140,9 @@ def bad_input_tree(phantoms, root):
 def test_bad_inputs_are_listed_and_good_scans_built(phantoms, tmp_path):
     bad_input_tree(phantoms, tmp_path / "in")
     out = str(tmp_path / "shards")
-    m = builder.build(str(tmp_path / "in"), out, split="train=1", salt=SALT, progress=False)
+    m = builder.build(
+        builder.BuildOptions(str(tmp_path / "in"), out, split="train=1", salt=SALT, progress=False)
+    )
     built = {s["scan_id"] for s in m["scans"]}
     expected = {scan_id_of(series_uid(phantoms[i][1]), SALT) for i in (0, 1, 3)}
     assert built == expected
@@ -174,7 +182,11 @@ def identifying_strings(folder):
 def test_no_identifying_value_in_any_output_byte(phantoms, tmp_path):
     bad_input_tree(phantoms, tmp_path / "in")
     out = tmp_path / "shards"
-    builder.build(str(tmp_path / "in"), str(out), split="train=0.5,val=0.5", salt=SALT, progress=False)
+    builder.build(
+        builder.BuildOptions(
+            str(tmp_path / "in"), str(out), split="train=0.5,val=0.5", salt=SALT, progress=False
+        )
+    )
     secrets = set()
     for i in range(6):
         secrets |= identifying_strings(phantoms[i][1])

@@ -50,7 +50,9 @@ def test_finding_no_scan_is_an_error_for_the_scorer_and_the_builder(tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     with pytest.raises(discover.NoScansError, match="no CT series found under"):
-        builder.build(str(empty), str(tmp_path / "shards"), split="all=1", progress=False)
+        builder.build(
+            builder.BuildOptions(str(empty), str(tmp_path / "shards"), split="all=1", progress=False)
+        )
     with pytest.raises(discover.NoScansError, match="no CT series found under"):
         score.score_cohort(
             ScoreOptions(

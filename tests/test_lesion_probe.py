@@ -148,7 +148,11 @@ def test_command_on_phantom_shards_with_the_shipped_model(tmp_path):
 
     scan = generate_scan(13, 0, "cardiac", size=96, target_category=3)
     write_scan(scan, str(tmp_path / "dicom"), seed=13, index=0)
-    builder.build(str(tmp_path / "dicom"), str(tmp_path / "shards"), split="test=1", progress=False)
+    builder.build(
+        builder.BuildOptions(
+            str(tmp_path / "dicom"), str(tmp_path / "shards"), split="test=1", progress=False
+        )
+    )
     out = tmp_path / "probe" / "probe.jsonl"
     cmd = [
         sys.executable,

@@ -32,11 +32,13 @@ def shards(tmp_path_factory):
         write_scan(scan, str(base / "in"), seed=9, index=i)
     out = str(base / "shards")
     builder.build(
-        str(base / "in"),
-        out,
-        split="train=0.5,val=0.25,test=0.25",
-        salt="multiprocess-salt-6",
-        progress=False,
+        builder.BuildOptions(
+            str(base / "in"),
+            out,
+            split="train=0.5,val=0.25,test=0.25",
+            salt="multiprocess-salt-6",
+            progress=False,
+        )
     )
     with open(os.path.join(out, "manifest.json")) as f:
         splits = json.load(f)["splits"]

@@ -100,7 +100,9 @@ def test_bad_nifti_volumes_are_recorded_with_the_field_and_the_rule(scans, tmp_p
 
     cohort.score_cohort(ScoreOptions(out=str(tmp_path / "o"), nifti_dir=scans["bad"], progress=False))
     with open(tmp_path / "o" / "errors.jsonl") as f:
-        reasons = sorted(json.loads(line)["reason"] for line in f)
+        lines = [json.loads(line) for line in f]
+    assert {e["kind"] for e in lines} == {"bad_nifti"} and all(e["input"] == e["scan_id"] for e in lines)
+    reasons = sorted(e["reason"] for e in lines)
     assert len(reasons) == 2
     assert "qform_code and sform_code are both 0" in reasons[0]
     assert "not HU" in reasons[1]

@@ -65,7 +65,9 @@ def test_damaged_rescale_is_refused_naming_the_file(two_scans, tmp_path, slope):
 def test_build_records_the_bad_scan_and_builds_the_other(two_scans, tmp_path):
     _copy_with_rescale(two_scans, tmp_path / "in", "NaN")
     out = str(tmp_path / "shards")
-    m = builder.build(str(tmp_path / "in"), out, split="all=1", salt=SALT, progress=False)
+    m = builder.build(
+        builder.BuildOptions(str(tmp_path / "in"), out, split="all=1", salt=SALT, progress=False)
+    )
     assert m["num_scans"] == 1 and m["num_errors"] == 1
     (err,) = [json.loads(x) for x in open(os.path.join(out, "errors.jsonl"))]
     assert err["kind"] == "bad_rescale" and "non-finite rescale" in err["reason"]
@@ -87,7 +89,7 @@ def test_a_failure_at_any_later_stage_of_one_scan_is_its_error_line(two_scans, t
 
     monkeypatch.setattr(shards, "scan_metadata", failing_once)
     out = str(tmp_path / "shards")
-    m = builder.build(str(two_scans), out, split="all=1", salt=SALT, progress=False)
+    m = builder.build(builder.BuildOptions(str(two_scans), out, split="all=1", salt=SALT, progress=False))
     assert len(calls) == 2 and m["num_scans"] == 1 and m["num_errors"] == 1
     (err,) = [json.loads(x) for x in open(os.path.join(out, "errors.jsonl"))]
     assert err["scan_id"] == calls[0] and "non-finite HU" in err["reason"]

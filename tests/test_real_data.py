@@ -31,7 +31,9 @@ needs_real = pytest.mark.skipif(
 def coca_shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("coca") / "shards")
     manifest = builder.build(
-        COCA, out, split="all=1", salt="real-sample-test-salt", workers=2, progress=False
+        builder.BuildOptions(
+            COCA, out, split="all=1", salt="real-sample-test-salt", workers=2, progress=False
+        )
     )
     return out, manifest
 

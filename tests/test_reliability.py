@@ -112,7 +112,9 @@ def test_no_input_path_text_or_header_value_in_any_output_or_log(two_scans, tmp_
     planted_tree(two_scans, tmp_path / "in")
     shards, scored = tmp_path / "shards", tmp_path / "scored"
     with caplog.at_level("WARNING"):
-        m = builder.build(str(tmp_path / "in"), str(shards), split="all=1", salt=SALT, progress=False)
+        m = builder.build(
+            builder.BuildOptions(str(tmp_path / "in"), str(shards), split="all=1", salt=SALT, progress=False)
+        )
         s = score.score_cohort(
             ScoreOptions(
                 checkpoint_path=None,
@@ -157,10 +159,10 @@ def test_scrub_paths_removes_folder_words_in_any_case(tmp_path):
 def test_rerun_with_new_inputs_or_settings_is_refused_and_the_same_rerun_finishes(two_scans, tmp_path):
     src, out = tmp_path / "in", tmp_path / "shards"
     _copy_scan(two_scans[0], src / "a")
-    first = builder.build(str(src), str(out), split="all=1", salt=SALT, progress=False)
+    first = builder.build(builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, progress=False))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.array_record")}
     # The same rerun keeps every finished shard and gives the same manifest.
-    again = builder.build(str(src), str(out), split="all=1", salt=SALT, progress=False)
+    again = builder.build(builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, progress=False))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.array_record")} == before
     assert {k: v for k, v in again.items() if k != "seconds"} == {
         k: v for k, v in first.items() if k != "seconds"
@@ -168,15 +170,17 @@ def test_rerun_with_new_inputs_or_settings_is_refused_and_the_same_rerun_finishe
     # A new scan: refused, naming the change and the fix; nothing in OUT changes.
     _copy_scan(two_scans[1], src / "b")
     with pytest.raises(builder.BuildRecordError, match=r"num_scans: 1 then, 2 now.*new --out"):
-        builder.build(str(src), str(out), split="all=1", salt=SALT, progress=False)
+        builder.build(builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, progress=False))
     shutil.rmtree(src / "b")
     with pytest.raises(builder.BuildRecordError, match=r"context: 1 then, 2 now"):
-        builder.build(str(src), str(out), split="all=1", salt=SALT, context=2, progress=False)
+        builder.build(
+            builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, context=2, progress=False)
+        )
     # A changed input file (same name, new content): refused too.
     victim = sorted(glob.glob(str(src / "a" / "*.dcm")))[0]
     os.utime(victim, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(builder.BuildRecordError, match="inputs_sha256"):
-        builder.build(str(src), str(out), split="all=1", salt=SALT, progress=False)
+        builder.build(builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, progress=False))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.array_record")} == before
     assert json.load(open(out / "manifest.json"))["settings"]["context"] == 1
 
@@ -184,10 +188,10 @@ def test_rerun_with_new_inputs_or_settings_is_refused_and_the_same_rerun_finishe
 def test_shards_without_a_build_record_are_not_adopted(two_scans, tmp_path):
     src, out = tmp_path / "in", tmp_path / "shards"
     _copy_scan(two_scans[0], src / "a")
-    builder.build(str(src), str(out), split="all=1", salt=SALT, progress=False)
+    builder.build(builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, progress=False))
     os.remove(out / "build.json")  # as an older calcjax left it
     with pytest.raises(builder.BuildRecordError, match="without a build record"):
-        builder.build(str(src), str(out), split="all=1", salt=SALT, progress=False)
+        builder.build(builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, progress=False))
 
 
 def test_a_second_job_on_one_output_folder_is_refused(two_scans, tmp_path):
@@ -258,7 +262,14 @@ def test_coca_rois_outside_the_image_are_an_error_not_a_zero(two_scans, tmp_path
     with pytest.raises(labels.LabelOutsideError, match="outside the 48x48 image"):
         preprocess.read_scan(files, label_path=str(folder / "calcium.xml"), label_format="xml")
     m = builder.build(
-        str(folder), str(tmp_path / "shards"), split="all=1", salt=SALT, label_format="xml", progress=False
+        builder.BuildOptions(
+            str(folder),
+            str(tmp_path / "shards"),
+            split="all=1",
+            salt=SALT,
+            label_format="xml",
+            progress=False,
+        )
     )
     errors = outputs.read_jsonl(str(tmp_path / "shards" / "errors.jsonl"))
     assert m["num_scans"] == 0 and [e["kind"] for e in errors] == ["label_outside_image"]
@@ -407,7 +418,7 @@ def test_an_output_folder_inside_the_input_is_not_searched(two_scans, tmp_path):
     _copy_scan(two_scans[0], src / "a")
     out = src / "shards"
     for _ in range(2):  # the rerun sees its own shards inside the input
-        m = builder.build(str(src), str(out), split="all=1", salt=SALT, progress=False)
+        m = builder.build(builder.BuildOptions(str(src), str(out), split="all=1", salt=SALT, progress=False))
         assert m["num_scans"] == 1 and m["num_errors"] == 0 and m["num_warnings"] == 0
     scored = src / "scored"
     s = score.score_cohort(

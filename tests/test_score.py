@@ -33,7 +33,9 @@ def cohort(tmp_path_factory):
         scan = generate_scan(11, i, protocol, size=64, target_category=category)
         write_scan(scan, str(base / "dicom"), seed=11, index=i)
     shards = str(base / "shards")
-    builder.build(str(base / "dicom"), shards, split="test=1", records_per_shard=1, progress=False)
+    builder.build(
+        builder.BuildOptions(str(base / "dicom"), shards, split="test=1", records_per_shard=1, progress=False)
+    )
     run = str(base / "run")
     _fresh_checkpoint(run)
     return {"dicom": str(base / "dicom"), "shards": shards, "run": run, "base": base}

@@ -88,7 +88,9 @@ def test_uidless_build_gives_the_uid_route_records_and_marks_the_grouping(two_se
     stacks = {}
     for route in ("uid", "nouid"):
         out = str(tmp_path / f"shards-{route}")
-        m = builder.build(str(tmp_path / route), out, split="all=1", salt=SALT, progress=False)
+        m = builder.build(
+            builder.BuildOptions(str(tmp_path / route), out, split="all=1", salt=SALT, progress=False)
+        )
         assert m["num_scans"] == 2 and m["num_errors"] == 0
         assert {s["series_grouping"] for s in m["scans"]} == {"uid" if route == "uid" else "geometry"}
         by_count = {}

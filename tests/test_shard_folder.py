@@ -24,7 +24,9 @@ def folder(tmp_path_factory):
             generate_scan(53, i, protocol, size=48, target_category=2), str(base / "in"), seed=53, index=i
         )
     out = str(base / "shards")
-    builder.build(str(base / "in"), out, split="train=1", records_per_shard=40, progress=False)
+    builder.build(
+        builder.BuildOptions(str(base / "in"), out, split="train=1", records_per_shard=40, progress=False)
+    )
     return out
 
 

@@ -19,7 +19,11 @@ def shards(tmp_path_factory):
         scan = generate_scan(13, i, "cardiac", size=64, target_category=(i % 4) + 1)
         write_scan(scan, str(base / "in"), seed=13, index=i)
     out = str(base / "shards")
-    builder.build(str(base / "in"), out, split="train=0.5,val=0.5", salt="torch-train-salt-1", progress=False)
+    builder.build(
+        builder.BuildOptions(
+            str(base / "in"), out, split="train=0.5,val=0.5", salt="torch-train-salt-1", progress=False
+        )
+    )
     return out
 
 

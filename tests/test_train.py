@@ -35,7 +35,9 @@ def shards(tmp_path_factory):
         )
     out = str(base / "shards")
     m = builder.build(
-        str(base / "in"), out, split="train=0.75,val=0.25", salt="train-test-salt-0", progress=False
+        builder.BuildOptions(
+            str(base / "in"), out, split="train=0.75,val=0.25", salt="train-test-salt-0", progress=False
+        )
     )
     assert m["splits"]["train"]["num_records"] and m["splits"]["val"]["num_records"]
     return out

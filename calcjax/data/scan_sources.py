@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from calcjax.io import discover, geometry, nifti, preprocess, shards
+from calcjax.io.dicom_series import OUTPUT_FOLDER_MARKER
 from calcjax.io.errors import reason_of
 
 
@@ -144,16 +145,17 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def nifti_scans(
-    root: str, *, context: int, salt: str, exclude=(), private_map: dict[str, str] | None = None
+    root: str, *, salt: str, exclude=(), private_map: dict[str, str] | None = None
 ) -> tuple[list[ScanInput], list[dict]]:
     """The NIfTI CT volumes under ``root`` (sorted by path) as scans, their ids salted hashes of the path
-    relative to ``root``; ``exclude``: folders not searched (the output folder); ``private_map`` receives
-    ``scan_id -> relative path``. ``context`` is unused (the predictor builds the stacks) and kept for the
-    routes' one signature. No listing errors: a bad file fails when it is loaded, naming the rule."""
-    del context
+    relative to ``root``; ``exclude`` and calcjax output folders are not searched; ``private_map`` receives
+    ``scan_id -> relative path``. No listing errors: a bad file fails when it is loaded, naming the rule."""
     skip = [os.path.abspath(e) for e in exclude]
     found = []
     for dirpath, dirs, files in os.walk(root):
+        if OUTPUT_FOLDER_MARKER in files:  # a calcjax output folder (its masks are labels, not CT)
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(dirpath, d)) not in skip)
         found += [os.path.join(dirpath, f) for f in sorted(files) if f.endswith(NIFTI_SUFFIXES)]
     scans = []

@@ -1,11 +1,13 @@
-"""Orbax checkpoints: the whole run for exact resume, the best parameters for scoring.
+"""Orbax checkpoint folders as the scorer reads them: their layout, sealing and verification, and
+``load_for_inference``. A trainer writes them through ``calcjax.train.checkpoint``.
 
 ``WORKDIR/checkpoints/<step>/`` (``max_to_keep`` latest, saved asynchronously) holds the items ``params``,
 ``batch_stats``, ``opt_state``, ``counters`` (step, skipped steps), ``data`` (the grain iterator's position,
 through ``grain.checkpoint``) and ``config`` (the resolved config, JSON), and ``ema_params`` /
 ``ema_batch_stats`` for a run that keeps moving averages (``train.ema_decay``). ``WORKDIR/best/<step>/``
 holds ``params``, ``batch_stats``, ``config`` and ``metrics`` of the best validation voxel F1 so far: the
-weights validation measured (``train_step.inference_weights``: the moving averages when the run keeps them).
+weights validation measured (``calcjax.train.step.inference_weights``: the moving averages when the run
+keeps them).
 A step folder is scored with its ``ema_*`` items when it has them, else with ``params`` / ``batch_stats``.
 Restores go against abstract targets (``ocp.utils.to_shape_dtype_struct``), so optax states come back as
 their own types. ``load_for_inference`` needs nothing but a checkpoint folder: the model config is read

@@ -1,4 +1,4 @@
-r"""One-file models for scoring: the shipped model and ``python -m calcjax.model.files`` to export one.
+r"""One-file models for scoring: saving, loading (checked) and the shipped model.
 
 A model file (``NAME.msgpack``) is flax's msgpack of ``{"format", "config" (the training config as JSON
 text), "params", "batch_stats"}`` (float32 arrays, pure dicts of ``nnx.State``); beside it,
@@ -13,13 +13,9 @@ probabilities) is one file too: its config is the first member's training config
 ``Ensemble`` for such a file, a ``DenseRAUnet`` otherwise.
 
 The shipped model lives in the package (``calcjax/model/shipped/``, model card
-``calcjax/model/shipped/README.md``) so
-an installed calcjax finds it: :data:`DEFAULT_MODEL`. ``calcjax.score`` uses it when ``--checkpoint`` is
-not given.
-
-  python -m calcjax.model.export --checkpoint RUN [--which best|latest] --out
-  calcjax/model/shipped/NAME.msgpack
-  python -m calcjax.model.export --checkpoint RUN1,RUN2,RUN3 --out NAME.msgpack   # an ensemble of three
+``calcjax/model/shipped/README.md``) so an installed calcjax finds it: :data:`DEFAULT_MODEL`.
+``calcjax.score`` uses it when ``--checkpoint`` is not given. ``python -m calcjax.model.export`` writes a
+training run (or several, as an ensemble) to one file.
 """
 
 from __future__ import annotations

@@ -60,7 +60,6 @@ from calcjax.model import files as model_file
 ERASE_GROW_PX = 2
 RING_PX = 3
 FOUND_G = 0.3
-HU_MIN, HU_MAX = CT_MIN_HU, CT_MAX_HU
 # Lower edges (HU) of the bands of a reference lesion's peak; the last is open above. A phantom cluster's
 # first plaque peaks at most 900 HU before noise (data_prep.phantom.calcium.WEIGHT_BANDS_HU), the rest
 # within 20% of it.
@@ -120,7 +119,7 @@ def insert_lesions(
             sub[:, inside] = value + rng.normal(0.0, SURROUND_NOISE_SD_HU, (sub.shape[0], int(inside.sum())))
         out[z] = out[z] * (1.0 - g) + np.float32(peak_hu) * g
         discs.append((z, g > FOUND_G))
-    return np.clip(np.round(out), HU_MIN, HU_MAX).astype(np.int16), discs
+    return np.clip(np.round(out), CT_MIN_HU, CT_MAX_HU).astype(np.int16), discs
 
 
 def found_by_peak(pred: np.ndarray, hu: np.ndarray, labels: np.ndarray) -> dict[float, np.ndarray]:

@@ -1,6 +1,7 @@
 r"""Batch scoring of a cohort with a trained checkpoint: ``python -m calcjax.score``.
 
   python -m calcjax.score --dicom DIR --out OUT      # the shipped model (calcjax/model/shipped/)
+  python -m calcjax.score --nifti NIFTI_DIR --out OUT   # *.nii.gz CT volumes in HU (calcjax.io.nifti)
   python -m calcjax.score --shards 'SHARDS/test-*.array_record' --checkpoint RUN --out OUT
   python -m calcjax.score --dicom DIR --checkpoint RUN --out OUT [--labels LABELS] [--save_masks] \
       [--reference_scores SHEET.xlsx --reference_key_suffix A] [--dicom_seg --dicom_sr]
@@ -176,7 +177,7 @@ def _list_scans(o: ScoreOptions, context: int) -> tuple[list, object, list[dict]
     private_map: dict[str, str] = {}
     if o.nifti_dir is not None:
         scans, errors = scan_sources.nifti_scans(
-            o.nifti_dir, context=context, salt=salt, exclude=(o.out,), private_map=private_map
+            o.nifti_dir, salt=salt, exclude=(o.out,), private_map=private_map
         )
     else:
         scans, errors = scan_sources.dicom_scans(

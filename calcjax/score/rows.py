@@ -148,7 +148,8 @@ def error_line(scan: scan_sources.ScanInput, e: Exception) -> dict:
     """The ``errors.jsonl`` line of a scan that failed (its reason names no path and no header value)."""
     return {
         "scan_id": scan.scan_id,
-        "input": scan.scan_id if scan.source == "dicom" else scan.source,  # the series, or its shard file
+        # the series or volume, or the shard file holding the scan
+        "input": scan.scan_id if scan.source in ("dicom", "nifti") else scan.source,
         "stage": "score",
         "kind": getattr(e, "kind", e.__class__.__name__),
         "reason": scan.reason_of(e),

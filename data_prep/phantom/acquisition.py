@@ -18,10 +18,12 @@ import dataclasses
 
 import numpy as np
 
+from calcjax.core.hu import CT_MAX_HU, CT_MIN_HU
+
 PROTOCOLS = ("cardiac", "chest")
 RESCALE_INTERCEPT = -1024.0
 PIXEL_PADDING_VALUE = -2000  # stored value outside the reconstruction circle
-HU_MIN, HU_MAX = -1024.0, 3071.0  # the 12-bit CT range that int16 storage with intercept -1024 keeps
+HU_MIN, HU_MAX = CT_MIN_HU, CT_MAX_HU  # the 12-bit CT range that int16 storage with intercept -1024 keeps
 
 
 @dataclasses.dataclass(frozen=True)
