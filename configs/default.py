@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             shards="",
+            # Several shard folders mixed by weight, "NAME:FOLDER:WEIGHT[:SPLIT],..." (calcjax.data.sources);
+            # "" trains on data.shards alone. The first source's val split chooses the best checkpoint.
+            sources="",
             crop=512,
             # Slots drawing a slice with calcium; the others draw a slice without. On phantoms (1600 smoke
             # steps, 64 training scans) 0.3 with bright_crop_probability 0.8 gave val voxel precision 0.75

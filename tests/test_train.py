@@ -516,3 +516,27 @@ def test_an_averaging_run_validates_keeps_scores_and_resumes_its_averages(shards
     for name in ("ema_params", "ema_batch_stats", "params"):
         for a, b in zip(item(run, 4, name), item(ref, 4, name), strict=True):
             np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_two_sources_are_mixed_by_weight_logged_and_each_validated(shards, tmp_path):
+    """data.sources: grain mixes the sources' streams in the weights' proportions (the tags count them),
+    the log carries each source's share, and each source with a val split gets its own figures, while the
+    best checkpoint follows the first source's val_voxel_f1."""
+    from calcjax.data import input_pipeline as ip
+    from calcjax.data import sources
+    from calcjax.train import loop as train
+
+    spec = f"phantom:{shards}:3,again:{shards}:1"
+    pairs = sources.training_splits(sources.parse_sources(spec, ""))
+    aug = ip.AugmentConfig.from_config(small_config(shards).data)
+    it = iter(ip.train_dataset(pairs, batch_size=8, aug=aug, calcium_fraction=0.3, seed=0))
+    tags = np.concatenate([next(it)["source"] for _ in range(25)])
+    assert set(np.unique(tags)) == {0, 1} and abs(np.mean(tags == 0) - 0.75) <= 0.02
+    c = small_config(shards, steps=4, eval_every=4, log_every=4)
+    c.data.sources = spec
+    last = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert last["source_share_phantom"] + last["source_share_again"] == pytest.approx(1.0)
+    assert abs(last["source_share_phantom"] - 0.75) <= 0.15  # 16 slices of this process
+    assert "val_voxel_f1" in last and "val_again_voxel_f1" in last
+    with open(tmp_path / "run" / "best" / "4" / "metrics" / "metrics") as f:
+        assert "val_again_voxel_f1" not in json.load(f)  # the first source alone chooses

@@ -41,6 +41,7 @@ ShardSplit = shards.Split  # one split of a shard folder (``calcjax.io.shards``:
 
 # The data block's keys that are not augmentation: read by the trainers (calcjax.core.config checks them).
 DATA_KEYS = (
+    "sources",
     "shards",
     "calcium_fraction",
     "seed",
@@ -250,8 +251,33 @@ def correlated_noise(shape_hwc, sd: float, sigma_px: float, rng: np.random.Gener
     return (n * sd).astype(np.float32)
 
 
+class TagSource(grain.transforms.Map):
+    """Adds ``source``: the index of the training source an example came from (``calcjax.data.sources``)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def map(self, example):
+        return {**example, "source": np.int32(self.index)}
+
+
+def _source_stream(
+    split: ShardSplit, index: int, aug: AugmentConfig, calcium_fraction: float, seed: int, num_epochs: int,
+    pixel_mm: float,
+) -> grain.MapDataset:  # fmt: skip
+    """One source's shuffled, augmented examples (seeds offset per source, so sources draw apart)."""
+    n = split.num_records
+    n_cal = int(round(calcium_fraction * n)) if split.calcium_records.size else 0
+    seed = seed + 1000 * index
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
+    ds = ds.random_map(PickRecord(n, split.calcium_records, n_cal), seed=seed + 1)
+    ds = ds.map(ReadRecord(split.paths))
+    ds = ds.random_map(Augment(aug, pixel_mm), seed=seed + 2)
+    return ds.map(TagSource(index))
+
+
 def train_dataset(
-    split: ShardSplit,
+    sources: ShardSplit | list[tuple[ShardSplit, float]],
     *,
     batch_size: int,
     aug: AugmentConfig,
@@ -263,14 +289,16 @@ def train_dataset(
     worker_count: int = 0,
     pixel_mm: float = 0.0,
 ) -> grain.IterDataset:
-    """The training stream of this process: ``batch_size`` local examples per batch (see module doc);
-    ``pixel_mm``: the model's input pixel size (0 = native pixels)."""
-    n = split.num_records
-    n_cal = int(round(calcium_fraction * n)) if split.calcium_records.size else 0
-    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
-    ds = ds.random_map(PickRecord(n, split.calcium_records, n_cal), seed=seed + 1)
-    ds = ds.map(ReadRecord(split.paths))
-    ds = ds.random_map(Augment(aug, pixel_mm), seed=seed + 2)
+    """The training stream of this process: ``batch_size`` local examples per batch (see module doc) of
+    ``images``, ``labels`` and ``source`` (the index of the source each came from). ``sources``: one split,
+    or ``(split, weight)`` pairs mixed in the weights' proportions (``grain.MapDataset.mix``); ``pixel_mm``:
+    the model's input pixel size (0 = native pixels)."""
+    pairs = [(sources, 1.0)] if isinstance(sources, ShardSplit) else list(sources)
+    streams = [
+        _source_stream(split, k, aug, calcium_fraction, seed, num_epochs, pixel_mm)
+        for k, (split, _) in enumerate(pairs)
+    ]
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w for _, w in pairs])
     ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
     it = it.batch(batch_size, drop_remainder=True)

@@ -92,9 +92,8 @@ class Evaluator:
         )
 
     def evaluate_qrm(self, state: ts.TrainState, ref: qrm_figures.QrmReference) -> dict:
-        """``calcjax.research.qrm_check`` figures (keys ``qrm_...``) of ``state``'s weights
-        (``ts.inference_weights``)
-        on a QRM insert scan (every process computes them alike: one small scan)."""
+        """The QRM insert figures (``calcjax.inference.qrm_figures``, keys ``qrm_...``) of ``state``'s
+        weights (``ts.inference_weights``); every process computes them alike (one small scan)."""
         self.predictor.set_weights(*ts.inference_weights(state))
         return qrm_figures.evaluate(self.predictor, ref)
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from calcjax.core import cli, sharding
 from calcjax.core import config as config_schema
 from calcjax.data import input_pipeline
+from calcjax.data import sources as sources_lib
 from calcjax.inference import qrm_figures
 from calcjax.model import checkpoint
 from calcjax.model import network as model_lib
@@ -132,7 +133,7 @@ def train_and_evaluate(
             bar.update()
             done = step + 1
             if done % run.tcfg.log_every == 0 or done == run.tcfg.steps:
-                last = run.acc.line(int(run.state.skipped))
+                last = {**run.acc.line(int(run.state.skipped)), **_source_shares(run)}
                 run.writer.write(done, last)
                 bar.set_postfix(loss=f"{last['train_loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
             if done % run.tcfg.eval_every == 0 or done == run.tcfg.steps:
@@ -165,6 +166,8 @@ class Run:
     workdir: str
     start: int = 0
     acc: evaluation.TrainMetrics = dataclasses.field(default_factory=evaluation.TrainMetrics)
+    source_names: tuple[str, ...] = ("main",)
+    source_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, np.int64))
 
 
 def _checked(config: ml_collections.ConfigDict) -> None:
@@ -200,8 +203,10 @@ def open_run(config, workdir: str, transform_data=None) -> Run:
     )
     splits, qrm_ref = _validation_sets(config.data)
     start = int(jax.device_get(state.step))
+    names = tuple(s.name for s in sources_lib.parse_sources(config.data.sources, config.data.shards))
     return Run(config.train, cfg_dict, mesh, state, step_fn, data_iter, ckpt, ckpt.best_value(), evaluator,
-               splits, qrm_ref, MetricWriter(workdir), workdir, start)  # fmt: skip
+               splits, qrm_ref, MetricWriter(workdir), workdir, start, source_names=names,
+               source_counts=np.zeros(len(names), np.int64))  # fmt: skip
 
 
 def _model_and_step(config, mesh):
@@ -229,10 +234,11 @@ def _model_and_step(config, mesh):
 
 
 def _train_stream(config, local_batch: int, pixel_mm: float, transform_data):
-    """This process's grain stream of training batches (``calcjax.data.input_pipeline.train_dataset``)."""
+    """This process's grain stream of training batches over the run's sources (``calcjax.data.sources``,
+    mixed by ``calcjax.data.input_pipeline.train_dataset``)."""
     dcfg = config.data
     data = input_pipeline.train_dataset(
-        input_pipeline.ShardSplit.load(dcfg.shards, "train"),
+        sources_lib.training_splits(sources_lib.parse_sources(dcfg.sources, dcfg.shards)),
         batch_size=local_batch,
         aug=input_pipeline.AugmentConfig.from_config(dcfg),
         calcium_fraction=dcfg.calcium_fraction,
@@ -246,24 +252,31 @@ def _train_stream(config, local_batch: int, pixel_mm: float, transform_data):
 
 
 def _validation_sets(dcfg) -> tuple[dict, qrm_figures.QrmReference | None]:
-    """The phantom val split (the checkpoint selector) and the extra figures' sets: the real labelled
-    scans and the QRM insert scan, each watched at every validation and never a selector."""
-    try:
-        val_split = input_pipeline.ShardSplit.load(dcfg.shards, "val")
-    except ValueError:
-        val_split = None
-        logging.warning("no val split in %s: no validation", dcfg.shards)
-    real_split = None
+    """The first source's val split (``val``: the checkpoint selector) and the watched figures' sets:
+    each other source's val split (``val_<name>``), the real labelled scans (``real``) and the QRM insert
+    scan; each is scored at every validation, and only ``val`` chooses the best checkpoint."""
+    sources = sources_lib.parse_sources(dcfg.sources, dcfg.shards)
+    splits = {}
+    for k, source in enumerate(sources):
+        name = "val" if k == 0 else f"val_{source.name}"
+        try:
+            splits[name] = input_pipeline.ShardSplit.load(source.folder, "val")
+        except ValueError:
+            splits[name] = None
+            logging.warning("no val split in %s: no %s figures", source.folder, name)
+    splits["real"] = None
     if dcfg.real_val_shards:
-        real_split = input_pipeline.ShardSplit.load(dcfg.real_val_shards, dcfg.real_val_split)
+        splits["real"] = input_pipeline.ShardSplit.load(dcfg.real_val_shards, dcfg.real_val_split)
     qrm_ref = qrm_figures.QrmReference.load(dcfg.qrm_val_dicom) if dcfg.qrm_val_dicom else None
-    return {"val": val_split, "real": real_split}, qrm_ref
+    return splits, qrm_ref
 
 
 def train_one_step(run: Run, step: int) -> None:
     """One optimizer step on the next batch (a non-finite one is skipped, logged, and counted: too many in
     a row stop the run); the batch's fingerprint goes to ``batches.jsonl``."""
     batch = next(run.data_iter)
+    if "source" in batch:  # a test's transform_data may hand over images and labels alone
+        run.source_counts += np.bincount(np.asarray(batch["source"]), minlength=len(run.source_names))
     batch = {"images": batch["images"], "labels": batch["labels"]}
     fingerprint = batch_fingerprint(batch)
     g = sharding.to_global(batch, run.mesh)
@@ -286,7 +299,8 @@ def train_one_step(run: Run, step: int) -> None:
 
 def validate(run: Run, done: int) -> dict:
     """The validation figures after ``done`` steps, written and logged; the best checkpoint follows
-    ``val_voxel_f1`` alone (the real and QRM figures are watched, never selectors)."""
+    ``val_voxel_f1`` alone (the other sources', the real and the QRM figures are watched, never
+    selectors; they keep predicted calcium in the heart region, as the scorer does)."""
     figures = {}
     if run.splits["val"] is not None:
         max_scans = 0 if done == run.tcfg.steps else run.tcfg.get("eval_max_scans", 0)
@@ -295,12 +309,24 @@ def validate(run: Run, done: int) -> dict:
             run.best = val["val_voxel_f1"]
             run.ckpt.save_best(run.state, run.cfg_dict, {**val, "step": done})
         figures.update(_logged(run, done, val))
-    if run.splits["real"] is not None:
-        real = run.evaluator.evaluate(run.state, run.splits["real"], use_heart_region=True, prefix="real")
-        figures.update(_logged(run, done, real))
+    for prefix, split in run.splits.items():
+        if prefix != "val" and split is not None:
+            watched = run.evaluator.evaluate(run.state, split, use_heart_region=True, prefix=prefix)
+            figures.update(_logged(run, done, watched))
     if run.qrm_ref is not None:
         figures.update(_logged(run, done, run.evaluator.evaluate_qrm(run.state, run.qrm_ref)))
     return figures
+
+
+def _source_shares(run: Run) -> dict:
+    """``source_share_<name>``: each source's share of this process's training slices since the last log
+    line (the counts start again after it); empty when no batch said its sources."""
+    counts, total = run.source_counts.copy(), int(run.source_counts.sum())
+    run.source_counts[:] = 0
+    if not total:
+        return {}
+    names = run.source_names
+    return {f"source_share_{n}": round(int(c) / total, 4) for n, c in zip(names, counts, strict=True)}
 
 
 def _logged(run: Run, done: int, figures: dict) -> dict:

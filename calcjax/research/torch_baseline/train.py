@@ -37,6 +37,7 @@ from tqdm import tqdm
 from calcjax.core import config as config_schema
 from calcjax.core import metrics
 from calcjax.data import input_pipeline
+from calcjax.data import sources as sources_lib
 from calcjax.io import preprocess
 from calcjax.model import network as model_lib
 from calcjax.research.torch_baseline import convert
@@ -250,9 +251,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
     t, d = config.train, config.data
     _, twin = initial_models(config, t.seed)
     trainer = TorchTrainer(twin, config, device)
-    split = input_pipeline.ShardSplit.load(d.shards, "train")
+    sources = sources_lib.parse_sources(d.sources, d.shards)
     data = input_pipeline.train_dataset(
-        split,
+        sources_lib.training_splits(sources),
         batch_size=t.batch_size,
         aug=input_pipeline.AugmentConfig.from_config(d),
         calcium_fraction=d.calcium_fraction,
@@ -260,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, device: 
         worker_count=d.worker_count,
     )
     try:
-        val_split = input_pipeline.ShardSplit.load(d.shards, "val")
+        val_split = input_pipeline.ShardSplit.load(sources[0].folder, "val")
     except ValueError:
         val_split = None
     it = iter(data)
