@@ -72,12 +72,12 @@ real-eval: $(STAMP)
 		$(BIN)/python -m calcjax.research.qrm_check "$(REAL_DATA)/qrm-canon/dicom" $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 			> $(REAL_OUT)/qrm_check.json && echo "QRM insert (calcjax.research.qrm_check):" && cat $(REAL_OUT)/qrm_check.json; fi
 
-# The real gated scans (with their calcium masks) as a shard folder, for training's real_* figure:
-# --config.data.real_val_shards=$(REAL_SHARDS) (watched, never used to choose a checkpoint).
+# Every labelled real scan as a shard folder of its own (data_prep.real_shards): $(REAL_SHARDS)/gated-1..3
+# (COCA masks), chest-zero (physician score 0: all background), qrm (the QRM inserts from HU). Train on
+# them with --config.data.sources; watch one with --config.data.real_val_shards=$(REAL_SHARDS)/gated-1.
 real-shards: $(STAMP)
 	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-shards: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
-	$(BIN)/python -m data_prep.build --input "$(REAL_DATA)/coca-sample/Gated_release_final" --out $(REAL_SHARDS) \
-		--split test=1 --workers 2
+	$(BIN)/python -m data_prep.real_shards --real "$(REAL_DATA)" --out $(REAL_SHARDS) --workers 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py

@@ -64,11 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
             seed=0,
             worker_count=4,
             # An extra figure, never a selector: a shard folder of real labelled scans (make real-shards
-            # builds the COCA gated sample into one) scored at every validation through the scorer's
-            # forward pass and heart region, logged as real_* beside val_*. The best checkpoint is chosen
-            # by val_voxel_f1 alone, since the real gated scans are the test set.
+            # builds one per real scan: real_shards/gated-1, ...) scored at every validation through the
+            # scorer's forward pass and heart region, logged as real_* beside val_*.
             real_val_shards="",
-            real_val_split="test",
+            real_val_split="train",
             # Another extra figure, never a selector: a folder holding a real scan of the QRM calcification
             # insert ($CALCJAX_REAL_DATA/qrm-canon/dicom), scored at every validation by
             # calcjax.research.qrm_check and

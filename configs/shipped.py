@@ -5,7 +5,7 @@ phantoms:
   python -m data_prep.phantom --out P --scans 48 --protocol mixed --seed 1 --phantom_version 3 --workers 2
   python -m data_prep.build --input P --out S --split train=0.8,val=0.1,test=0.1 --salt calcjax-model-v1
   python -m calcjax.train --config configs/shipped.py --workdir RUN --config.data.shards=S \
-      [--config.data.real_val_shards=real_shards]
+      [--config.data.real_val_shards=real_shards/gated-1]
 """
 
 import ml_collections

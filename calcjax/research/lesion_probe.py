@@ -33,7 +33,8 @@ keeps it, is grown that many pixels into the >= 130 HU voxels around it (``agats
 does the model find a lesion's core and stop short of its footprint at 130 HU, where a reference lesion
 is all of it? No scan id or header value.
 
-    python -m calcjax.research.lesion_probe --shards 'real_shards/*.array_record' --out probe_real.jsonl
+    python -m calcjax.research.lesion_probe --out probe_real.jsonl \
+        --shards 'real_shards/gated-*/*.array_record'
     python -m calcjax.research.lesion_probe --protocol cardiac \
         --shards "PHANTOM_SHARDS/test-*.array_record" ...
 """
