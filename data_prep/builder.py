@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -60,7 +61,8 @@ def job_fingerprint(job) -> str:
 def _die_with_parent(parent_pid: int) -> None:
     """Pool initializer: the worker gets SIGKILL from the kernel when the build's process dies
     (``prctl(PR_SET_PDEATHSIG)``, Linux), so a SIGKILL of the build never leaves workers waiting for work
-    for ever. No watchdog thread: threads in forked workers crashed array_record's writer here."""
+    for ever. No watchdog thread: threads in forked workers crashed array_record's writer here (the
+    workers are spawned now; the rule stays)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -223,9 +225,12 @@ def _write_shards(todo: list[tuple], total: int, workers: int, progress: bool) -
                 _write(t)
                 bar.update()
             return
+        # spawn, not fork: a process that imported jax (a notebook, a training script) is multithreaded, and a
+        # fork of it can deadlock; spawned workers import only what writing shards needs (no jax).
         with concurrent.futures.ProcessPoolExecutor(
-            workers, initializer=_die_with_parent, initargs=(os.getpid(),)
-        ) as pool:
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:  # fmt: skip
             for _ in pool.map(_write, todo):
                 bar.update()
 

@@ -243,3 +243,34 @@ def test_kill_and_rerun_give_the_same_shards_as_an_uninterrupted_build(phantoms,
     ma.pop("seconds", None)
     mb.pop("seconds", None)
     assert ma == mb
+
+
+def test_a_build_from_a_process_that_imported_jax_spawns_its_workers(phantoms, tmp_path):
+    """A process that imported jax is multithreaded, and a fork of it can deadlock (jax warns so at every
+    fork): the shard workers are spawned, so building from a notebook that imported calcjax forks nothing,
+    and the shards are byte for byte those of a build in one process."""
+    src = tmp_path / "in"
+    for i in range(4):
+        shutil.copytree(phantoms[i][1], src / os.path.basename(phantoms[i][1]))
+    one = str(tmp_path / "one")
+    builder.build(builder.BuildOptions(str(src), one, split="train=1", records_per_shard=20, salt=SALT,
+                                       progress=False))  # fmt: skip
+    code = (
+        "import sys, jax, jax.numpy as jnp; jnp.zeros(1).block_until_ready(); "
+        "from data_prep import builder; "
+        "builder.build(builder.BuildOptions(sys.argv[1], sys.argv[2], split='train=1', records_per_shard=20, "
+        "salt=sys.argv[3], workers=2, progress=False))"
+    )
+    two = str(tmp_path / "two")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "-c", code, str(src), two, SALT]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "os.fork()" not in proc.stderr and "deadlock" not in proc.stderr, proc.stderr[-2000:]
+    shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(one, "*.array_record")))
+    assert len(shards) > 1 and shards == sorted(
+        os.path.basename(p) for p in glob.glob(os.path.join(two, "*.array_record"))
+    )
+    for name in shards:
+        with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
+            assert a.read() == b.read(), name
