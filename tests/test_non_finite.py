@@ -136,3 +136,24 @@ def test_non_finite_logits_make_an_error_row_not_a_zero_score(two_scans, tmp_pat
     assert outputs.read_jsonl(os.path.join(out, "scores.jsonl")) == []
     errors = outputs.read_jsonl(os.path.join(out, "errors.jsonl"))
     assert [e["kind"] for e in errors] == ["non_finite_logits"] * 2
+
+
+@pytest.mark.parametrize("attribute", ["RescaleIntercept", "RescaleSlope"])
+def test_a_missing_rescale_attribute_is_refused_never_scored(two_scans, tmp_path, attribute):
+    """RescaleSlope and RescaleIntercept are Type 1 in CT images: without one, HU are undefined (a missing
+    intercept would read air as +1024 HU and score every bright voxel), so the series is an error row."""
+    from calcjax.score import cohort
+    from calcjax.score.options import ScoreOptions
+
+    src = tmp_path / "in"
+    shutil.copytree(two_scans, src)
+    victim = sorted(glob.glob(os.path.join(src, "*", "dicom", "*.dcm")))[3]
+    ds = pydicom.dcmread(victim)
+    delattr(ds, attribute)
+    ds.save_as(victim)
+    with pytest.raises(dicom.RescaleError, match=f"{attribute} is missing"):
+        dicom.read_series(sorted(glob.glob(os.path.join(os.path.dirname(victim), "*.dcm"))))
+    s = cohort.score_cohort(ScoreOptions(out=str(tmp_path / "out"), dicom_dir=str(src), progress=False))
+    assert s["scored"] == 1 and s["failed"] == 1
+    (err,) = [json.loads(x) for x in open(tmp_path / "out" / "errors.jsonl")]
+    assert err["kind"] == "bad_rescale" and f"{attribute} is missing" in err["reason"]

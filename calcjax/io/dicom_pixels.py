@@ -36,14 +36,15 @@ MAX_ABS_RESCALE_INTERCEPT = 100_000.0  # CT intercepts are -1024, -8192, 0 ...
 
 
 def rescale_of(slope, intercept, path: str) -> tuple[float, float]:
-    """``(slope, intercept)`` as floats; missing values default to 1 and 0. A non-numeric, non-finite,
-    zero or absurd value (beyond ``MAX_ABS_RESCALE_*``) is refused: it would turn every pixel into a wrong
-    HU (NaN reads as 0 HU, 1e30 as 32767 HU) and a wrong score, never an error."""
+    """``(slope, intercept)`` as floats. Both are required (Type 1 in the CT Image module, and in Enhanced
+    CT's Pixel Value Transformation): without them HU are undefined, so a missing one is refused, as is a
+    non-numeric, non-finite, zero or absurd value (beyond ``MAX_ABS_RESCALE_*``): each would turn every
+    pixel into a wrong HU (a missing intercept reads air as +1024 HU, NaN as 0 HU, 1e30 as 32767 HU) and a
+    wrong score, never an error."""
     out = []
-    for name, value, default in (("RescaleSlope", slope, 1.0), ("RescaleIntercept", intercept, 0.0)):
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
         if value in (None, ""):
-            out.append(default)
-            continue
+            raise RescaleError(path, f"{name} is missing: CT pixels without it have no defined HU")
         try:
             x = float(value)
         except (TypeError, ValueError):
