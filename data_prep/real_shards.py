@@ -130,23 +130,27 @@ def build_real_shards(real: str, out: str, *, workers: int = 1, progress: bool =
     return manifests
 
 
-_REAL = flags.DEFINE_string("real", None, "Folder holding coca-sample/ and qrm-canon/.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Folder of the per-scan shard folders.", required=True)
-_WORKERS = flags.DEFINE_integer("workers", 1, "Processes writing shards.", lower_bound=1)
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so modules import side by side)."""
+    flags.DEFINE_string("real", None, "Folder holding coca-sample/ and qrm-canon/.", required=True)
+    flags.DEFINE_string("out", None, "Folder of the per-scan shard folders.", required=True)
+    flags.DEFINE_integer("workers", 1, "Processes writing shards.", lower_bound=1)
 
 
 def main(argv):
     del argv
+    f = flags.FLAGS
     manifests = cli.run_or_exit(
         "data_prep.real_shards",
-        lambda: build_real_shards(_REAL.value, _OUT.value, workers=_WORKERS.value),
+        lambda: build_real_shards(f.real, f.out, workers=f.workers),
         (FileNotFoundError, dicom.DicomError, qrm.InsertNotFoundError, deid.SaltError),
     )
     for name, m in manifests.items():
-        print(f"{name}: {m['num_scans']} scan, {m['num_records']} slices -> {os.path.join(_OUT.value, name)}")
+        print(f"{name}: {m['num_scans']} scan, {m['num_records']} slices -> {os.path.join(f.out, name)}")
 
 
 if __name__ == "__main__":
     from absl import app
 
+    define_flags()
     app.run(main)
