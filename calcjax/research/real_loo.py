@@ -110,12 +110,16 @@ def score_held_out(run: str, which: str, real_shards: str, held_out: str, out: s
     }
 
 
-def run_plan(plan: dict, real_shards: str, out: str, seeds: list[int], only: list[str] | None = None) -> list:
-    """Every (candidate, fold, seed) run not yet in ``out/results.jsonl``; returns all result lines."""
+def run_plan(plan: dict, real_shards: str, out: str, seeds: list[int], only: dict | None = None) -> list:
+    """Every (candidate, fold, seed) run not yet in ``out/results.jsonl`` (``only``: ``{"candidates": [...],
+    "folds": [...]}`` to run a part now, the rest later); returns all result lines."""
+    only = only or {}
     path = os.path.join(out, "results.jsonl")
     done = {(r["candidate"], r["held_out"], r["seed"]) for r in outputs.read_jsonl(path, repair=True)}
     for name, candidate in plan["candidates"].items():
-        for held_out in [f for f in folds(real_shards) if not only or f in only]:
+        if only.get("candidates") and name not in only["candidates"]:
+            continue
+        for held_out in [f for f in folds(real_shards) if not only.get("folds") or f in only["folds"]]:
             for seed in seeds:
                 if (name, held_out, seed) in done:
                     continue
@@ -180,14 +184,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real_shards", required=True, help="make real-shards's folder (one folder per scan)")
     p.add_argument("--out", required=True, help="output folder (results.jsonl, summary.md, runs/)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
-    p.add_argument("--folds", default="", help="only these held-out scans (default: every one)")
+    p.add_argument("--folds", default="", help="only these held-out scans now (default: every one)")
+    p.add_argument("--candidates", default="", help="only these candidates now (default: every one)")
     args = p.parse_args(argv)
 
     def job() -> dict:
         os.makedirs(args.out, exist_ok=True)
         plan = load_plan(args.plan, args.out)
         seeds = [int(s) for s in args.seeds.split(",")]
-        results = run_plan(plan, args.real_shards, args.out, seeds, [f for f in args.folds.split(",") if f])
+        only = {k: [x for x in getattr(args, k).split(",") if x] for k in ("folds", "candidates")}
+        results = run_plan(plan, args.real_shards, args.out, seeds, only)
         summary = summarize(results)
         write_summary(args.out, plan, summary)
         return summary
