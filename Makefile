@@ -2,6 +2,7 @@
 # Both set themselves up on a fresh machine (a .venv with the package and the extras the tests need).
 
 PYTHON ?= python3
+, := ,
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
@@ -14,8 +15,20 @@ REAL_SHARDS ?= real_shards
 CHECKPOINT ?=
 # Extra calcjax.score flags for real-eval, e.g. SCORE_FLAGS=--lesion_completion_mm2=40.
 SCORE_FLAGS ?=
+# Leave one real scan out (calcjax.research.real_loo): the plan written before its runs, and where they go.
+LOO_PLAN ?= docs/experiments/2026-12-02-real-loo-plan.json
+LOO_OUT ?= real_loo
+LOO_SEEDS ?= 0,1,2
+# The full COCA release (make train-coca COCA=/path/to/cocacalciumandchestcts): where its build, run and
+# scores go; COCA_PHANTOMS=SHARDS mixes a phantom shard folder in at a quarter of the slices;
+# COCA_BUILD_FLAGS / COCA_TRAIN_FLAGS pass more flags (e.g. --salt, --config.train.steps=...).
+COCA ?=
+COCA_OUT ?= coca_out
+COCA_PHANTOMS ?=
+COCA_BUILD_FLAGS ?=
+COCA_TRAIN_FLAGS ?=
 
-.PHONY: install test test-fast lint format demo bench clean real-eval real-shards check-install
+.PHONY: install test test-fast lint format demo bench clean real-eval real-shards real-loo train-coca check-install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +78,7 @@ real-eval: $(STAMP)
 	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-eval: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
 	rm -rf $(REAL_OUT)
 	$(BIN)/python -m calcjax.score --dicom "$(REAL_DATA)/coca-sample" --out $(REAL_OUT) \
-		--reference_scores "$(REAL_DATA)/coca-sample/deidentified_nongated/scores.xlsx" --reference_key_suffix A \
+		--reference_scores "$(REAL_DATA)/coca-sample/deidentified_nongated/scores.xlsx" \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(SCORE_FLAGS)
 	@cat $(REAL_OUT)/report.md
 	@if test -d "$(REAL_DATA)/qrm-canon/dicom"; then \
@@ -78,6 +91,27 @@ real-eval: $(STAMP)
 real-shards: $(STAMP)
 	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-shards: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
 	$(BIN)/python -m data_prep.real_shards --real "$(REAL_DATA)" --out $(REAL_SHARDS) --workers 2
+
+# Every candidate of LOO_PLAN trained without each real scan in turn (LOO_SEEDS) and scored on it:
+# $(LOO_OUT)/summary.md. A rerun finishes what is missing; another plan needs another LOO_OUT.
+real-loo: real-shards
+	$(BIN)/python -m calcjax.research.real_loo --plan $(LOO_PLAN) --real_shards $(REAL_SHARDS) --out $(LOO_OUT) \
+		--seeds $(LOO_SEEDS)
+
+# The COCA recipe (configs/coca.py): gated scans -> shards split by patient -> the paper's network ->
+# the gated test split scored against its masks, the chest scans against the release's score sheet.
+train-coca: $(STAMP)
+	@test -d "$(COCA)/Gated_release_final" || { echo "train-coca: no Gated_release_final in COCA=$(COCA)"; exit 2; }
+	$(BIN)/python -m data_prep.build --input "$(COCA)/Gated_release_final" --out $(COCA_OUT)/gated \
+		--split train=0.8,val=0.1,test=0.1 --split_by patient --workers 2 $(COCA_BUILD_FLAGS)
+	$(BIN)/python -m calcjax.train --config configs/coca.py --workdir $(COCA_OUT)/run \
+		--config.data.sources=coca:$(COCA_OUT)/gated:1$(if $(COCA_PHANTOMS),$(,)phantom:$(COCA_PHANTOMS):0.25) \
+		$(COCA_TRAIN_FLAGS)
+	$(BIN)/python -m calcjax.score --shards '$(COCA_OUT)/gated/test-*.array_record' --checkpoint $(COCA_OUT)/run \
+		--out $(COCA_OUT)/score-gated
+	$(BIN)/python -m calcjax.score --dicom "$(COCA)/deidentified_nongated" --checkpoint $(COCA_OUT)/run \
+		--reference_scores "$(COCA)/deidentified_nongated/scores.xlsx" --out $(COCA_OUT)/score-chest
+	@echo "train-coca: gated test split $(COCA_OUT)/score-gated/report.md, chest $(COCA_OUT)/score-chest/report.md"
 
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py

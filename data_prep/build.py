@@ -1,8 +1,8 @@
 r"""Builds ArrayRecord shards of 2.5D stacks from folders of DICOM CT (+ NIfTI / COCA XML labels).
 
   python -m data_prep.build --input DIR --out SHARDS [--split train=0.8,val=0.1,test=0.1] [--context 1] \
-      [--workers W] [--labels LABEL_TREE] [--label_format auto|nifti|xml] [--protocol chest|cardiac] \
-      [--records_per_shard 512] [--salt S]
+      [--split_by series|patient] [--workers W] [--labels LABEL_TREE] [--label_format auto|nifti|xml] \
+      [--protocol chest|cardiac] [--records_per_shard 512] [--salt S]
 
 Output: ``{split}-{i:05d}-of-{n:05d}.array_record``, ``manifest.json``
 (schema version, settings, per-scan metadata with record ranges, indices of records with calcium), TFDS's
@@ -34,6 +34,10 @@ _INPUT = flags.DEFINE_string("input", None, "Folder tree holding DICOM series (a
 _OUT = flags.DEFINE_string("out", None, "Output shard folder.", required=True)
 _SPLIT = flags.DEFINE_string("split", "train=0.8,val=0.1,test=0.1", "Split ratios by scan.")
 _SPLIT_SEED = flags.DEFINE_integer("split_seed", 0, "Seed of the split assignment.")
+_SPLIT_BY = flags.DEFINE_enum(
+    "split_by", "series", ["series", "patient"],
+    "Draw the split per series, or per patient (the COCA release's patient folder, else PatientID).",
+)  # fmt: skip
 _CONTEXT = flags.DEFINE_integer("context", 1, "k: each record holds C = 2k+1 adjacent slices.", lower_bound=0)
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes writing shards.", lower_bound=1)
 _LABELS = flags.DEFINE_string("labels", None, "Optional label tree mirroring the input's folders.")
@@ -72,6 +76,7 @@ def _build_from_flags() -> dict:
             _OUT.value,
             split=_SPLIT.value,
             split_seed=_SPLIT_SEED.value,
+            split_by=_SPLIT_BY.value,
             context=_CONTEXT.value,
             workers=_WORKERS.value,
             labels_dir=_LABELS.value,

@@ -107,6 +107,8 @@ class BuildOptions:
 
     ``input_dir``: the folder tree searched for DICOM series (and labels); ``out``: the shard folder.
     ``split``: ratios by scan (``train=0.8,val=0.1,test=0.1``), assigned by a hash seeded with ``split_seed``;
+    ``split_by``: ``series`` (each scan drawn on its own) or ``patient`` (every series of a patient in one
+    split: ``calcjax.io.discover.patient_of``);
     ``context``: k, each record holding C = 2k+1 adjacent slices; ``workers``: processes writing shards;
     ``labels_dir``: a label tree mirroring the input; ``label_format``: ``auto`` / ``nifti`` / ``xml``;
     ``protocol``: an override of the protocol guess; ``records_per_shard``: the target shard size;
@@ -117,6 +119,7 @@ class BuildOptions:
     out: str
     split: str = "train=0.8,val=0.1,test=0.1"
     split_seed: int = 0
+    split_by: str = "series"
     context: int = 1
     workers: int = 1
     labels_dir: str | None = None
@@ -127,8 +130,11 @@ class BuildOptions:
     progress: bool = True
 
     def settings(self) -> dict:
-        """What the build record keeps of these options: a rebuild with others is refused."""
+        """What the build record keeps of these options: a rebuild with others is refused (``split_by``
+        only when not the default, so the records of earlier builds still match)."""
+        by_patient = {"split_by": self.split_by} if self.split_by != "series" else {}
         return {
+            **by_patient,
             "record_schema": records.SCHEMA_VERSION,
             "context": self.context,
             "split": self.split,
@@ -162,6 +168,7 @@ def _build_locked(o: BuildOptions) -> dict:
     jobs, errors = discover(
         o.input_dir, salt=load_salt(o.out, o.salt), split=ratios, split_seed=o.split_seed,
         labels_dir=o.labels_dir, label_format=o.label_format, exclude=(o.out,), private_map=private_map,
+        split_by=o.split_by,
     )  # fmt: skip
     _remove_stale_temporaries(o.out)
     if not jobs:

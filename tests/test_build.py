@@ -274,3 +274,44 @@ def test_a_build_from_a_process_that_imported_jax_spawns_its_workers(phantoms, t
     for name in shards:
         with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+def _copy_series(src: str, dst, series_uid: str, patient_id: str) -> None:
+    """The phantom's DICOM files rewritten into ``dst`` as another series of the given patient."""
+    os.makedirs(dst)
+    for path in sorted(glob.glob(os.path.join(src, "dicom", "*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.PatientID = series_uid, patient_id
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(os.path.join(dst, os.path.basename(path)))
+
+
+@pytest.mark.parametrize("layout", ["coca", "patient_id"])
+def test_patient_level_split_keeps_a_patients_series_together(phantoms, tmp_path, layout):
+    """Two series per patient (the COCA release's patient/<id>/ folders, or a PatientID in flat folders):
+    split by patient, both land in one split; split by series, some patient is torn apart."""
+    from calcjax.io.discover import discover
+
+    root = tmp_path / "release"
+    for i, (_, folder) in enumerate(phantoms.values()):
+        for k in range(2):
+            where = root / "patient" / f"{i}" / f"series{k}" if layout == "coca" else root / f"s{i}-{k}"
+            _copy_series(
+                folder, where, f"1.2.826.0.1.3680043.99.{i}.{k}", f"P{i}" if layout != "coca" else ""
+            )
+    ratios = [("a", 0.5), ("b", 0.5)]
+
+    def patients_split(split_by: str) -> list[set[str]]:
+        jobs, errors = discover(str(root), salt=SALT, split=ratios, split_seed=3, split_by=split_by,
+                                private_map=(names := {}))  # fmt: skip
+        assert not errors and len(jobs) == 12
+        by_patient: dict[str, set[str]] = {}
+        for j in jobs:
+            rel = names[j.scan_id]
+            patient = rel.split(os.sep)[1] if layout == "coca" else rel.split("-")[0]
+            by_patient.setdefault(patient, set()).add(j.split)
+        return list(by_patient.values())
+
+    assert all(len(s) == 1 for s in patients_split("patient"))
+    assert any(len(s) == 2 for s in patients_split("series"))
+    assert {next(iter(s)) for s in patients_split("patient")} == {"a", "b"}

@@ -91,8 +91,7 @@ def test_real_eval_scores_a_chest_scan_against_the_sheet(tmp_path):
             checkpoint_path=None,
             out=out,
             dicom_dir=str(tree),
-            reference_scores_path=SHEET,
-            reference_key_suffix="A",
+            reference_scores_path=SHEET,  # the release's sheet: folder 1 is row 1A with no flag
             progress=False,
             num_bootstrap=50,
         )

@@ -77,7 +77,13 @@ def test_matching_is_relative_to_the_sheet_folder_inside_the_tree(tmp_path):
     assert base == str(root / "deidentified_nongated")
     assert rs.match(refs, scan_id="scan-a", scan_folder=str(chest), base=base, key_suffix="A").total == 7
     assert rs.match(refs, scan_id="scan-b", scan_folder=str(gated), base=base, key_suffix="A") is None
-    assert rs.match(refs, scan_id="scan-a", scan_folder=str(chest), base=base) is None  # suffix needed
+    # Without a suffix the one key that is the folder's name and a letter matches; two such keys, none.
+    assert rs.match(refs, scan_id="scan-a", scan_folder=str(chest), base=base).total == 7
+    assert rs.match(refs, scan_id="scan-b", scan_folder=str(gated), base=base) is None
+    two = rs.read_reference_scores(_write(tmp_path / "two.csv", "filename,total\n1A,7\n1B,8\n1,5\n10A,6\n"))
+    assert rs.match(two, scan_id="x", scan_folder=str(chest), base=base).total == 5  # the name itself first
+    del two["1"]
+    assert rs.match(two, scan_id="x", scan_folder=str(chest), base=base) is None  # 1A or 1B: neither
     # A sheet outside the tree matches the first folder below the tree; a scan id always matches.
     outside = _write(tmp_path / "elsewhere.csv", "scan,total\nGated,3\nscan-z,9\n")
     refs = rs.read_reference_scores(outside)
@@ -114,8 +120,7 @@ def test_score_with_a_sheet_reports_scan_level_agreement(unlabelled_cohort, tmp_
             checkpoint_path=None,
             out=out,
             dicom_dir=str(unlabelled_cohort),
-            reference_scores_path=str(unlabelled_cohort / "scores.csv"),
-            reference_key_suffix="A",
+            reference_scores_path=str(unlabelled_cohort / "scores.csv"),  # p0 is row p0A, no flag
             progress=False,
             num_bootstrap=50,
         )

@@ -95,6 +95,8 @@ def threshold_for(
     of :data:`KVP_THRESHOLD_HU` for its tube voltage (ValueError for an unknown one)."""
     if not kvp_specific_threshold:
         return float(threshold_hu)
+    if kvp is None:
+        raise ValueError("no usable KVP (0018,0060) in the scan: a kVp-specific calcium threshold needs it")
     key = int(round(kvp))
     if key not in KVP_THRESHOLD_HU:
         raise ValueError(

@@ -92,14 +92,55 @@ class Volume:
         return self.grid.spacing
 
 
+def _get(ds, keyword: str, path: str, error=GeometryError):
+    """``ds.get(keyword)``; pydicom converts a DS / IS value on access and raises on text like "abc": that
+    becomes ``error`` naming the file and the attribute."""
+    try:
+        return ds.get(keyword)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise error(path, f"{keyword} is not a valid number ({str(e).splitlines()[0][:80]})") from None
+
+
+def _number_or_none(ds, keyword: str) -> float | None:
+    """A metadata number (kVp, field of view), or None when absent or unusable (never a crash)."""
+    try:
+        value = ds.get(keyword)
+        x = float(value) if value not in (None, "") else None
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return x if x is not None and np.isfinite(x) and x > 0 else None
+
+
 def _float_list(value, n: int, path: str, tag: str) -> np.ndarray:
+    """``n`` finite numbers of a multi-valued attribute; GeometryError naming the attribute otherwise."""
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         raise GeometryError(path, f"{tag} is missing or not numeric") from None
     if out.size != n:
         raise GeometryError(path, f"{tag} has {out.size} values, expected {n}")
+    if not np.all(np.isfinite(out)):
+        raise GeometryError(path, f"{tag} holds a value that is not finite ({_values(out)})")
     return out
+
+
+def _pixel_spacing(value, path: str) -> np.ndarray:
+    """PixelSpacing (row, column) in mm: two finite numbers > 0 (areas and Agatston scale with it)."""
+    out = _float_list(value, 2, path, "PixelSpacing")
+    if not np.all(out > 0):
+        raise GeometryError(path, f"PixelSpacing must be > 0 mm, got {_values(out)}")
+    return out
+
+
+def _thickness(ds, path: str) -> float | None:
+    """SliceThickness in mm, or None when absent, not a number or not > 0: it is reported metadata only
+    (the slice positions give the spacing every score uses), so an unusable value cannot change a score."""
+    del path
+    return _number_or_none(ds, "SliceThickness")
+
+
+def _values(a: np.ndarray) -> str:
+    return "\\".join(f"{v:g}" for v in a)
 
 
 def _check_ct(ds: pydicom.Dataset, path: str) -> None:
@@ -111,6 +152,13 @@ def _check_ct(ds: pydicom.Dataset, path: str) -> None:
         raise NotCTError(path, f"SOP class {UID(sop).name} is not a CT image")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise NoPixelDataError(path, "no pixel data")
+    samples = ds.get("SamplesPerPixel", 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "").strip().upper()
+    if samples not in (1, "1") or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise NotCTError(
+            path, f"SamplesPerPixel {samples} / PhotometricInterpretation {photometric or 'empty'}: a CT "
+            "image holds one grey value per pixel (MONOCHROME1 or MONOCHROME2), so no HU can be read from it",
+        )  # fmt: skip
 
 
 def _is_localizer(ds) -> bool:
@@ -119,14 +167,18 @@ def _is_localizer(ds) -> bool:
 
 
 def _classic_frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
-    slope, intercept = rescale_of(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), path)
+    slope, intercept = rescale_of(
+        _get(ds, "RescaleSlope", path, RescaleError), _get(ds, "RescaleIntercept", path, RescaleError), path
+    )
     return [
         Frame(
             path=path,
-            position=_float_list(ds.get("ImagePositionPatient"), 3, path, "ImagePositionPatient"),
-            orientation=_float_list(ds.get("ImageOrientationPatient"), 6, path, "ImageOrientationPatient"),
-            pixel_spacing=_float_list(ds.get("PixelSpacing"), 2, path, "PixelSpacing"),
-            thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
+            position=_float_list(_get(ds, "ImagePositionPatient", path), 3, path, "ImagePositionPatient"),
+            orientation=_float_list(
+                _get(ds, "ImageOrientationPatient", path), 6, path, "ImageOrientationPatient"
+            ),
+            pixel_spacing=_pixel_spacing(_get(ds, "PixelSpacing", path), path),
+            thickness=_thickness(ds, path),
             slope=slope,
             intercept=intercept,
             pixels=stored_pixels(ds, path),
@@ -160,8 +212,8 @@ def _enhanced_frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
         )
         trans = group(fg, "PixelValueTransformationSequence")
         slope, intercept = rescale_of(
-            None if trans is None else trans.get("RescaleSlope"),
-            None if trans is None else trans.get("RescaleIntercept"),
+            None if trans is None else _get(trans, "RescaleSlope", path, RescaleError),
+            None if trans is None else _get(trans, "RescaleIntercept", path, RescaleError),
             path,
         )
         if pos is None or ori is None or meas is None:
@@ -169,14 +221,14 @@ def _enhanced_frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
         frames.append(
             Frame(
                 path=path,
-                position=_float_list(pos.get("ImagePositionPatient"), 3, path, "ImagePositionPatient"),
-                orientation=_float_list(
-                    ori.get("ImageOrientationPatient"), 6, path, "ImageOrientationPatient"
+                position=_float_list(
+                    _get(pos, "ImagePositionPatient", path), 3, path, "ImagePositionPatient"
                 ),
-                pixel_spacing=_float_list(meas.get("PixelSpacing"), 2, path, "PixelSpacing"),
-                thickness=float(meas.SliceThickness)
-                if meas.get("SliceThickness") not in (None, "")
-                else None,
+                orientation=_float_list(
+                    _get(ori, "ImageOrientationPatient", path), 6, path, "ImageOrientationPatient"
+                ),
+                pixel_spacing=_pixel_spacing(_get(meas, "PixelSpacing", path), path),
+                thickness=_thickness(meas, path),
                 slope=slope,
                 intercept=intercept,
                 pixels=pixels[i],
@@ -321,8 +373,8 @@ def _assemble(frames: list[Frame], first: pydicom.Dataset, localizers: int, prot
 
 
 def _metadata(ds, frames, grid: Grid, localizers: int, protocol: str | None) -> dict:
-    fov = ds.get("ReconstructionDiameter")
-    fov_mm = float(fov) if fov not in (None, "") else float(grid.shape[2] * grid.spacing[2])
+    fov = _number_or_none(ds, "ReconstructionDiameter")  # unusable: the image's own width decides
+    fov_mm = fov if fov is not None else float(grid.shape[2] * grid.spacing[2])
     gated = any(ds.get(t) not in (None, "") for t in GATING_TAGS) or _enhanced_gated(ds)
     if protocol is None:
         if gated or fov_mm <= CARDIAC_FOV_MAX_MM:
@@ -332,9 +384,9 @@ def _metadata(ds, frames, grid: Grid, localizers: int, protocol: str | None) -> 
         else:
             protocol = "unknown"
     thickness = frames[0].thickness
-    kvp = ds.get("KVP")
+    kvp = _number_or_none(ds, "KVP")
     return {
-        "kvp": float(kvp) if kvp not in (None, "") else None,
+        "kvp": kvp,
         "slice_thickness_mm": thickness,
         "slice_increment_mm": grid.spacing[0],
         "pixel_spacing_mm": [grid.spacing[1], grid.spacing[2]],

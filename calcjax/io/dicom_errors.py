@@ -49,5 +49,11 @@ class MissingCodecError(DicomError):
     kind = "missing_codec"
 
 
+class CorruptPixelDataError(DicomError):
+    """Compressed pixel data that the installed decoders were given and could not decode."""
+
+    kind = "corrupt_pixel_data"
+
+
 class RescaleError(DicomError):
     kind = "bad_rescale"

@@ -130,6 +130,16 @@ def read_dataset(path: str, *, headers_only: bool) -> pydicom.Dataset:
         raise NotDicomError(path, f"unreadable DICOM ({e.__class__.__name__}: {reason})") from None
 
 
+def patient_id(path: str) -> str:
+    """The PatientID of a DICOM file, stripped ("" when absent or unreadable): a grouping key held in memory
+    for patient-level splits, never written."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # a file that find_series read moments ago; unreadable now means no key, not a crash
+        return ""
+    return str(ds.get("PatientID", "") or "").strip()
+
+
 def physical_series_key(ds: pydicom.Dataset) -> tuple:
     """What identifies a series without a SeriesInstanceUID: FrameOfReferenceUID (when present), series
     number, orientation, pixel spacing, matrix, slice thickness and kernel (with the folder, which the

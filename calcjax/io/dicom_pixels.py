@@ -4,14 +4,25 @@ mapped to air before the rescale. No jax here."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import re
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from calcjax.core.hu import AIR_HU
-from calcjax.io.dicom_errors import MissingCodecError, NoPixelDataError, RescaleError, TruncatedError
+from calcjax.io.dicom_errors import (
+    CorruptPixelDataError,
+    MissingCodecError,
+    NoPixelDataError,
+    RescaleError,
+    TruncatedError,
+)
 
 
 @dataclasses.dataclass
@@ -83,23 +94,73 @@ def _native_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray | None:
 
 
 def stored_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray:
+    """The stored values of a file's image (before the rescale); a DicomError naming the file and the
+    reason when they cannot be read: no decoder installed for the transfer syntax, compressed data the
+    installed decoders could not decode, a truncated stream, or an attribute the decoder needs."""
     native = _native_pixels(ds, path)
     if native is not None:
         return native
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    name = UID(ts).name if ts else "unknown"
     try:
-        return ds.pixel_array
-    except (NotImplementedError, RuntimeError):
-        ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
-        name = UID(str(ts)).name if ts else "unknown"
-        raise MissingCodecError(
-            path,
-            f"cannot decode transfer syntax {name}: install the codecs extra (pip install 'calcjax[codecs]')",
+        with _quiet_decoders():
+            return ds.pixel_array
+    except (NotImplementedError, RuntimeError) as e:
+        if not _decoder_installed(ts):
+            raise MissingCodecError(
+                path,
+                f"cannot decode transfer syntax {name}: no decoder for it is installed "
+                "(pip install 'calcjax[codecs]')",
+            ) from None
+        raise CorruptPixelDataError(
+            path, f"corrupt compressed pixel data ({name}): every installed decoder failed ({_plugins(e)})"
+        ) from None
+    except AttributeError as e:
+        raise NoPixelDataError(
+            path, f"pixel data cannot be decoded: {_named_element(_first_line(e))}"
         ) from None
     except ValueError as e:
-        msg = str(e).split("\n")[0][:200]
+        msg = _first_line(e)
         if any(k in msg.lower() for k in ("length", "doesn't match", "truncat", "less than expected")):
             raise TruncatedError(path, f"pixel data truncated ({msg})") from None
         raise NoPixelDataError(path, f"pixel data unreadable ({msg})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().split("\n")[0][:200]
+
+
+def _plugins(e: Exception) -> str:
+    """pydicom's "Unable to decode ... plugins:\n  gdcm: ...\n  pillow: ..." as one short line."""
+    lines = [x.strip() for x in str(e).strip().split("\n")]
+    return "; ".join(x for x in lines[1:] if x)[:300] or lines[0][:200]
+
+
+def _named_element(message: str) -> str:
+    """pydicom's "Missing required element (0028,0004)" with the element's keyword added."""
+    m = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", message)
+    keyword = keyword_for_tag(int(m.group(1) + m.group(2), 16)) if m else ""
+    return f"{message} ({keyword})" if keyword and keyword not in message else message
+
+
+def _decoder_installed(transfer_syntax: str) -> bool:
+    """Whether pydicom has a working decoder for the transfer syntax (so a failure is the data's)."""
+    try:
+        return bool(transfer_syntax) and get_decoder(UID(transfer_syntax)).is_available
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_decoders():
+    """pydicom's decoders log each failing plugin's traceback; the refusal names the reason instead."""
+    log = logging.getLogger("pydicom")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def padding_range(ds) -> tuple[int, int] | None:

@@ -14,7 +14,8 @@
   ``reader_warnings`` line (``"severity": "warning"``; the scan is still built) in the errors list and
   one log line.
 - Split: by scan, from SHA-256(split seed + scan id) mapped to [0, 1) and cut at the cumulative ratios,
-  so a scan keeps its split when other scans are added.
+  so a scan keeps its split when other scans are added. ``split_by="patient"`` hashes the patient's
+  salted id instead (:func:`patient_of`), so every series of one patient falls in one split.
 - Labels, first found wins: a mirrored ``--labels`` tree (``<labels>/<series folder>.nii.gz``,
   ``<labels>/<series folder>/label.nii.gz``, ``<labels>/<parent folder>/label.nii.gz``); then
   ``label.nii.gz`` or ``calcium.xml`` in the series folder or its parent (the phantom's layout); then the
@@ -108,6 +109,17 @@ def split_of(scan_id: str, seed: int, ratios: list[tuple[str, float]]) -> str:
     return ratios[-1][0]
 
 
+def patient_of(series: dicom_series.SeriesFiles, root: str) -> str:
+    """The patient of a series, for patient-level splits (held in memory only): the folder ``<id>`` of the
+    COCA release's ``patient/<id>/<series>/`` layout, else the PatientID of its first file, else the series
+    itself (a series without a PatientID is a patient of its own)."""
+    parts = os.path.normpath(os.path.relpath(series.folder, root)).split(os.sep)
+    if len(parts) >= 3 and parts[-3] == "patient":
+        return "coca-patient:" + os.sep.join(parts[:-1])
+    patient_id = dicom_headers.patient_id(series.files[0])
+    return "patient-id:" + patient_id if patient_id else "series:" + series.uid
+
+
 def parse_split(spec: str) -> list[tuple[str, float]]:
     """``"train=0.8,val=0.1,test=0.1"`` -> [("train", 0.8), ...]; ratios must be positive."""
     out = []
@@ -161,9 +173,11 @@ def discover(
     label_format: str = "auto",
     exclude=(),
     private_map: dict[str, str] | None = None,
+    split_by: str = "series",
 ) -> tuple[list[ScanJob], list[dict]]:
     """Scan jobs (sorted by split, then scan id) and error entries for inputs that cannot be scans.
 
+    ``split_by``: ``series`` (each scan on its own) or ``patient`` (every series of a patient in one split).
     Inputs are named in the entries by scan id or salted file name, never by path (``calcjax.io.deid``);
     ``private_map``, when given, receives ``name -> path relative to root`` for each name used.
     ``exclude``: folders not searched (the job's own output folder when it lies inside ``root``).
@@ -191,7 +205,7 @@ def discover(
         jobs.append(
             ScanJob(
                 scan_id=scan_id,
-                split=split_of(scan_id, split_seed, split),
+                split=split_of(_split_key(s, scan_id, root, salt, split_by), split_seed, split),
                 files=s.files,
                 label_path=label_path,
                 label_format=fmt,
@@ -204,6 +218,15 @@ def discover(
         )
     jobs.sort(key=lambda j: (j.split, j.scan_id))
     return jobs, errors
+
+
+def _split_key(s: dicom_series.SeriesFiles, scan_id: str, root: str, salt: str, split_by: str) -> str:
+    """What a series' split is hashed from: its scan id, or its patient's salted id (``split_by``)."""
+    if split_by == "series":
+        return scan_id
+    if split_by != "patient":
+        raise ValueError(f"split_by must be 'series' or 'patient', got {split_by!r}")
+    return scan_id_of(patient_of(s, root), salt)
 
 
 def _unreadable_entry(e, root: str, salt: str, names: dict[str, str]) -> dict:

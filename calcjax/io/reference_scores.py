@@ -14,10 +14,12 @@ row per scan:
   column, the sum of the arteries is the total (``total_from="arteries"``).
 
 Matching a sheet row to a scan (:func:`match`): the key equals the scan id, or equals the first folder of
-the scan's path below the *base* followed by ``key_suffix`` (COCA: folder ``2`` is row ``2A``, suffix
-``A``). The base is the sheet's own folder when the sheet lies inside the scanned tree (so a release's
-sheet only names the scans beside it; COCA's gated patients ``0-2`` are not its chest rows ``1A``/``2A``),
-else the scanned folder itself. No jax here.
+the scan's path below the *base* followed by ``key_suffix``; without a ``key_suffix``, the folder's name
+itself, else the one key that is the folder's name followed by a single letter (COCA: folder ``2`` is row
+``2A``; a folder with two such keys, ``2A`` and ``2B``, matches none). The base is the sheet's own
+folder when the sheet lies inside the scanned tree (so a release's sheet only names the scans beside it;
+COCA's gated patients ``0-2`` are not its chest rows ``1A``/``2A``), else the scanned folder itself.
+No jax here.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ARTERY_COLUMNS = {
     "RCA": ("rca",),
 }
 TOTAL_COLUMNS = ("total", "agatston", "total agatston")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 class ReferenceScoresError(ValueError):
@@ -183,4 +186,7 @@ def match(
     if rel == ".":
         return None
     first = rel.split(os.sep)[0]
-    return refs.get(first + key_suffix)
+    if key_suffix or first in refs:
+        return refs.get(first + key_suffix)
+    lettered = [k for k in (first + c for c in _LETTERS) if k in refs]
+    return refs[lettered[0]] if len(lettered) == 1 else None

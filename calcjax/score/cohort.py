@@ -4,7 +4,7 @@ r"""Batch scoring of a cohort with a trained checkpoint: ``python -m calcjax.sco
   python -m calcjax.score --nifti NIFTI_DIR --out OUT   # *.nii.gz CT volumes in HU (calcjax.io.nifti)
   python -m calcjax.score --shards 'SHARDS/test-*.array_record' --checkpoint RUN --out OUT
   python -m calcjax.score --dicom DIR --checkpoint RUN --out OUT [--labels LABELS] [--save_masks] \
-      [--reference_scores SHEET.xlsx --reference_key_suffix A] [--dicom_seg --dicom_sr]
+      [--reference_scores SHEET.xlsx] [--dicom_seg --dicom_sr]
 
 ``--checkpoint`` is a training workdir (its ``best`` or ``latest`` checkpoint, ``--which``), one step
 folder or a one-file model (``calcjax.model.files``, SHA-256 checked); without it, the shipped model
@@ -313,8 +313,9 @@ def _sheet_matches(sheet, rows: list[dict]) -> dict:
     matched = sum(r.get("reference_source") == "sheet" for r in rows)
     if matched < len(sheet):
         logging.warning(
-            "%d of %d reference-score rows matched no scored scan (check the key column and "
-            "--reference_key_suffix)", len(sheet) - matched, len(sheet),
+            "%d of %d reference-score rows matched no scored scan (check the key column, "
+            "--reference_key_suffix and that the sheet lies in or beside the scanned folder)",
+            len(sheet) - matched, len(sheet),
         )  # fmt: skip
     return {"sheet_rows": len(sheet), "sheet_rows_matched": matched}
 
@@ -368,8 +369,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("reference_key_column", None, "Key column of --reference_scores (default: auto).")
     flags.DEFINE_string(
-        "reference_key_suffix", "", "Sheet key = scan folder name + this suffix (COCA's chest sheet: 'A')."
-    )
+        "reference_key_suffix", "",
+        "Sheet key = scan folder name + this suffix (default: the name, else the name and one letter: '2A').",
+    )  # fmt: skip
 
 
 def main(argv):
