@@ -31,7 +31,7 @@ import sys
 
 import numpy as np
 
-from calcjax.core import cli
+from calcjax.core import cli, compile_cache
 from calcjax.io import outputs
 from calcjax.io.atomic import write_atomic
 
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     def job() -> dict:
+        compile_cache.enable()  # the runs share their compiled train step and the scorer's forward
         os.makedirs(args.out, exist_ok=True)
         plan = load_plan(args.plan, args.out)
         seeds = [int(s) for s in args.seeds.split(",")]

@@ -56,7 +56,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from calcjax.core import agatston, cli, sharding
+from calcjax.core import agatston, cli, compile_cache, sharding
 from calcjax.data import scan_sources
 from calcjax.inference import postprocess
 from calcjax.inference import predictor as inference
@@ -383,6 +383,7 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     logging.set_verbosity(logging.WARNING)
+    compile_cache.enable()
     sharding.initialize_distributed()
     user_errors = (
         model_file.ModelFileError,

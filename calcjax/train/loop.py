@@ -33,7 +33,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax.core import cli, sharding
+from calcjax.core import cli, compile_cache, sharding
 from calcjax.core import config as config_schema
 from calcjax.data import input_pipeline
 from calcjax.data import sources as sources_lib
@@ -348,6 +348,7 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    compile_cache.enable()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
