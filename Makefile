@@ -121,6 +121,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/heart_region.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/compile.py
 	$(BIN)/python bench/model.py --torch_compile
 	$(BIN)/python bench/train.py
 

@@ -1,0 +1,113 @@
+"""Compilation time of calcjax's programs, cold and from the persistent cache (one JSON line per program).
+
+  python bench/compile.py [--programs smoke_train_step,default_train_step,scorer_forward]
+
+Each program is compiled in a fresh process twice, both with ``CALCJAX_COMPILE_CACHE`` set to one new,
+empty folder: ``compile_s`` is the first process's ``jit(...).lower(...).compile()`` (cold: nothing
+cached), ``cached_s`` the second's (the executable loaded from the cache); ``speedup`` is their ratio.
+Programs: the train step (forward, backward, AdamW) of configs/smoke.py at its training shape (batch 8,
+96x96) and of configs/default.py at its own (batch 16, 512x512, bfloat16), and the scorer's forward
+(the shipped model, 4 slices of 512x512). The process start and imports are not counted.
+
+  {"bench": "compile", "config": "smoke", "program": "train_step", "compile_s": ..., "cached_s": ...,
+   "speedup": ..., "backend": "cpu"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = {
+    "smoke_train_step": ("smoke", "train_step"),
+    "default_train_step": ("default", "train_step"),
+    "scorer_forward": ("shipped", "forward"),
+}
+
+
+def _train_step_lowered(config: str):
+    """The train step of ``configs/<config>.py`` lowered at its training shape."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from calcjax.model import network
+    from calcjax.train import step as ts
+
+    cfg = importlib.import_module(f"configs.{config}").get_config()
+    mcfg = network.ModelConfig.from_config(cfg.model)
+    net = network.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
+                           grad_clip=1.0)  # fmt: skip
+    graphdef, state = ts.create_state(net, tx)
+    step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(cfg.loss))
+    b, s = cfg.train.batch_size, cfg.data.crop
+    images = jax.ShapeDtypeStruct((b, s, s, mcfg.in_channels), jnp.float32)
+    labels = jax.ShapeDtypeStruct((b, s, s), jnp.int32)
+    return step.lower(state, images, labels)
+
+
+def _forward_lowered():
+    """The scorer's forward (the shipped model, its batch of 4 slices at 512x512) lowered."""
+    import jax
+    import jax.numpy as jnp
+
+    from calcjax.inference.predictor import Predictor
+
+    p = Predictor.from_checkpoint(None)
+    images = jax.ShapeDtypeStruct((p.batch_size, 512, 512, p.in_channels), jnp.float32)
+    return p._forward.lower(p._state, images)
+
+
+def child(config: str, program: str) -> None:
+    """In a fresh process: the seconds ``compile()`` takes (printed as JSON)."""
+    from calcjax.core import compile_cache
+
+    compile_cache.enable()
+    lowered = _forward_lowered() if program == "forward" else _train_step_lowered(config)
+    t0 = time.perf_counter()
+    lowered.compile()
+    import jax
+
+    print(json.dumps({"seconds": time.perf_counter() - t0, "backend": jax.default_backend()}))
+
+
+def _compile_in_fresh_process(config: str, program: str, cache: str) -> dict:
+    env = {**os.environ, "CALCJAX_COMPILE_CACHE": cache}
+    done = subprocess.run([sys.executable, __file__, "--child", f"{config}:{program}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--programs", default=",".join(PROGRAMS))
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child.split(":"))
+        return
+    for name in args.programs.split(","):
+        config, program = PROGRAMS[name]
+        with tempfile.TemporaryDirectory(prefix="calcjax-compile-bench-") as cache:
+            cold = _compile_in_fresh_process(config, program, cache)
+            cached = _compile_in_fresh_process(config, program, cache)
+        print(json.dumps({"bench": "compile", "config": config, "program": program,
+                          "compile_s": round(cold["seconds"], 3), "cached_s": round(cached["seconds"], 3),
+                          "speedup": round(cold["seconds"] / max(cached["seconds"], 1e-9), 1),
+                          "backend": cold["backend"]}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    main()

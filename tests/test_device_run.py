@@ -1,0 +1,39 @@
+"""bench/device_run.py's staging, on CPU with the smoke config: every stage writes its figure line before
+the next starts, in the order that puts the compilation first, and the run ends with an exported model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORDER = ["machine", "preflight", "compile", "train_step_one_device", "score", "data", "input_pipeline",
+         "train_plan", "train", "export", "score_test_split"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_device_run_stages_in_order_within_its_budget(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "bench/device_run.py", "--out", str(out), "--config", "smoke", "--size", "128",
+           "--scans", "10", "--workers", "1", "--budget_s", "420", "--torch_variants", "eager",
+           "--compile_s", "150", "--gpu_step_s", "150", "--score_s", "100", "--reserve_s", "60"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "session.jsonl")]
+    stages = []
+    for r in rows:
+        name = "score" if r["bench"].startswith("score") and r["bench"] != "score_test_split" else r["bench"]
+        if not stages or stages[-1] != name:
+            stages.append(name)
+    assert [s for s in stages if s in ORDER] == [s for s in ORDER if s in stages], stages
+    assert set(ORDER) - set(stages) <= {"score"}, stages  # bench/score.py's own bench names may differ
+    times = [r["t_s"] for r in rows]
+    assert times == sorted(times) and times[-1] <= 420 + 30
+    compile_row = next(r for r in rows if r["bench"] == "compile")
+    assert compile_row["compile_s"] > compile_row["cached_s"] > 0 and compile_row["autotune_level"] == "0"
+    assert next(r for r in rows if r["bench"] == "export")["ok"]
+    assert os.path.isfile(out / "calcjax-smoke-phantom-device.msgpack")
