@@ -195,6 +195,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--gpu_step_s", type=float, default=170, help="time limit of bench/gpu_step.py")
     p.add_argument("--score_s", type=float, default=90, help="time limit of bench/score.py")
     p.add_argument("--reserve_s", type=float, default=100, help="kept for export and scoring")
+    p.add_argument("--work", default="", help="folder for phantoms, shards and the run (default: a new temp)")
     return p.parse_args()
 
 
@@ -337,7 +338,8 @@ def main() -> None:
     s.env["CALCJAX_COMPILE_CACHE"] = os.path.join(args.out, "xla_cache")
     import tempfile
 
-    work = tempfile.mkdtemp(prefix="calcjax-device-run-")
+    work = args.work or tempfile.mkdtemp(prefix="calcjax-device-run-")
+    os.makedirs(work, exist_ok=True)
     if not stage_machine(s, args):
         return
     stage_compile(s, args)

@@ -20,7 +20,8 @@ def test_device_run_stages_in_order_within_its_budget(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "bench/device_run.py", "--out", str(out), "--config", "smoke", "--size", "128",
            "--scans", "10", "--workers", "1", "--budget_s", "420", "--torch_variants", "eager",
-           "--compile_s", "150", "--gpu_step_s", "150", "--score_s", "100", "--reserve_s", "60"]  # fmt: skip
+           "--compile_s", "150", "--gpu_step_s", "150", "--score_s", "100", "--reserve_s", "60",
+           "--work", str(tmp_path / "work")]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "session.jsonl")]
