@@ -456,3 +456,50 @@ def _can_make(path: str) -> bool:
         return False
     os.rmdir(path)
     return True
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only")])
+def test_a_disk_that_fills_mid_job_stops_it_with_one_line_and_a_resume_loses_nothing(
+    two_scans, tmp_path, monkeypatch, capsys, code, words
+):
+    """The third score row reaches the disk torn (part of its line) when the disk fills / turns
+    read-only: the job stops with one line (exit 2), writes no CSV or report that looks complete, and a
+    resume ends with the rows of an uninterrupted run, each once."""
+    src = tmp_path / "in"
+    for i in range(4):
+        _copy_scan(two_scans[i % 2], src / f"s{i}", headers={"SeriesInstanceUID": pydicom.uid.generate_uid()})
+    (tmp_path / "salt.txt").write_text(SALT)
+
+    def options(out, **kw):
+        return ScoreOptions(out=str(tmp_path / out), dicom_dir=str(src), salt_file=str(tmp_path / "salt.txt"),
+                            progress=False, num_bootstrap=0, **kw)  # fmt: skip
+
+    score.score_cohort(options("whole"))
+    whole = {
+        r["scan_id"]: r["agatston"] for r in outputs.read_jsonl(str(tmp_path / "whole" / "scores.jsonl"))
+    }
+    real_append, calls = outputs.append_jsonl, []
+
+    def failing_append(path, row):
+        if path.endswith("scores.jsonl"):
+            if len(calls) == 2:
+                with open(path, "a") as f:
+                    f.write(json.dumps(row)[:40])  # the part of the line that reached the disk
+                raise OSError(code, os.strerror(code), path)
+            calls.append(row["scan_id"])
+        real_append(path, row)
+
+    monkeypatch.setattr(outputs, "append_jsonl", failing_append)
+    with pytest.raises(SystemExit) as e:
+        cli.run_or_exit("calcjax.score", lambda: score.score_cohort(options("cut")))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and words in err
+    assert not os.path.exists(tmp_path / "cut" / "scores.csv") and not os.path.exists(
+        tmp_path / "cut" / "report.md"
+    )
+    monkeypatch.undo()
+    summary = score.score_cohort(options("cut", resume=True))
+    rows = outputs.read_jsonl(str(tmp_path / "cut" / "scores.jsonl"))
+    assert summary["skipped_already_scored"] == 2 and summary["scored"] == 2
+    assert sorted(r["scan_id"] for r in rows) == sorted(whole)  # every scan once
+    assert {r["scan_id"]: r["agatston"] for r in rows} == whole
