@@ -28,7 +28,7 @@ COCA_PHANTOMS ?=
 COCA_BUILD_FLAGS ?=
 COCA_TRAIN_FLAGS ?=
 
-.PHONY: install test test-fast lint format demo bench clean real-eval real-shards real-loo train-coca check-install
+.PHONY: install test test-fast lint format demo bench fuzz clean real-eval real-shards real-loo train-coca check-install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -112,6 +112,12 @@ train-coca: $(STAMP)
 	$(BIN)/python -m calcjax.score --dicom "$(COCA)/deidentified_nongated" --checkpoint $(COCA_OUT)/run \
 		--reference_scores "$(COCA)/deidentified_nongated/scores.xlsx" --out $(COCA_OUT)/score-chest
 	@echo "train-coca: gated test split $(COCA_OUT)/score-gated/report.md, chest $(COCA_OUT)/score-chest/report.md"
+
+# The seeded DICOM fuzzer (bench/fuzz_dicom.py): 1,000 mutated series through data_prep.build and
+# calcjax.score; one JSON line (tracebacks, unexplained refusals and silent changes must all be 0).
+FUZZ_CASES ?= 1000
+fuzz: $(STAMP)
+	CALCJAX_REAL_DATA="$(REAL_DATA)" $(BIN)/python -m bench.fuzz_dicom --cases $(FUZZ_CASES) --seed 0
 
 bench: $(STAMP)
 	$(BIN)/python bench/phantom.py

@@ -11,7 +11,7 @@ import struct
 
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from calcjax.io import dicom
 from data_prep.phantom.generator import generate_scan, write_scan
@@ -67,9 +67,9 @@ def _rgb(ds):
 
 CASES = {
     "pixel spacing 0": (lambda ds: setattr(ds, "PixelSpacing", ["0", "0"]), "geometry",
-                        r"PixelSpacing must be > 0 mm, got 0\\0"),
+                        r"PixelSpacing must be > 0 and <= 20 mm, got 0\\0"),
     "negative pixel spacing": (lambda ds: setattr(ds, "PixelSpacing", ["-0.5", "-0.5"]), "geometry",
-                               r"PixelSpacing must be > 0 mm"),
+                               r"PixelSpacing must be > 0 and <= 20 mm"),
     "NaN pixel spacing": (lambda ds: setattr(ds, "PixelSpacing", ["NaN", "0.5"]), "geometry",
                           r"PixelSpacing holds a value that is not finite"),
     "infinite position": (lambda ds: setattr(ds, "ImagePositionPatient", ["0", "inf", "1"]), "geometry",
@@ -105,7 +105,9 @@ def test_an_unusable_slice_thickness_is_reported_as_absent_and_changes_no_geomet
         assert (vol.hu == good.hu).all()
 
 
-@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless], ids=["jpeg2000", "jpeg-ls"])
+@pytest.mark.parametrize(
+    "syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless], ids=["jpeg2000", "jpeg-ls", "rle"]
+)
 def test_corrupt_compressed_data_is_diagnosed_as_corrupt_not_as_a_missing_codec(series, tmp_path, syntax,
                                                                                   caplog):  # fmt: skip
     """The codecs are installed and tried: the refusal says the data are corrupt, names the decoders'

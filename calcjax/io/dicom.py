@@ -124,11 +124,29 @@ def _float_list(value, n: int, path: str, tag: str) -> np.ndarray:
     return out
 
 
+MAX_PIXEL_SPACING_MM = 20.0  # CT pixels are 0.2-2 mm; beyond this a header is damaged, not a scan
+
+
 def _pixel_spacing(value, path: str) -> np.ndarray:
-    """PixelSpacing (row, column) in mm: two finite numbers > 0 (areas and Agatston scale with it)."""
+    """PixelSpacing (row, column) in mm: two finite numbers in (0, MAX_PIXEL_SPACING_MM] (areas and
+    Agatston scale with it: a damaged 1e6 would score every lesion in the millions)."""
     out = _float_list(value, 2, path, "PixelSpacing")
-    if not np.all(out > 0):
-        raise GeometryError(path, f"PixelSpacing must be > 0 mm, got {_values(out)}")
+    if not np.all((out > 0) & (out <= MAX_PIXEL_SPACING_MM)):
+        raise GeometryError(
+            path, f"PixelSpacing must be > 0 and <= {MAX_PIXEL_SPACING_MM:g} mm, got {_values(out)}"
+        )
+    return out
+
+
+def _orientation(value, path: str) -> np.ndarray:
+    """ImageOrientationPatient: a row and a column direction, each of unit length and orthogonal to the
+    other (to 1e-2), else the slice normal and so the slice order are undefined."""
+    out = _float_list(value, 6, path, "ImageOrientationPatient")
+    row, col = out[:3], out[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
+        raise GeometryError(
+            path, f"ImageOrientationPatient must be two orthogonal unit vectors, got {_values(out)}"
+        )
     return out
 
 
@@ -174,9 +192,7 @@ def _classic_frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
         Frame(
             path=path,
             position=_float_list(_get(ds, "ImagePositionPatient", path), 3, path, "ImagePositionPatient"),
-            orientation=_float_list(
-                _get(ds, "ImageOrientationPatient", path), 6, path, "ImageOrientationPatient"
-            ),
+            orientation=_orientation(_get(ds, "ImageOrientationPatient", path), path),
             pixel_spacing=_pixel_spacing(_get(ds, "PixelSpacing", path), path),
             thickness=_thickness(ds, path),
             slope=slope,
@@ -224,9 +240,7 @@ def _enhanced_frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
                 position=_float_list(
                     _get(pos, "ImagePositionPatient", path), 3, path, "ImagePositionPatient"
                 ),
-                orientation=_float_list(
-                    _get(ori, "ImageOrientationPatient", path), 6, path, "ImageOrientationPatient"
-                ),
+                orientation=_orientation(_get(ori, "ImageOrientationPatient", path), path),
                 pixel_spacing=_pixel_spacing(_get(meas, "PixelSpacing", path), path),
                 thickness=_thickness(meas, path),
                 slope=slope,

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import warnings
 
 import numpy as np
 import pydicom
@@ -73,6 +74,11 @@ def rescale_of(slope, intercept, path: str) -> tuple[float, float]:
     return s, i
 
 
+# pydicom's warnings of a compressed stream that does not decode to what its header promises.
+_DAMAGED = re.compile(
+    r"non-conformant padding|segment|fewer bytes than expected|more bytes than expected", re.I
+)
+
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
 
 
@@ -103,8 +109,9 @@ def stored_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray:
     ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     name = UID(ts).name if ts else "unknown"
     try:
-        with _quiet_decoders():
-            return ds.pixel_array
+        with _quiet_decoders(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as e:
         if not _decoder_installed(ts):
             raise MissingCodecError(
@@ -124,6 +131,10 @@ def stored_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray:
         if any(k in msg.lower() for k in ("length", "doesn't match", "truncat", "less than expected")):
             raise TruncatedError(path, f"pixel data truncated ({msg})") from None
         raise NoPixelDataError(path, f"pixel data unreadable ({msg})") from None
+    damaged = [str(w.message) for w in caught if _DAMAGED.search(str(w.message))]
+    if damaged:  # RLE has no checksum: a damaged stream decodes to wrong pixels with only a warning
+        raise CorruptPixelDataError(path, f"corrupt compressed pixel data ({name}): {damaged[0][:200]}")
+    return pixels
 
 
 def _first_line(e: Exception) -> str:
