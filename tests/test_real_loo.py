@@ -86,3 +86,20 @@ def test_every_held_out_scan_is_scored_by_runs_that_never_saw_it(real_shards, tm
         real_loo.main(["--plan", _plan(tmp_path / "other.json", steps=3), "--real_shards", real_shards,
                        "--out", out])  # fmt: skip
     assert stop.value.code == 2
+
+
+def test_a_plan_names_only_the_scorers_rules(tmp_path):
+    from calcjax.research import real_loo
+
+    plan = json.loads(open(_plan(tmp_path / "p.json")).read())
+    os.makedirs(tmp_path / "out-ok")
+    os.makedirs(tmp_path / "out-bad")
+    plan["candidates"]["tiny"]["score"] = {"lesion_completion_mm2": 40, "use_heart_region": True}
+    (tmp_path / "ok.json").write_text(json.dumps(plan))
+    assert real_loo.load_plan(str(tmp_path / "ok.json"), str(tmp_path / "out-ok"))["candidates"]["tiny"][
+        "score"
+    ]
+    plan["candidates"]["tiny"]["score"] = {"out": "/elsewhere"}
+    (tmp_path / "bad.json").write_text(json.dumps(plan))
+    with pytest.raises(real_loo.PlanError, match=r"\['out'\] are not scorer rules"):
+        real_loo.load_plan(str(tmp_path / "bad.json"), str(tmp_path / "out-bad"))

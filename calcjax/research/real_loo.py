@@ -8,13 +8,16 @@ of the choice and the candidates:
 
   {"rule": "the candidate with the highest mean gated voxel F1 over folds and seeds, ...",
    "candidates": {"NAME": {"config": "configs/smoke.py", "phantom": "PHANTOM_SHARDS:0.5",
-                           "real_weight": 0.5, "which": "latest", "overrides": {"train.steps": 300}}}}
+                           "real_weight": 0.5, "which": "latest", "overrides": {"train.steps": 300},
+                           "score": {"lesion_completion_mm2": 40}}}}
 
 For each candidate, held-out scan (fold) and seed, a run trains (``python -m calcjax.train``) on the
 candidate's config with ``data.sources`` = its phantom source (optional) and every other real scan's
 folder, sharing ``real_weight`` equally, ``train.seed`` = ``data.seed`` = the seed and the overrides; then
-the held-out scan is scored by the scorer (shard route, its defaults: heart region on). One JSON line per
-run in ``OUT/results.jsonl`` (a rerun skips the runs already there), and ``OUT/summary.md`` /
+the held-out scan is scored by the scorer (shard route, its defaults: heart region on; a candidate's
+``score`` block sets the scorer's rules, ``calcjax.score.options.ScoreOptions`` fields, so that a rule the
+phantoms could not choose, lesion completion or the heart region, is chosen on real scans too). One JSON
+line per run in ``OUT/results.jsonl`` (a rerun skips the runs already there), and ``OUT/summary.md`` /
 ``summary.json``: per candidate and fold the mean and range over seeds, and the gated voxel F1 over all
 gated folds with its seed spread (the range, over seeds, of each seed's mean over folds). The plan is
 copied to ``OUT/plan.json``; a rerun with another plan is refused, so a choice is never remade after
@@ -36,6 +39,7 @@ from calcjax.io import outputs
 from calcjax.io.atomic import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCORER_RULES = {"use_heart_region", "lesion_completion_mm2", "kvp_specific_threshold", "batch_size"}
 FIGURES = ("voxel_f1", "voxel_precision", "voxel_recall", "lesion_sensitivity", "fp_lesions", "agatston")
 
 
@@ -53,6 +57,10 @@ def load_plan(path: str, out: str) -> dict:
     for name, c in plan["candidates"].items():
         if "config" not in c or not float(c.get("real_weight", 0)) > 0:
             raise PlanError(f"{path}: candidate {name} needs a config and a real_weight > 0")
+        unknown = set(c.get("score", {})) - SCORER_RULES
+        if unknown:
+            raise PlanError(f"{path}: candidate {name}: {sorted(unknown)} are not scorer rules "
+                            f"({', '.join(sorted(SCORER_RULES))})")  # fmt: skip
     try:
         outputs.check_run_record(out, "plan", plan, fix="start another --out for another plan")
     except outputs.RunRecordError as e:
@@ -86,14 +94,17 @@ def train(candidate: dict, spec: str, seed: int, workdir: str) -> None:
         raise RuntimeError(f"training {workdir} failed:\n{done.stderr[-3000:]}")
 
 
-def score_held_out(run: str, which: str, real_shards: str, held_out: str, out: str) -> dict:
-    """The held-out scan scored by ``run`` (the scorer's defaults): its figures against its labels."""
+def score_held_out(
+    run: str, which: str, real_shards: str, held_out: str, out: str, rules: dict | None = None
+) -> dict:
+    """The held-out scan scored by ``run`` (the scorer's defaults, or ``rules``): its figures against its
+    labels."""
     from calcjax.score.cohort import score_cohort
     from calcjax.score.options import ScoreOptions
 
     shards = os.path.join(real_shards, held_out, "*.array_record")
     score_cohort(ScoreOptions(out=out, shards=shards, checkpoint_path=run, which=which, progress=False,
-                              num_bootstrap=0))  # fmt: skip
+                              num_bootstrap=0, **(rules or {})))  # fmt: skip
     (row,) = outputs.read_jsonl(os.path.join(out, outputs.SCORES))
     e = row["evaluation"]
     tp, fp, fn = e["voxel_tp"], e["voxel_fp"], e["voxel_fn"]
@@ -126,7 +137,7 @@ def run_plan(plan: dict, real_shards: str, out: str, seeds: list[int], only: dic
                 workdir = os.path.join(out, "runs", name, held_out, f"seed-{seed}")
                 train(candidate, sources_spec(candidate, real_shards, held_out), seed, workdir)
                 figures = score_held_out(workdir, candidate.get("which", "latest"), real_shards, held_out,
-                                         os.path.join(workdir, "score"))  # fmt: skip
+                                         os.path.join(workdir, "score"), candidate.get("score"))  # fmt: skip
                 outputs.append_jsonl(path, {"candidate": name, "held_out": held_out, "seed": seed, **figures})
     return outputs.read_jsonl(path)
 
