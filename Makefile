@@ -128,6 +128,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/heart_region.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/compile.py
+	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/model.py --torch_compile
 	$(BIN)/python bench/train.py
 
