@@ -15,7 +15,7 @@ PACKAGE = os.path.join(ROOT, "calcjax")
 MAX_FUNCTION_LINES, MAX_PARAMETERS, MAX_MODULE_LINES, MAX_README_LINES = 80, 10, 500, 250
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "build", "dist", "results"}
 TEXT_SUFFIXES = (".py", ".md", ".toml", ".cfg", ".sh", ".sbatch", "Makefile", ".txt")
-DIARY = re.compile(r"\b(sessions?|issues?|work periods?) #?\d+\b|DESIGN\.md|FACTS\.md", re.IGNORECASE)
+DIARY = re.compile(r"\b(sessions?|issues?|work\s+periods?)\s+#?\d+\b|DESIGN\.md|FACTS\.md", re.IGNORECASE)
 # The real sample is found beside the checkout by code that looks for it, and named nowhere else.
 OUTSIDE = re.compile(r"\.\./shared\b|\.\.[/\\]\.\.")
 MAY_LOOK_OUTSIDE = {"Makefile"}
