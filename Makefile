@@ -28,7 +28,7 @@ COCA_PHANTOMS ?=
 COCA_BUILD_FLAGS ?=
 COCA_TRAIN_FLAGS ?=
 
-.PHONY: install test test-fast lint format demo bench fuzz clean real-eval real-shards real-loo train-coca check-install
+.PHONY: install test test-fast lint format demo bench fuzz repro clean real-eval real-shards real-loo train-coca check-install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -112,6 +112,21 @@ train-coca: $(STAMP)
 	$(BIN)/python -m calcjax.score --dicom "$(COCA)/deidentified_nongated" --checkpoint $(COCA_OUT)/run \
 		--reference_scores "$(COCA)/deidentified_nongated/scores.xlsx" --out $(COCA_OUT)/score-chest
 	@echo "train-coca: gated test split $(COCA_OUT)/score-gated/report.md, chest $(COCA_OUT)/score-chest/report.md"
+
+# The reproducibility study (calcjax.research.repro): the shipped recipe in JAX and in PyTorch, three seeds
+# each, on its 48 v3 phantoms; writes docs/reproducibility.md. Hours on 2 CPU cores.
+V3_PHANTOMS ?= phantom_v3
+V3_SHARDS ?= phantom_v3_shards
+REPRO_OUT ?= repro_out
+$(V3_SHARDS)/manifest.json: $(STAMP)
+	$(BIN)/python -m data_prep.phantom --out $(V3_PHANTOMS) --scans 48 --protocol mixed --seed 1 --phantom_version 3 \
+		--workers 2
+	$(BIN)/python -m data_prep.build --input $(V3_PHANTOMS) --out $(V3_SHARDS) --split train=0.8,val=0.1,test=0.1 \
+		--salt calcjax-model-v1 --workers 2
+
+repro: $(V3_SHARDS)/manifest.json
+	$(BIN)/python -m calcjax.research.repro --config configs/shipped.py --shards $(V3_SHARDS) --out $(REPRO_OUT) \
+		--seeds 0,1,2 --margin 0.05 --doc docs/reproducibility.md
 
 # The seeded DICOM fuzzer (bench/fuzz_dicom.py): 1,000 mutated series through data_prep.build and
 # calcjax.score; one JSON line (tracebacks, unexplained refusals and silent changes must all be 0).
