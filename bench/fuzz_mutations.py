@@ -265,6 +265,64 @@ def _link(entries, rng):
     return entries
 
 
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def _as_enhanced(drop: str = "") -> Callable:
+    """The series as one Enhanced CT file: one frame per slice, each frame's plane position and pixel
+    value transformation in its per-frame group, orientation and pixel measures shared; ``drop``: a
+    per-frame group left out of one frame."""
+
+    def fn(entries, rng):
+        import numpy as np
+        from pydicom.sequence import Sequence
+
+        first = entries[0]["ds"]
+        ds = copy.deepcopy(first)
+        for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                  "RescaleSlope", "RescaleIntercept", "InstanceNumber", "SliceLocation"):  # fmt: skip
+            if k in ds:
+                delattr(ds, k)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
+        ds.NumberOfFrames = len(entries)
+        shared = pydicom.Dataset()
+        shared.PlaneOrientationSequence = Sequence(
+            [_item(ImageOrientationPatient=first.ImageOrientationPatient)]
+        )
+        measures = _item(PixelSpacing=first.PixelSpacing, SliceThickness=first.get("SliceThickness", 3))
+        shared.PixelMeasuresSequence = Sequence([measures])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        frames = []
+        for i, e in enumerate(entries):
+            fg = pydicom.Dataset()
+            if not (drop == "PlanePositionSequence" and i == len(entries) // 2):
+                fg.PlanePositionSequence = Sequence(
+                    [_item(ImagePositionPatient=e["ds"].ImagePositionPatient)]
+                )
+            fg.PixelValueTransformationSequence = Sequence(
+                [
+                    _item(
+                        RescaleSlope=e["ds"].RescaleSlope,
+                        RescaleIntercept=e["ds"].RescaleIntercept,
+                        RescaleType="HU",
+                    )
+                ]
+            )
+            frames.append(fg)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+        ds.PixelData = np.stack([e["ds"].pixel_array for e in entries]).tobytes()
+        return [{"name": "enhanced.dcm", "ds": ds}]
+
+    return fn
+
+
+def _item(**values) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for k, v in values.items():
+        setattr(item, k, v)
+    return item
+
+
 def _shift_one_slice(ds):
     ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + [1.0e6]
 
@@ -357,7 +415,9 @@ def _series_mutations() -> list[Mutation]:
         _refuse("MR SOP class", ("SOP class", "Modality"), _each(_set("SOPClassUID", MR))),
         _refuse("middle slice missing", ("gap",), _remove_middle),
         _refuse("a slice twice with other pixels", ("same position",), _duplicate(True)),
-    ]
+        _refuse("Enhanced CT, a frame without its plane position", ("plane position", "frame"),
+                _as_enhanced("PlanePositionSequence")),
+    ]  # fmt: skip
 
 
 def _meaning_preserving() -> list[Mutation]:
@@ -380,6 +440,7 @@ def _meaning_preserving() -> list[Mutation]:
         ("JPEG 2000 lossless", _compress(JPEG2000Lossless)),
         ("JPEG-LS lossless", _compress(JPEGLSLossless)),
         ("RLE lossless", _compress(RLELossless)),
+        ("as one Enhanced CT file", _as_enhanced()),
     ]
     return [Mutation(name, "preserve", (), fn) for name, fn in same]
 
