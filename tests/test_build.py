@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -209,7 +210,7 @@ def test_no_identifying_value_in_any_output_byte(phantoms, tmp_path):
             assert not any(needle in b for b in binaries), secret
 
 
-def test_kill_and_rerun_give_the_same_shards_as_an_uninterrupted_build(phantoms, tmp_path):
+def test_a_build_killed_five_times_and_rerun_gives_the_shards_of_an_uninterrupted_build(phantoms, tmp_path):
     src = tmp_path / "in"
     for i in range(6):
         shutil.copytree(phantoms[i][1], src / f"s{i}")
@@ -219,19 +220,21 @@ def test_kill_and_rerun_give_the_same_shards_as_an_uninterrupted_build(phantoms,
         [sys.executable, "-m", "data_prep.build", *args, "--out", str(ref)], check=True, capture_output=True
     )
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "data_prep.build", *args, "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.array_record"))) < 2 and proc.poll() is None:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the build finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    rng = random.Random(5)
+    for _ in range(5):  # each run killed after 0-1 more shards, at a random moment of the next one
+        proc = subprocess.Popen([sys.executable, "-m", "data_prep.build", *args, "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        target, deadline = len(list(out.glob("*.array_record"))) + rng.randint(0, 1), time.time() + 120
+        while (
+            time.time() < deadline and len(list(out.glob("*.array_record"))) < target and proc.poll() is None
+        ):
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert proc.poll() is None, "the build finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     done_before = len(list(out.glob("*.array_record")))
-    assert 0 < done_before < 6
+    assert 0 < done_before < len(list(ref.glob("*.array_record")))
     subprocess.run(
         [sys.executable, "-m", "data_prep.build", *args, "--out", str(out)], check=True, capture_output=True
     )
