@@ -134,6 +134,8 @@ def stored_pixels(ds: pydicom.Dataset, path: str) -> np.ndarray:
     damaged = [str(w.message) for w in caught if _DAMAGED.search(str(w.message))]
     if damaged:  # RLE has no checksum: a damaged stream decodes to wrong pixels with only a warning
         raise CorruptPixelDataError(path, f"corrupt compressed pixel data ({name}): {damaged[0][:200]}")
+    for w in caught:  # the others go on to the reader's warning count, as before
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return pixels
 
 
