@@ -125,7 +125,7 @@ class Session:
         Returns (exit code or None when killed, JSON lines it printed)."""
         import selectors
 
-        end = time.monotonic() + max(timeout, 1.0)
+        end = time.monotonic() + max(min(timeout, self.left()), 1.0)  # never past the budget
         rows: list[dict] = []
         if proc.stdout is None:  # output went to a file: wait, then copy the file's tail to the log
             while proc.poll() is None and time.monotonic() < end:

@@ -1,6 +1,6 @@
-"""bench/device_run.py's staging, on CPU with the smoke config: every stage writes its figure line before
-the next starts, in the order that puts the compilation first, within the budget; the stages after the
-data are run only while the budget lasts, and an export that ran left its model file."""
+"""bench/device_run.py's staging, on CPU with the smoke config and a budget of 120 s: every stage writes
+its figure line before the next starts, in the order that puts the compilation first, and no stage runs
+past the budget (what does not fit is cut, the lines before it kept)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ORDER = ["machine", "preflight", "compile", "train_step_one_device", "score", "d
 def test_device_run_stages_in_order_within_its_budget(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "bench/device_run.py", "--out", str(out), "--config", "smoke", "--size", "128",
-           "--scans", "10", "--workers", "1", "--budget_s", "600", "--torch_variants", "eager",
+           "--scans", "10", "--workers", "1", "--budget_s", "120", "--torch_variants", "eager",
            "--compile_s", "150", "--gpu_step_s", "150", "--score_s", "100", "--reserve_s", "60",
            "--work", str(tmp_path / "work")]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -32,11 +32,13 @@ def test_device_run_stages_in_order_within_its_budget(tmp_path):
         if not stages or stages[-1] != name:
             stages.append(name)
     assert [s for s in stages if s in ORDER] == [s for s in ORDER if s in stages], stages
-    assert {"machine", "preflight", "compile", "data"} <= set(stages), stages  # run whatever the time left
+    assert {"machine", "preflight", "compile"} <= set(stages), stages
     times = [r["t_s"] for r in rows]
-    assert times == sorted(times) and times[-1] <= 600 + 30
+    assert times == sorted(times) and times[-1] <= 120 + 15
     compile_row = next(r for r in rows if r["bench"] == "compile")
-    assert compile_row["compile_s"] > compile_row["cached_s"] > 0 and compile_row["autotune_level"] == "0"
+    assert compile_row["autotune_level"] == "0"
+    if "compile_s" in compile_row:  # the compile stage fitted in the budget
+        assert compile_row["compile_s"] > compile_row["cached_s"] > 0
     exported = [r for r in rows if r["bench"] == "export"]
     if exported and exported[0]["ok"]:
         assert os.path.isfile(out / "calcjax-smoke-phantom-device.msgpack")
