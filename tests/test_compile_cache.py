@@ -28,8 +28,14 @@ def _entries(folder: str) -> list[str]:
     return sorted(f for _, _, files in os.walk(folder) for f in files)
 
 
+def _env(**values) -> dict:
+    """This process's environment without the test run's JAX cache setting (conftest.py), plus ``values``."""
+    dropped = ("JAX_COMPILATION_CACHE_DIR", "CALCJAX_COMPILE_CACHE")
+    return {**{k: v for k, v in os.environ.items() if k not in dropped}, **values}
+
+
 def test_a_second_process_loads_the_first_ones_program(tmp_path):
-    env = {**os.environ, "CALCJAX_COMPILE_CACHE": str(tmp_path / "cache")}
+    env = _env(CALCJAX_COMPILE_CACHE=str(tmp_path / "cache"))
     folder = _run(PROGRAM, env)
     assert folder.startswith(str(tmp_path / "cache") + os.sep)
     stored = _entries(folder)
@@ -38,8 +44,9 @@ def test_a_second_process_loads_the_first_ones_program(tmp_path):
 
 
 def test_off_turns_it_off_and_the_default_is_the_users_cache_folder(tmp_path):
-    assert _run(PROGRAM, {**os.environ, "CALCJAX_COMPILE_CACHE": "off"}) == "None"
-    env = {k: v for k, v in os.environ.items() if k != "CALCJAX_COMPILE_CACHE"}
-    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
-    where = _run("from calcjax.core import compile_cache as c; print(c.folder())", env)
-    assert where.startswith(str(tmp_path / "xdg" / "calcjax" / "xla") + os.sep)
+    where = "from calcjax.core import compile_cache as c; print(c.folder())"
+    assert _run(PROGRAM, _env(CALCJAX_COMPILE_CACHE="off")) == "None"
+    assert _run(where, _env(XDG_CACHE_HOME=str(tmp_path / "xdg"))).startswith(
+        str(tmp_path / "xdg" / "calcjax" / "xla") + os.sep
+    )
+    assert _run(where, _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))) == str(tmp_path / "jax")

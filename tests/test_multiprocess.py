@@ -58,7 +58,7 @@ def _run(args: list[str], processes: int, timeout: int = 600) -> list[subprocess
     # aborted at shutdown (a coordination-service error) in a run beside a training, where without it they
     # had passed; these runs compile anyway. One CPU device per process, whatever the run was given.
     base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
+    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(), CALCJAX_COMPILE_CACHE="off")
     if processes == 1:
         procs = [
             subprocess.Popen(

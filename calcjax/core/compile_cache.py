@@ -5,8 +5,9 @@ compile on a 2-core CPU). With the cache, a second process with the same program
 and machine loads the compiled executable instead.
 
 Where: ``$CALCJAX_COMPILE_CACHE`` when set (a folder; ``off``, ``0`` or an empty string turn the cache
-off), else ``$XDG_CACHE_HOME/calcjax/xla`` (``~/.cache/calcjax/xla``), with a sub-folder per jax version
-and machine so that nodes with other CPU features never load each other's executables. JAX writes each
+off), else JAX's own ``$JAX_COMPILATION_CACHE_DIR`` as it is, else ``$XDG_CACHE_HOME/calcjax/xla``
+(``~/.cache/calcjax/xla``); calcjax's folders get a sub-folder per jax version and machine so that nodes
+with other CPU features never load each other's executables. JAX writes each
 entry atomically, so several processes (data-parallel hosts, a leave-one-out driver and its runs) may
 share the folder. The cache is trusted code: keep it in a folder only you can write to.
 """
@@ -18,6 +19,7 @@ import os
 import platform
 
 ENV = "CALCJAX_COMPILE_CACHE"
+JAX_ENV = "JAX_COMPILATION_CACHE_DIR"
 OFF = ("off", "0", "")
 
 
@@ -34,6 +36,8 @@ def folder() -> str | None:
     chosen = os.environ.get(ENV)
     if chosen is not None and chosen.strip().lower() in OFF:
         return None
+    if chosen is None and os.environ.get(JAX_ENV):
+        return os.environ[JAX_ENV]  # the caller's own JAX setting, used as it is
     root = chosen or default_folder()
     return os.path.join(root, f"jax-{jax.__version__}-{platform.machine()}-{_cpu_features()}")
 
