@@ -27,12 +27,16 @@ sys.path.insert(0, ROOT)
 
 
 def peak_rss_mib(cmd: list[str]) -> float:
-    """Peak resident memory (MiB) of one child process, from its own rusage."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(proc.stderr.read().decode()[-2000:])
-    return usage.ru_maxrss / 1024
+    """Peak resident memory (MiB) of one child process, from its own rusage (``os.wait4``); RuntimeError
+    with the end of its stderr when it fails. Its stderr goes to a file, never a pipe: a child that fills
+    an unread pipe would block and never be waited for."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(err.read().decode(errors="replace")[-2000:])
+    return usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def write_chest(folder: str, size: int, slices: int | None) -> str:

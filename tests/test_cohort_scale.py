@@ -15,19 +15,10 @@ import time
 
 import pytest
 
+from bench.memory import peak_rss_mib
 from data_prep.phantom.generator import generate_scan, write_scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def peak_rss_mib(cmd: list[str]) -> float:
-    """Peak resident memory (MiB) of one child process, from its own rusage (``os.wait4``)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()[-2000:]
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, err
-    return usage.ru_maxrss / 1024  # Linux: KiB
 
 
 @pytest.fixture(scope="module")

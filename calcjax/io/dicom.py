@@ -150,10 +150,9 @@ def _orientation(value, path: str) -> np.ndarray:
     return out
 
 
-def _thickness(ds, path: str) -> float | None:
+def _thickness(ds) -> float | None:
     """SliceThickness in mm, or None when absent, not a number or not > 0: it is reported metadata only
     (the slice positions give the spacing every score uses), so an unusable value cannot change a score."""
-    del path
     return _number_or_none(ds, "SliceThickness")
 
 
@@ -194,7 +193,7 @@ def _classic_frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
             position=_float_list(_get(ds, "ImagePositionPatient", path), 3, path, "ImagePositionPatient"),
             orientation=_orientation(_get(ds, "ImageOrientationPatient", path), path),
             pixel_spacing=_pixel_spacing(_get(ds, "PixelSpacing", path), path),
-            thickness=_thickness(ds, path),
+            thickness=_thickness(ds),
             slope=slope,
             intercept=intercept,
             pixels=stored_pixels(ds, path),
@@ -242,7 +241,7 @@ def _enhanced_frames(ds: pydicom.Dataset, path: str) -> list[Frame]:
                 ),
                 orientation=_orientation(_get(ori, "ImageOrientationPatient", path), path),
                 pixel_spacing=_pixel_spacing(_get(meas, "PixelSpacing", path), path),
-                thickness=_thickness(meas, path),
+                thickness=_thickness(meas),
                 slope=slope,
                 intercept=intercept,
                 pixels=pixels[i],

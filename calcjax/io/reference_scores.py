@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import math
 import os
+import string
 
 from calcjax.core import agatston
 
@@ -39,7 +40,6 @@ ARTERY_COLUMNS = {
     "RCA": ("rca",),
 }
 TOTAL_COLUMNS = ("total", "agatston", "total agatston")
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 class ReferenceScoresError(ValueError):
@@ -188,5 +188,5 @@ def match(
     first = rel.split(os.sep)[0]
     if key_suffix or first in refs:
         return refs.get(first + key_suffix)
-    lettered = [k for k in (first + c for c in _LETTERS) if k in refs]
+    lettered = [k for k in (first + c for c in string.ascii_letters) if k in refs]
     return refs[lettered[0]] if len(lettered) == 1 else None
