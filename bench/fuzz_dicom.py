@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import fuzz_mutations as fm  # noqa: E402
+from calcjax.io import deid, outputs  # noqa: E402
 
 SALT = "calcjax-fuzz-salt-2026"
 
@@ -76,39 +77,30 @@ def run(cmd: list[str]) -> tuple[int, str]:
     return done.returncode, done.stderr
 
 
-def outcomes(out: str, folder: str) -> dict[str, dict]:
-    """{case: {"rows": [...], "errors": [...]}} from an output folder's private map, rows and errors."""
-    names: dict[str, str] = {}
-    path = os.path.join(out, folder, "inputs.private.tsv")
-    if os.path.exists(path):
-        for line in open(path):
-            name, _, rel = line.rstrip("\n").partition("\t")
-            names[name] = rel.split(os.sep)[0]
+def outcomes(folder: str) -> dict[str, dict]:
+    """{case: {"rows": [...], "errors": [...]}} of an output folder, through its private map."""
+    case_of = {name: rel.split(os.sep)[0] for name, rel in deid.read_private_map(folder).items()}
     result: dict[str, dict] = {}
-    for kind, file in (("rows", "scores.jsonl"), ("errors", "errors.jsonl")):
-        p = os.path.join(out, folder, file)
-        for line in open(p) if os.path.exists(p) else []:
-            r = json.loads(line)
-            name = r.get("scan_id") if kind == "rows" else r.get("input")
-            case = names.get(name, "?")
-            result.setdefault(case, {"rows": [], "errors": []})[kind].append(r)
+    for kind, file, key in (("rows", outputs.SCORES, "scan_id"), ("errors", "errors.jsonl", "input")):
+        for r in outputs.read_jsonl(os.path.join(folder, file)):
+            result.setdefault(case_of.get(r.get(key), "?"), {"rows": [], "errors": []})[kind].append(r)
     return result
 
 
 def judge(case: dict, got: dict, base_rows: dict) -> str:
-    """``scored`` / ``refused`` when the rules hold, else ``unexplained`` or ``silent_change``."""
+    """``scored`` / ``refused`` when the rules hold, else ``unexplained`` or ``silent_change``: a scored
+    case must score as its base (whatever it expects); a preserving one must be scored; a refused one needs
+    a reason naming one of its keywords."""
     rows, errors = got.get("rows", []), [e for e in got.get("errors", []) if e.get("severity") != "warning"]
     base = base_rows.get(case["base"])
-    if case["expect"] == "preserve":
-        if len(rows) == 1 and base is not None and fm.same_score(rows[0], base):
-            return "scored"
-        return "silent_change" if rows else "unexplained"
     if rows:
         return (
             "scored"
             if len(rows) == 1 and base is not None and fm.same_score(rows[0], base)
             else "silent_change"
         )
+    if case["expect"] == "preserve":
+        return "unexplained"
     text = " ".join(e.get("reason", "") + " " + e.get("kind", "") for e in errors).lower()
     return "refused" if errors and any(k.lower() in text for k in case["keywords"]) else "unexplained"
 
@@ -125,7 +117,7 @@ def fuzz(out: str, n: int, seed: int, real: str | None) -> dict:
                                f"--salt={SALT}", "--workers=2"])  # fmt: skip
     score_rc, score_err = run([py, "-m", "calcjax.score", f"--dicom={inputs}", f"--out={scores}",
                                f"--salt_file={salt}", "--num_bootstrap=0"])  # fmt: skip
-    got = outcomes(out, "score")
+    got = outcomes(scores)
     base_rows = {c["base"]: got[c["case"]]["rows"][0] for c in cases
                  if c["mutation"] == "none" and got.get(c["case"], {}).get("rows")}  # fmt: skip
     verdicts = []

@@ -90,8 +90,8 @@ def file_in_series(scan_id: str, index: int, count: int) -> str:
     return f"{scan_id} file {index + 1} of {count}"
 
 
-def update_private_map(folder: str, entries: dict[str, str]) -> None:
-    """Adds ``name -> relative path`` entries to ``folder/inputs.private.tsv`` (atomically; kept sorted)."""
+def read_private_map(folder: str) -> dict[str, str]:
+    """``{name: path relative to the input}`` of ``folder/inputs.private.tsv`` ({} when there is none)."""
     path = os.path.join(folder, PRIVATE_MAP)
     known: dict[str, str] = {}
     if os.path.isfile(path):
@@ -100,6 +100,13 @@ def update_private_map(folder: str, entries: dict[str, str]) -> None:
                 name, _, rel = line.rstrip("\n").partition("\t")
                 if name:
                     known[name] = rel
+    return known
+
+
+def update_private_map(folder: str, entries: dict[str, str]) -> None:
+    """Adds ``name -> relative path`` entries to ``folder/inputs.private.tsv`` (atomically; kept sorted)."""
+    path = os.path.join(folder, PRIVATE_MAP)
+    known = read_private_map(folder)
     merged = {**known, **entries}
     if merged == known:
         return
