@@ -172,26 +172,33 @@ def _set(keyword: str, value) -> Callable:
     return lambda ds: setattr(ds, keyword, value)
 
 
+def bytes_with_raw_text(ds: pydicom.Dataset, keyword: str, text: str) -> bytes:
+    """The file's bytes with ``text`` as the attribute's value byte for byte (pydicom will not set text
+    like "abc" in a DS): a valid value of the same length is written, then overwritten in the bytes of the
+    explicit-VR little-endian element. ``ds`` keeps the placeholder."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    vr = pydicom.datadict.dictionary_VR(tag)
+    placeholder = "\\".join("7" * len(p) for p in text.split("\\"))
+    if keyword in ds:
+        ds[keyword].value = placeholder
+    else:
+        ds.add_new(tag, vr, placeholder)
+    data = bytearray(_bytes(ds))
+    value = text.encode() + (b" " if len(text) % 2 else b"")
+    header = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode() + struct.pack("<H", len(value))
+    at = data.find(header)
+    if at < 0:
+        raise ValueError(f"{keyword} is not an explicit-VR element of this file")
+    data[at + len(header) : at + len(header) + len(value)] = value
+    return bytes(data)
+
+
 def _raw_text(keyword: str, text: str) -> Callable:
-    """Every file with ``text`` as the attribute's value byte for byte (pydicom will not set such text):
-    a valid value of the same length is written, then overwritten in the file's bytes."""
+    """Every file with ``text`` as the attribute's value byte for byte (:func:`bytes_with_raw_text`)."""
 
     def fn(entries, rng):
-        tag = pydicom.datadict.tag_for_keyword(keyword)
-        vr = pydicom.datadict.dictionary_VR(tag)
-        placeholder = "\\".join("7" * len(p) for p in text.split("\\"))
         for e in entries:
-            ds = e.pop("ds")
-            if keyword in ds:
-                ds[keyword].value = placeholder
-            else:
-                ds.add_new(tag, vr, placeholder)
-            data = bytearray(_bytes(ds))
-            value = text.encode() + (b" " if len(text) % 2 else b"")
-            header = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode() + struct.pack("<H", len(value))
-            at = data.find(header)
-            data[at + len(header) : at + len(header) + len(value)] = value
-            e["raw"] = bytes(data)
+            e["raw"] = bytes_with_raw_text(e.pop("ds"), keyword, text)
         return entries
 
     return fn

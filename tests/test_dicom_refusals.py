@@ -7,12 +7,12 @@ import glob
 import logging
 import os
 import shutil
-import struct
 
 import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from bench import fuzz_mutations
 from calcjax.io import dicom
 from data_prep.phantom.generator import generate_scan, write_scan
 
@@ -35,24 +35,11 @@ def _mutated(series, tmp_path, change) -> str:
     for path in sorted(glob.glob(os.path.join(out, "*.dcm"))):
         ds = pydicom.dcmread(path)
         raw = change(ds) or {}
-        for keyword, text in raw.items():  # a valid value of the same length, overwritten below
-            ds[keyword].value = "\\".join("7" * len(part) for part in text.split("\\"))
         ds.save_as(path, enforce_file_format=True)
-        data = bytearray(open(path, "rb").read())
         for keyword, text in raw.items():
-            _overwrite_value(data, keyword, text)
-        open(path, "wb").write(bytes(data))
+            with open(path, "wb") as f:
+                f.write(fuzz_mutations.bytes_with_raw_text(ds, keyword, text))
     return out
-
-
-def _overwrite_value(data: bytearray, keyword: str, text: str) -> None:
-    """Writes ``text`` over the value of the (explicit VR little endian) element ``keyword``."""
-    tag = pydicom.datadict.tag_for_keyword(keyword)
-    value = text.encode() + (b" " if len(text) % 2 else b"")
-    header = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"DS" + struct.pack("<H", len(value))
-    at = data.find(header)
-    assert at > 0, f"{keyword} not found as an explicit-VR element"
-    data[at + len(header) : at + len(header) + len(value)] = value
 
 
 def _raw(keyword: str, text: str):
