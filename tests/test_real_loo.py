@@ -25,7 +25,7 @@ def real_shards(tmp_path_factory):
     return str(base / "real")
 
 
-def _plan(path, steps=2):
+def _plan(path, steps=2, completion=False):
     plan = {
         "rule": "highest mean gated voxel F1 over folds and seeds",
         "candidates": {
@@ -44,6 +44,11 @@ def _plan(path, steps=2):
             }  # fmt: skip
         },
     }
+    if completion:  # the same training, scored with another rule: one training run serves both
+        plan["candidates"]["tiny_completion"] = {
+            **plan["candidates"]["tiny"],
+            "score": {"lesion_completion_mm2": 40},
+        }
     path.write_text(json.dumps(plan))
     return str(path)
 
@@ -61,11 +66,27 @@ def test_every_held_out_scan_is_scored_by_runs_that_never_saw_it(real_shards, tm
     from calcjax.research import real_loo
 
     out = str(tmp_path / "loo")
-    real_loo.main(["--plan", _plan(tmp_path / "plan.json"), "--real_shards", real_shards, "--out", out,
-                   "--seeds", "0"])  # fmt: skip
+    trained = []
+    real_train = real_loo.train
+    monkeypatch.setattr(
+        real_loo, "train", lambda c, spec, seed, w: trained.append(w) or real_train(c, spec, seed, w)
+    )
+    real_loo.main(["--plan", _plan(tmp_path / "plan.json", completion=True), "--real_shards", real_shards,
+                   "--out", out, "--seeds", "0"])  # fmt: skip
     with open(os.path.join(out, "results.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [(r["held_out"], r["seed"]) for r in rows] == [("gated-1", 0), ("gated-2", 0)]
+        both = [json.loads(line) for line in f]
+    assert [(r["candidate"], r["held_out"]) for r in both] == [
+        ("tiny", "gated-1"),
+        ("tiny", "gated-2"),
+        ("tiny_completion", "gated-1"),
+        ("tiny_completion", "gated-2"),
+    ]
+    assert [os.path.relpath(w, out) for w in trained] == [os.path.join("runs", "tiny", f, "seed-0")
+                                                          for f in ("gated-1", "gated-2")]  # fmt: skip
+    assert os.path.isfile(
+        os.path.join(out, "runs", "tiny_completion", "gated-1", "seed-0", "score", "scores.jsonl")
+    )
+    rows = [r for r in both if r["candidate"] == "tiny"]
     for r in rows:
         assert 0.0 <= r["voxel_f1"] <= 1.0 and r["reference_agatston"] > 0
         with open(os.path.join(out, "runs", "tiny", r["held_out"], "seed-0", "config.json")) as f:
@@ -77,11 +98,13 @@ def test_every_held_out_scan_is_scored_by_runs_that_never_saw_it(real_shards, tm
     assert "Rule (written before the first run)" in open(os.path.join(out, "summary.md")).read()
 
     def no_training(*args):
-        raise AssertionError("a run already in results.jsonl was trained again")
+        raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(real_loo, "train", no_training)
+    os.remove(os.path.join(out, "results.jsonl"))  # rows lost, finished runs kept: scored, not trained
     real_loo.main(["--plan", str(tmp_path / "plan.json"), "--real_shards", real_shards, "--out", out,
                    "--seeds", "0"])  # fmt: skip
+    assert len(open(os.path.join(out, "results.jsonl")).readlines()) == 4
     with pytest.raises(SystemExit) as stop:  # another plan in the same folder: one line, exit 2
         real_loo.main(["--plan", _plan(tmp_path / "other.json", steps=3), "--real_shards", real_shards,
                        "--out", out])  # fmt: skip

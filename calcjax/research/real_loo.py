@@ -12,16 +12,17 @@ of the choice and the candidates:
                            "score": {"lesion_completion_mm2": 40}}}}
 
 For each candidate, held-out scan (fold) and seed, a run trains (``python -m calcjax.train``) on the
-candidate's config with ``data.sources`` = its phantom source (optional) and every other real scan's
-folder, sharing ``real_weight`` equally, ``train.seed`` = ``data.seed`` = the seed and the overrides; then
-the held-out scan is scored by the scorer (shard route, its defaults: heart region on; a candidate's
-``score`` block sets the scorer's rules, ``calcjax.score.options.ScoreOptions`` fields, so that a rule the
-phantoms could not choose, lesion completion or the heart region, is chosen on real scans too). One JSON
-line per run in ``OUT/results.jsonl`` (a rerun skips the runs already there), and ``OUT/summary.md`` /
+candidate's config with ``data.sources`` = its phantom source (optional) and every other real scan's folder,
+sharing ``real_weight`` equally, ``train.seed`` = ``data.seed`` = the seed and the overrides; then the
+held-out scan is scored by the scorer (shard route, its defaults: heart region on; a candidate's ``score``
+block sets the scorer's rules, ``calcjax.score.options.ScoreOptions`` fields, so that a rule the phantoms
+could not choose, lesion completion or the heart region, is chosen on real scans too). One JSON line per run
+in ``OUT/results.jsonl`` (a rerun skips the runs already there; candidates whose training is the same,
+differing only in their ``score`` block, share one training run per fold and seed), and ``OUT/summary.md`` /
 ``summary.json``: per candidate and fold the mean and range over seeds, and the gated voxel F1 over all
-gated folds with its seed spread (the range, over seeds, of each seed's mean over folds). The plan is
-copied to ``OUT/plan.json``; a rerun with another plan is refused, so a choice is never remade after
-looking. Every figure here is of a scan the run did not train on.
+gated folds with its seed spread (the range, over seeds, of each seed's mean over folds). The plan is copied
+to ``OUT/plan.json``; a rerun with another plan is refused, so a choice is never remade after looking. Every
+figure here is of a scan the run did not train on.
 """
 
 from __future__ import annotations
@@ -97,14 +98,14 @@ def train(candidate: dict, spec: str, seed: int, workdir: str) -> None:
 def score_held_out(
     run: str, which: str, real_shards: str, held_out: str, out: str, rules: dict | None = None
 ) -> dict:
-    """The held-out scan scored by ``run`` (the scorer's defaults, or ``rules``): its figures against its
-    labels."""
+    """The held-out scan scored by ``run`` (the scorer's defaults, or ``rules``) into ``out`` (a folder a
+    killed plan left is gone on with): its figures against its labels."""
     from calcjax.score.cohort import score_cohort
     from calcjax.score.options import ScoreOptions
 
     shards = os.path.join(real_shards, held_out, "*.array_record")
     score_cohort(ScoreOptions(out=out, shards=shards, checkpoint_path=run, which=which, progress=False,
-                              num_bootstrap=0, **(rules or {})))  # fmt: skip
+                              num_bootstrap=0, resume=True, **(rules or {})))  # fmt: skip
     (row,) = outputs.read_jsonl(os.path.join(out, outputs.SCORES))
     e = row["evaluation"]
     tp, fp, fn = e["voxel_tp"], e["voxel_fp"], e["voxel_fn"]
@@ -121,6 +122,27 @@ def score_held_out(
     }
 
 
+def training_of(plan: dict, name: str) -> str:
+    """The first candidate, in the plan's order, whose training is the same as ``name``'s (config, phantom
+    source, real weight and overrides): its runs serve every candidate that differs only in how it scores."""
+    keys = ("config", "phantom", "real_weight", "overrides")
+    mine = [plan["candidates"][name].get(k) for k in keys]
+    return next(n for n, c in plan["candidates"].items() if [c.get(k) for k in keys] == mine)
+
+
+def trained_run(plan: dict, name: str, real_shards: str, held_out: str, seed: int, out: str) -> str:
+    """The run folder of ``name``'s training without ``held_out`` at ``seed``, trained now unless a finished
+    one is there (``trained.json`` is written when its training ends)."""
+    trainer = training_of(plan, name)
+    workdir = os.path.join(out, "runs", trainer, held_out, f"seed-{seed}")
+    marker = os.path.join(workdir, "trained.json")
+    if not os.path.isfile(marker):
+        spec = sources_spec(plan["candidates"][trainer], real_shards, held_out)
+        train(plan["candidates"][trainer], spec, seed, workdir)
+        write_atomic(marker, json.dumps({"candidate": trainer, "sources": spec, "seed": seed}) + "\n")
+    return workdir
+
+
 def run_plan(plan: dict, real_shards: str, out: str, seeds: list[int], only: dict | None = None) -> list:
     """Every (candidate, fold, seed) run not yet in ``out/results.jsonl`` (``only``: ``{"candidates": [...],
     "folds": [...]}`` to run a part now, the rest later); returns all result lines."""
@@ -134,10 +156,10 @@ def run_plan(plan: dict, real_shards: str, out: str, seeds: list[int], only: dic
             for seed in seeds:
                 if (name, held_out, seed) in done:
                     continue
-                workdir = os.path.join(out, "runs", name, held_out, f"seed-{seed}")
-                train(candidate, sources_spec(candidate, real_shards, held_out), seed, workdir)
-                figures = score_held_out(workdir, candidate.get("which", "latest"), real_shards, held_out,
-                                         os.path.join(workdir, "score"), candidate.get("score"))  # fmt: skip
+                run = trained_run(plan, name, real_shards, held_out, seed, out)
+                scored = os.path.join(out, "runs", name, held_out, f"seed-{seed}", "score")
+                figures = score_held_out(run, candidate.get("which", "latest"), real_shards, held_out, scored,
+                                         candidate.get("score"))  # fmt: skip
                 outputs.append_jsonl(path, {"candidate": name, "held_out": held_out, "seed": seed, **figures})
     return outputs.read_jsonl(path)
 
