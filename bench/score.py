@@ -1,6 +1,10 @@
 """Scorer throughput for configs/smoke.py and configs/default.py on this machine, and its overhead.
 
   python bench/score.py [--scans 2] [--default_scans 1] [--size 512] [--ensemble 3]
+  python bench/score.py --pipeline [--real $CALCJAX_REAL_DATA] [--copies 3] [--workers 2]
+
+``--pipeline``: the pipelined scorer and the forward pass in the heart box against the serial scorer on the
+real chest scans (``bench/score_pipeline.py`` says what each figure is); the lines below are not printed.
 
 For each config: a checkpoint of a freshly initialised model (speed does not depend on the weights), a
 shard folder of ``--scans`` cardiac phantoms at ``--size`` x ``--size`` (45-50 slices each), and
@@ -117,12 +121,26 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--ensemble", type=int, default=0, help="members of an extra smoke ensemble line")
+    parser.add_argument("--pipeline", action="store_true", help="bench/score_pipeline.py's line instead")
+    parser.add_argument(
+        "--real", default=os.environ.get("CALCJAX_REAL_DATA") or os.path.join(ROOT, "..", "shared", "data")
+    )
+    parser.add_argument("--copies", type=int, default=3, help="--pipeline: copies of each real chest series")
+    parser.add_argument("--workers", type=int, default=2, help="--pipeline: the pipelined scorer's workers")
     args = parser.parse_args()
     from absl import logging
 
     from configs import default, smoke
 
     logging.set_verbosity(logging.WARNING)
+    if args.pipeline:
+        from bench import score_pipeline
+        from calcjax.core import compile_cache
+
+        compile_cache.enable()
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(score_pipeline.run(args.real, args.copies, args.workers, tmp)), flush=True)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, scans in (
             ("smoke", smoke.get_config(), args.scans),

@@ -185,6 +185,41 @@ def test_a_corrupt_record_and_an_unreadable_series_are_recorded_and_the_rest_sco
     assert len({r["scan_id"] for r in _rows(out)}) == 3
 
 
+def test_pipelined_scorer_writes_the_serial_scorers_rows_errors_and_masks(cohort, tmp_path):
+    # One damaged series among the DICOM scans: its failure is recorded the same way in both modes.
+    dicom = str(tmp_path / "dicom")
+    shutil.copytree(cohort["dicom"], dicom)
+    bad_file = sorted(
+        glob.glob(os.path.join(sorted(glob.glob(os.path.join(dicom, "*", "dicom")))[1], "*.dcm"))
+    )[3]
+    with open(bad_file, "r+b") as f:
+        f.truncate(os.path.getsize(bad_file) // 2)
+    kw = dict(checkpoint_path=cohort["run"], lesion_completion_mm2=40.0, save_masks=True)
+    outs = {}
+    for route, source in (
+        ("dicom", dict(dicom_dir=dicom)),
+        ("shards", dict(shards=cohort["shards"] + "/test-*")),
+    ):
+        for workers in (0, 2):
+            out = outs[route, workers] = str(tmp_path / f"{route}-{workers}")
+            salt = dict(salt_file=os.path.join(cohort["shards"], "salt.txt")) if route == "dicom" else {}
+            summary = _score(out=out, workers=workers, **source, **salt, **kw)
+            assert summary["scored"] == (3 if route == "dicom" else 4)
+    for route in ("dicom", "shards"):
+        serial, pipelined = outs[route, 0], outs[route, 2]
+        rs, rp = _rows(serial), _rows(pipelined)
+        assert [r["scan_id"] for r in rs] == [r["scan_id"] for r in rp]  # the cohort's order
+        assert _stable(rs) == _stable(rp) and any(r["agatston"] > 0 for r in rs)
+        for scan_id in _stable(rs):
+            ms, mp = (
+                nib.load(os.path.join(o, "masks", f"{scan_id}.nii.gz")).get_fdata()
+                for o in (serial, pipelined)
+            )
+            np.testing.assert_array_equal(ms, mp)
+    errors = [open(os.path.join(outs["dicom", w], "errors.jsonl")).read() for w in (0, 2)]
+    assert errors[0] == errors[1] and "file 4 of" in errors[0]
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_completes_without_duplicates(cohort, tmp_path):
     whole = str(tmp_path / "whole")

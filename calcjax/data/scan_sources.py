@@ -18,6 +18,7 @@ than one scan; a scan that cannot be loaded raises an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from collections.abc import Callable
@@ -87,14 +88,14 @@ def shard_scans(pattern: str, *, context: int) -> tuple[list[ScanInput], shards.
             if scan.shard not in wanted:
                 continue
             path = os.path.join(folder, scan.shard)
-            out.append(
-                ScanInput(
-                    scan_id=scan.scan_id,
-                    source=scan.shard,
-                    load=lambda s=scan, p=path: load_shard_scan(readers.get(p), s, context),
-                )
-            )
+            load = functools.partial(_load_from_shard_file, readers, path, scan, context)
+            out.append(ScanInput(scan_id=scan.scan_id, source=scan.shard, load=load))
     return out, readers
+
+
+def _load_from_shard_file(readers: shards.Readers, path: str, scan: shards.ScanEntry, context: int):
+    """:func:`load_shard_scan` through ``readers`` (a copy sent to another process opens its own)."""
+    return load_shard_scan(readers.get(path), scan, context)
 
 
 def dicom_scans(
@@ -119,26 +120,28 @@ def dicom_scans(
         private_map=private_map,
     )
 
-    def load(job: discover.ScanJob) -> LoadedScan:
-        vol, lab = preprocess.read_scan(
-            job.files, label_path=job.label_path, label_format=job.label_format, protocol=protocol
-        )
-        hu = preprocess.hu_int16(vol.hu)
-        meta = {k: vol.meta.get(k) for k in ("protocol", "kvp", "slice_thickness_mm", "slice_increment_mm")}
-        meta["series_grouping"] = job.grouping
-        return LoadedScan(hu, lab, vol.grid, meta, tuple(vol.source))
-
     scans = [
         ScanInput(
             j.scan_id,
             "dicom",
-            lambda j=j: load(j),
+            functools.partial(load_dicom_scan, j, protocol),
             j.safe_reason,
             os.path.commonpath([os.path.dirname(f) for f in j.files]),
         )
         for j in jobs
     ]
     return scans, errors
+
+
+def load_dicom_scan(job: discover.ScanJob, protocol: str | None = None) -> LoadedScan:
+    """One discovered series (and its labels, if any) as int16 HU on its grid."""
+    vol, lab = preprocess.read_scan(
+        job.files, label_path=job.label_path, label_format=job.label_format, protocol=protocol
+    )
+    hu = preprocess.hu_int16(vol.hu)
+    meta = {k: vol.meta.get(k) for k in ("protocol", "kvp", "slice_thickness_mm", "slice_increment_mm")}
+    meta["series_grouping"] = job.grouping
+    return LoadedScan(hu, lab, vol.grid, meta, tuple(vol.source))
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -165,7 +168,9 @@ def nifti_scans(
         if private_map is not None:
             private_map[scan_id] = rel
         scans.append(
-            ScanInput(scan_id, "nifti", lambda p=path: load_nifti_scan(p), folder=os.path.dirname(path))
+            ScanInput(
+                scan_id, "nifti", functools.partial(load_nifti_scan, path), folder=os.path.dirname(path)
+            )
         )
     return scans, []
 

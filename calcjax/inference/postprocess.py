@@ -31,13 +31,21 @@ def predict_labels(
 
 
 def restrict_and_complete(
-    pred: np.ndarray, hu: np.ndarray, spacing, post: PostProcess, threshold_hu: float
+    pred: np.ndarray,
+    hu: np.ndarray,
+    spacing,
+    post: PostProcess,
+    threshold_hu: float,
+    region: heart_region.HeartRegion | None = None,
 ) -> tuple[np.ndarray, str]:
-    """``pred`` kept in the heart region and its lesions completed (``post``); the status is the
-    region's (``found`` / ``not_found``) or ``off``."""
-    status, region = "off", None
-    if post.use_heart_region:
+    """``pred`` kept in the heart region (``region``, when it was already found for this scan) and its
+    lesions completed (``post``); the status is the region's (``found`` / ``not_found``) or ``off``."""
+    status = "off"
+    if not post.use_heart_region:
+        region = None
+    elif region is None:
         region = heart_region.heart_region(hu, spacing)
+    if region is not None:
         pred, status = heart_region.restrict(pred, region), region.status
     if post.completion_mm2:
         pred = lesion_completion.complete_lesions(pred, hu, spacing, post.completion_mm2, threshold_hu)

@@ -19,6 +19,7 @@ import fcntl
 import io
 import json
 import os
+import threading
 import time
 
 from calcjax.io.atomic import write_atomic
@@ -102,17 +103,19 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 class ErrorLog:
     """``errors.jsonl`` of a job that may be resumed: each distinct entry written once, however often the
-    same input fails across resumes."""
+    same input fails across resumes; threads of one job may record side by side."""
 
     def __init__(self, path: str):
         self.path = path
         self._seen = {json.dumps(e, sort_keys=True) for e in read_jsonl(path, repair=True)}
+        self._lock = threading.Lock()
 
     def record(self, entry: dict) -> None:
         key = json.dumps(entry, sort_keys=True)
-        if key not in self._seen:
-            append_jsonl(self.path, entry)
-            self._seen.add(key)
+        with self._lock:
+            if key not in self._seen:
+                append_jsonl(self.path, entry)
+                self._seen.add(key)
 
 
 class FolderLock:

@@ -204,7 +204,8 @@ def write_tfds_metadata(out: str, split_shards: dict[str, list[tuple[str, int]]]
 
 
 class Readers:
-    """One ArrayRecordReader per shard file, opened on first use and reused; ``close()`` (or ``with``)."""
+    """One ArrayRecordReader per shard file, opened on first use and reused; ``close()`` (or ``with``). A
+    pickled copy holds no open file (another process opens its own on first use)."""
 
     def __init__(self):
         self._readers: dict[str, ArrayRecordReader] = {}
@@ -228,6 +229,12 @@ class Readers:
 
     def __enter__(self) -> Readers:
         return self
+
+    def __getstate__(self) -> dict:
+        return {}  # open files stay in their process: a copy sent to a worker opens its own
+
+    def __setstate__(self, state: dict) -> None:
+        self._readers = {}
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -152,10 +152,10 @@ def loss_curves(workdirs: dict[str, list[str]], path: str) -> dict:
 
 
 def steps_per_s(workdir: str) -> float | None:
-    """The trainer's mean steps/s over its log lines."""
+    """The trainer's median steps/s over its log lines (robust to an interval slowed by other work)."""
     rates = [r["steps_per_s"] for r in outputs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
              if r.get("steps_per_s")]  # fmt: skip
-    return float(np.mean(rates)) if rates else None
+    return float(np.median(rates)) if rates else None
 
 
 def weights_of(workdir: str) -> dict[str, np.ndarray]:

@@ -56,15 +56,15 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from calcjax.core import agatston, cli, compile_cache, sharding
+from calcjax.core import cli, compile_cache, sharding
 from calcjax.data import scan_sources
-from calcjax.inference import postprocess
 from calcjax.inference import predictor as inference
 from calcjax.io import deid, discover, labels, outputs, reference_scores
 from calcjax.model import checkpoint
 from calcjax.model import files as model_file
 from calcjax.report import dicom_outputs
 from calcjax.report import markdown as report
+from calcjax.score import pipeline, stages
 from calcjax.score import rows as score_rows
 from calcjax.score.options import ScoreOptions
 
@@ -190,14 +190,15 @@ def _list_scans(o: ScoreOptions, context: int) -> tuple[list, object, list[dict]
 
 
 def _score_all(job: Job) -> dict:
-    """Scores ``job.todo`` one scan at a time (a failed scan is recorded and skipped); the counts."""
+    """Scores ``job.todo`` (a failed scan is recorded and skipped), one stage after another or pipelined
+    (``options.workers``); the counts."""
     counts = dict(
         scored=0, failed=0, slices=0, t_start=time.perf_counter(), forward0=job.predictor.forward_seconds
     )
     show = job.options.progress and jax.process_index() == 0
-    with tqdm(job.todo, desc="score", unit="scan", disable=not show) as bar:
-        for scan in bar:
-            row = score_scan(job, scan)
+    with tqdm(total=len(job.todo), desc="score", unit="scan", disable=not show) as bar:
+        for _, row in _rows(job):
+            bar.update(1)
             if row is None:
                 counts["failed"] += 1
                 continue
@@ -209,29 +210,65 @@ def _score_all(job: Job) -> dict:
     return counts
 
 
+def _rows(job: Job):
+    """``(scan, row or None)`` of ``job.todo`` in order: serial, or ``calcjax.score.pipeline``."""
+    o = job.options
+    if o.workers == 0:
+        return ((scan, score_scan(job, scan)) for scan in job.todo)
+    return pipeline.scored(
+        job.todo,
+        (o.use_heart_region, o.kvp_specific_threshold),
+        lambda scan, prepared: forward(job, scan, prepared),
+        lambda scan, prepared, raw, t0: finish_scan(job, scan, prepared, raw, t0),
+        o.workers,
+    )
+
+
 def score_scan(job: Job, scan) -> dict | None:
     """One scan's score row (its masks, overlays and DICOM outputs written on the way), or None when it
-    failed (recorded in ``errors.jsonl``)."""
+    failed (recorded in ``errors.jsonl``): ``calcjax.score.stages``' three stages in a row."""
     o, t0 = job.options, time.perf_counter()
+    prepared = stages.prepare(scan, o.use_heart_region, o.kvp_specific_threshold)
+    raw = forward(job, scan, prepared)
+    return None if raw is None else finish_scan(job, scan, prepared, raw, t0)
+
+
+def forward(job: Job, scan, prepared) -> np.ndarray | None:
+    """The forward pass's labels of a prepared scan (in its heart box with ``forward_in_heart_box``, for a
+    model on native pixels), or None when it failed or could not be prepared (recorded)."""
+    if isinstance(prepared, stages.Failed):
+        _record_failure(job, scan, prepared.line)
+        return None
+    p, hu, spacing = job.predictor, prepared.loaded.hu, prepared.loaded.grid.spacing
+    box = None
+    if job.options.forward_in_heart_box and p.pixel_mm == 0:  # boxes lie on the scan's own pixels
+        box = stages.heart_box(prepared.region, (p.in_channels - 1) // 2, p.multiple)
     try:
-        loaded = scan.load()
-        threshold = agatston.threshold_for(  # the one score_row's figures use
-            score_rows.scan_kvp(loaded), kvp_specific_threshold=o.kvp_specific_threshold
-        )
-        post = postprocess.PostProcess(o.use_heart_region, o.lesion_completion_mm2)
-        pred, region_status = postprocess.predict_labels(
-            job.predictor, loaded.hu, loaded.grid.spacing, post, threshold
-        )
+        return p.predict(hu, spacing) if box is None else stages.forward_in_box(p.predict, hu, spacing, box)
+    except Exception as e:  # a cohort run records each bad scan and goes on
+        _record_failure(job, scan, score_rows.error_line(scan, e))
+        return None
+
+
+def finish_scan(job: Job, scan, prepared: stages.Prepared, raw: np.ndarray, t0: float) -> dict | None:
+    """The row of a scan whose forward pass gave ``raw`` (its files written), or None (recorded);
+    ``seconds`` counts from ``t0``, when the scan was started."""
+    o, loaded = job.options, prepared.loaded
+    try:
+        pred, region_status = stages.final_labels(prepared, raw, o.lesion_completion_mm2)
         row = score_rows.score_row(scan, loaded, pred, _reference_score(job, scan), **o.score_kw)
         row["heart_region"] = region_status
     except Exception as e:  # a cohort run records each bad scan and goes on
-        line = score_rows.error_line(scan, e)
-        logging.warning("scan %s failed: %s", scan.scan_id, line["reason"])
-        job.errors.record(line)
+        _record_failure(job, scan, score_rows.error_line(scan, e))
         return None
     _write_scan_files(job, scan, loaded, pred, row)
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def _record_failure(job: Job, scan, line: dict) -> None:
+    logging.warning("scan %s failed: %s", scan.scan_id, line["reason"])
+    job.errors.record(line)
 
 
 def _reference_score(job: Job, scan):
@@ -347,6 +384,16 @@ def define_flags() -> None:
     flags.DEFINE_bool("resume", False, "Skip scans already in OUT/scores.jsonl.")
     flags.DEFINE_bool("save_masks", False, "Write OUT/masks/<scan_id>.nii.gz.")
     flags.DEFINE_integer("batch_size", 0, "Slices per forward pass (0: 4 per local device).")
+    flags.DEFINE_bool(
+        "forward_in_heart_box", False,
+        "Run the network only on the heart region's box (calcjax.score.stages.heart_box): faster; labels "
+        "inside the region may differ where the box cuts the network's context.",
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "workers", 0,
+        "Processes reading and preparing the next scans while the forward pass runs (0: one stage after "
+        "another in this process; the rows are the same).",
+    )  # fmt: skip
     flags.DEFINE_float("mass_calibration", None, "mg per (HU x mm^3); mass is reported when given.")
     flags.DEFINE_bool("kvp_specific_threshold", False, "Calcium threshold from the scan's kVp.")
     flags.DEFINE_bool(
@@ -418,6 +465,7 @@ def options_from_flags(f) -> ScoreOptions:
         lesion_completion_mm2=f.lesion_completion_mm2, dicom_seg=f.dicom_seg, dicom_sr=f.dicom_sr,
         num_bootstrap=f.num_bootstrap, reference_scores_path=f.reference_scores,
         reference_key_column=f.reference_key_column, reference_key_suffix=f.reference_key_suffix,
+        workers=f.workers, forward_in_heart_box=f.forward_in_heart_box,
     )  # fmt: skip
 
 

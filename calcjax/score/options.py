@@ -19,7 +19,11 @@ class ScoreOptions:
 
     Model: ``checkpoint_path`` (a training workdir, a step folder or a model file; ``None``: the shipped
     model) and ``which`` (``best`` / ``latest`` of a workdir); ``batch_size`` slices per forward pass (0:
-    4 per local device).
+    4 per local device). ``workers``: processes that read and prepare the next scans (heart region
+    included) while the forward pass runs, the rows and files of the last one written beside it
+    (``calcjax.score.pipeline``; the same rows); 0 runs the stages one after another in this process.
+    ``forward_in_heart_box``: the network runs only on the heart region's box (``calcjax.score.stages``;
+    models on native pixels), which changes a few labels inside the region: part of the run record.
 
     Post-processing: ``use_heart_region`` keeps predicted calcium only in the heart's neighbourhood;
     ``lesion_completion_mm2`` completes each predicted lesion to its >= threshold component up to this
@@ -55,6 +59,8 @@ class ScoreOptions:
     reference_scores_path: str | None = None
     reference_key_column: str | None = None
     reference_key_suffix: str = ""
+    workers: int = 0
+    forward_in_heart_box: bool = False
 
     def __post_init__(self):
         inputs = [x for x in (self.shards, self.dicom_dir, self.nifti_dir) if x is not None]
@@ -65,6 +71,8 @@ class ScoreOptions:
         if not self.lesion_completion_mm2 >= 0:  # also refuses NaN
             raise ValueError(f"lesion_completion_mm2 must be >= 0 (0: off), got {self.lesion_completion_mm2}")
         object.__setattr__(self, "lesion_completion_mm2", float(self.lesion_completion_mm2))
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: no worker processes), got {self.workers}")
 
     @property
     def route(self) -> str:
@@ -89,4 +97,6 @@ class ScoreOptions:
             record.update(dicom_seg=self.dicom_seg, dicom_sr=self.dicom_sr)
         if self.lesion_completion_mm2:
             record.update(lesion_completion_mm2=self.lesion_completion_mm2)
+        if self.forward_in_heart_box:
+            record.update(forward_in_heart_box=True)
         return record

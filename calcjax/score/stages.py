@@ -1,0 +1,125 @@
+"""One scan's scoring in three stages, so that the pipelined scorer can run them side by side:
+
+1. :func:`prepare` (host, no JAX: it runs in worker processes): read the scan, its calcium threshold and
+   the heart region (``calcjax.inference.heart_region``, from HU alone);
+2. the forward pass (``calcjax.inference.predictor.Predictor.predict``, in the process that holds the
+   devices);
+3. :func:`final_labels` and the row (host): the labels kept in the heart region and completed, the score
+   row and the scan's files.
+
+With ``forward_in_heart_box`` the forward pass sees only the heart region's box (:func:`heart_box`): the
+region's slices with their neighbours and, in-plane, a square of a few fixed sizes (``BOX_SIDES_PX``, so
+that a cohort compiles a few shapes at most) around the region with ``BOX_MARGIN_PX`` pixels of context.
+Voxels outside the box are outside the region, where the scorer removes every label anyway; inside it the
+network sees less context at the box's edge than in the whole slice, so a few labels may differ
+(``bench/score.py --pipeline`` measures how many).
+
+The serial scorer runs the three in a row, the pipelined one (``calcjax.score.pipeline``) overlaps them
+across scans; both call these functions, so their rows are the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from calcjax.core import agatston
+from calcjax.data import scan_sources
+from calcjax.inference import heart_region, postprocess
+from calcjax.score import rows as score_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A scan read and ready for the forward pass: ``threshold_hu`` (the one the row's figures use) and
+    the heart region (None when the scorer keeps every voxel)."""
+
+    loaded: scan_sources.LoadedScan
+    threshold_hu: float
+    region: heart_region.HeartRegion | None
+
+
+BOX_MARGIN_PX = 48  # in-plane context around the region's extent (the network's field reaches further)
+BOX_SIDES_PX = (128, 256, 384)  # square box sides; a region wider than the largest gets the whole slice
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """Where the forward pass runs: slices ``[z0, z1)`` of the scan and the in-plane window ``[y0, y1) x
+    [x0, x1)`` (pixels); ``keep`` ``[k0, k1)``: the slices whose labels are used (the region's), the
+    others are context for the 2.5D input."""
+
+    z0: int
+    z1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    k0: int
+    k1: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """A scan that could not be scored: its ``errors.jsonl`` line (no path, no header value)."""
+
+    line: dict
+
+
+def prepare(scan: scan_sources.ScanInput, use_heart_region: bool, kvp_specific_threshold: bool):
+    """Stage 1 of ``scan``: :class:`Prepared`, or :class:`Failed` when it cannot be read or has no
+    usable threshold."""
+    try:
+        loaded = scan.load()
+        threshold = agatston.threshold_for(
+            score_rows.scan_kvp(loaded), kvp_specific_threshold=kvp_specific_threshold
+        )
+        region = heart_region.heart_region(loaded.hu, loaded.grid.spacing) if use_heart_region else None
+    except Exception as e:  # a cohort run records each bad scan and goes on
+        return Failed(score_rows.error_line(scan, e))
+    return Prepared(loaded, threshold, region)
+
+
+def _window(lo: int, hi: int, size: int, align: int) -> tuple[int, int]:
+    """The ``[start, end)`` of the smallest ``BOX_SIDES_PX`` side holding ``[lo - margin, hi + margin)``
+    within ``[0, size)``, its start a multiple of ``align`` (the network's downsampling grid)."""
+    need = hi - lo + 2 * BOX_MARGIN_PX
+    side = next((s for s in BOX_SIDES_PX if s >= need and s < size), size)
+    start = min(max(0, (lo + hi - side) // 2), size - side)
+    start -= start % align
+    return start, min(size, start + side)
+
+
+def heart_box(region: heart_region.HeartRegion | None, context: int, align: int) -> Box | None:
+    """The :class:`Box` of a found region (``context``: neighbour slices on each side of the 2.5D input;
+    ``align``: the network's multiple), or None when there is none to use (no region, not found, empty)."""
+    if region is None or not region.found or not region.mask.any():
+        return None
+    nz, ny, nx = region.mask.shape
+    zs = np.flatnonzero(region.mask.any(axis=(1, 2)))
+    ys = np.flatnonzero(region.mask.any(axis=(0, 2)))
+    xs = np.flatnonzero(region.mask.any(axis=(0, 1)))
+    y0, y1 = _window(int(ys[0]), int(ys[-1]) + 1, ny, align)
+    x0, x1 = _window(int(xs[0]), int(xs[-1]) + 1, nx, align)
+    k0, k1 = int(zs[0]), int(zs[-1]) + 1
+    return Box(max(0, k0 - context), min(nz, k1 + context), y0, y1, x0, x1, k0, k1)
+
+
+def forward_in_box(predict, hu: np.ndarray, spacing, box: Box) -> np.ndarray:
+    """Labels uint8 ``(Z, H, W)`` of ``predict`` (a ``Predictor.predict``) run on ``box`` only; zero
+    elsewhere."""
+    labels = predict(hu[box.z0 : box.z1, box.y0 : box.y1, box.x0 : box.x1], spacing)
+    out = np.zeros(hu.shape, np.uint8)
+    out[box.k0 : box.k1, box.y0 : box.y1, box.x0 : box.x1] = labels[box.k0 - box.z0 : box.k1 - box.z0]
+    return out
+
+
+def final_labels(prepared: Prepared, raw: np.ndarray, completion_mm2: float) -> tuple[np.ndarray, str]:
+    """(labels, heart-region status) of the forward pass's ``raw`` labels: kept in the prepared region
+    and completed (``calcjax.inference.postprocess.restrict_and_complete``)."""
+    loaded = prepared.loaded
+    post = postprocess.PostProcess(prepared.region is not None, completion_mm2)
+    return postprocess.restrict_and_complete(
+        raw, loaded.hu, loaded.grid.spacing, post, prepared.threshold_hu, region=prepared.region
+    )
