@@ -2,12 +2,15 @@
 
   python bench/compile.py [--programs smoke_train_step,default_train_step,scorer_forward]
 
-Each program is compiled in a fresh process twice, both with ``CALCJAX_COMPILE_CACHE`` set to one new,
-empty folder: ``compile_s`` is the first process's ``jit(...).lower(...).compile()`` (cold: nothing
-cached), ``cached_s`` the second's (the executable loaded from the cache); ``speedup`` is their ratio.
-Programs: the train step (forward, backward, AdamW) of configs/smoke.py at its training shape (batch 8,
-96x96) and of configs/default.py at its own (batch 16, 512x512, bfloat16), and the scorer's forward
-(the shipped model, 4 slices of 512x512). The process start and imports are not counted.
+Each program is compiled in a fresh process twice, both with ``CALCJAX_COMPILE_CACHE`` set to one new, empty
+folder: ``compile_s`` is the first process's ``jit(...).lower(...).compile()`` (cold: nothing cached),
+``cached_s`` the second's (the executable loaded from the cache); ``speedup`` is their ratio. With
+``--xla_defaults_baseline`` each train step is compiled once more, cold, with XLA's own compiler options
+instead of calcjax's (``calcjax.core.compile_cache.CPU_COMPILER_OPTIONS``): ``xla_defaults_compile_s`` and
+``compile_s_vs_xla_defaults``. Programs: the train step (forward, backward, AdamW) of configs/smoke.py at
+its training shape (batch 8, 96x96) and of configs/default.py at its own (batch 16, 512x512, bfloat16), and
+the scorer's forward (the shipped model, 4 slices of 512x512). The process start and imports are not
+counted.
 
   {"bench": "compile", "config": "smoke", "program": "train_step", "compile_s": ..., "cached_s": ...,
    "speedup": ..., "backend": "cpu"}
@@ -31,8 +34,9 @@ PROGRAMS = {
 }
 
 
-def _train_step_lowered(config: str):
-    """The train step of ``configs/<config>.py`` lowered at its training shape."""
+def _train_step_lowered(config: str, xla_defaults: bool = False):
+    """The train step of ``configs/<config>.py`` lowered at its training shape (with XLA's default
+    compiler options instead of calcjax's: ``xla_defaults``)."""
     import importlib
 
     import jax
@@ -48,7 +52,8 @@ def _train_step_lowered(config: str):
     tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
                            grad_clip=1.0)  # fmt: skip
     graphdef, state = ts.create_state(net, tx)
-    step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(cfg.loss))
+    extra = {"compiler_options": None} if xla_defaults else {}
+    step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(cfg.loss), **extra)
     b, s = cfg.train.batch_size, cfg.data.crop
     images = jax.ShapeDtypeStruct((b, s, s, mcfg.in_channels), jnp.float32)
     labels = jax.ShapeDtypeStruct((b, s, s), jnp.int32)
@@ -72,7 +77,10 @@ def child(config: str, program: str) -> None:
     from calcjax.core import compile_cache
 
     compile_cache.enable()
-    lowered = _forward_lowered() if program == "forward" else _train_step_lowered(config)
+    if program == "forward":
+        lowered = _forward_lowered()
+    else:
+        lowered = _train_step_lowered(config, xla_defaults=program == "train_step_xla_defaults")
     t0 = time.perf_counter()
     lowered.compile()
     import jax
@@ -93,6 +101,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--programs", default=",".join(PROGRAMS))
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--xla_defaults_baseline", action="store_true",
+                   help="also compile each train step cold with XLA's default compiler options")  # fmt: skip
     args = p.parse_args()
     if args.child:
         child(*args.child.split(":"))
@@ -102,10 +112,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="calcjax-compile-bench-") as cache:
             cold = _compile_in_fresh_process(config, program, cache)
             cached = _compile_in_fresh_process(config, program, cache)
-        print(json.dumps({"bench": "compile", "config": config, "program": program,
-                          "compile_s": round(cold["seconds"], 3), "cached_s": round(cached["seconds"], 3),
-                          "speedup": round(cold["seconds"] / max(cached["seconds"], 1e-9), 1),
-                          "backend": cold["backend"]}), flush=True)  # fmt: skip
+        line = {"bench": "compile", "config": config, "program": program,
+                "compile_s": round(cold["seconds"], 3), "cached_s": round(cached["seconds"], 3),
+                "speedup": round(cold["seconds"] / max(cached["seconds"], 1e-9), 1),
+                "backend": cold["backend"]}  # fmt: skip
+        if program == "train_step" and args.xla_defaults_baseline:
+            with tempfile.TemporaryDirectory(prefix="calcjax-compile-bench-") as cache:
+                base = _compile_in_fresh_process(config, "train_step_xla_defaults", cache)
+            line["xla_defaults_compile_s"] = round(base["seconds"], 3)
+            line["compile_s_vs_xla_defaults"] = round(cold["seconds"] / base["seconds"], 3)
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

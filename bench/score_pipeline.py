@@ -34,7 +34,7 @@ VOLATILE = ("seconds",)
 
 def copy_series(src: str, out: str, copies: int) -> None:
     """Every series folder under ``src`` written ``copies`` times under ``out`` with new Study, Series and
-    SOP Instance UIDs (derived from the old ones and the copy's number)."""
+    SOP Instance UIDs where it has them (derived from the old ones and the copy's number)."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -43,7 +43,8 @@ def copy_series(src: str, out: str, copies: int) -> None:
         for f in files:
             ds = pydicom.dcmread(f)
             for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-                setattr(ds, key, generate_uid(entropy_srcs=[str(getattr(ds, key)), str(k)]))
+                if key in ds:  # a series without UIDs is grouped by its folder and geometry
+                    setattr(ds, key, generate_uid(entropy_srcs=[str(getattr(ds, key)), str(k)]))
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             rel = os.path.relpath(f, src)
             dst = os.path.join(out, f"copy-{k}", rel)

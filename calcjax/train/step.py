@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from calcjax.core import compile_cache
 from calcjax.core import config as config_schema
 from calcjax.model import losses
 from calcjax.model import network as model_lib
@@ -157,8 +158,10 @@ def train_step(
 
 
 def make_train_step(graphdef, tx, loss_cfg: LossConfig, *, ema_decay: float = 0.0, **jit_kwargs):
-    """``train_step`` jitted with the state donated (its buffers are reused for the new state)."""
+    """``train_step`` jitted with the state donated (its buffers are reused for the new state) and
+    calcjax's compiler options (``calcjax.core.compile_cache.compiler_options``)."""
     step = functools.partial(train_step, graphdef, tx, loss_cfg, ema_decay)
+    jit_kwargs.setdefault("compiler_options", compile_cache.compiler_options())
     return jax.jit(step, donate_argnums=(0,), **jit_kwargs)
 
 
