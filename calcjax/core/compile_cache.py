@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache, on by default for training, scoring and the benches.
 
-Every process used to compile its programs from scratch (the default train step takes about 43 s to
-compile on a 2-core CPU). With the cache, a second process with the same program, shapes, jax version
-and machine loads the compiled executable instead.
+Every process used to compile its programs from scratch (the default train step: 19 s cold on a 2-core
+CPU, 1.8 s from the cache; docs/benchmarks.md). With the cache, a second process with the same program,
+shapes, jax version and machine loads the compiled executable instead.
 
 Where: ``$CALCJAX_COMPILE_CACHE`` when set (a folder; ``off``, ``0`` or an empty string turn the cache
 off), else JAX's own ``$JAX_COMPILATION_CACHE_DIR`` as it is, else ``$XDG_CACHE_HOME/calcjax/xla``
