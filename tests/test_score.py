@@ -220,6 +220,32 @@ def test_pipelined_scorer_writes_the_serial_scorers_rows_errors_and_masks(cohort
     assert errors[0] == errors[1] and "file 4 of" in errors[0]
 
 
+def test_a_higher_calcium_probability_keeps_a_subset_of_the_calcium(cohort, tmp_path):
+    masks, rows = {}, {}
+    for p in (0.5, 0.9):
+        out = str(tmp_path / f"p{p}")
+        _score(checkpoint_path=cohort["run"], out=out, shards=cohort["shards"] + "/test-*", save_masks=True,
+               calcium_probability=p)  # fmt: skip
+        rows[p] = _rows(out)
+        masks[p] = {r["scan_id"]: nib.load(os.path.join(out, "masks", f"{r['scan_id']}.nii.gz")).get_fdata()
+                    for r in rows[p]}  # fmt: skip
+        assert json.load(open(os.path.join(out, "run.json"))).get("calcium_probability", 0.5) == p
+    default = str(tmp_path / "default")
+    _score(checkpoint_path=cohort["run"], out=default, shards=cohort["shards"] + "/test-*")
+    assert _stable(_rows(default)) == _stable(rows[0.5])  # 0.5 is the rule the scorer always had
+    kept = sum(int((m > 0).sum()) for m in masks[0.9].values())
+    assert 0 < kept < sum(int((m > 0).sum()) for m in masks[0.5].values())
+    for scan_id, m in masks[0.9].items():
+        assert not ((m > 0) & (masks[0.5][scan_id] == 0)).any()  # only voxels the 0.5 rule calls calcium
+    with pytest.raises(ValueError, match="calcium_probability must lie in"):
+        _score(
+            checkpoint_path=cohort["run"],
+            out=str(tmp_path / "bad"),
+            shards=cohort["shards"],
+            calcium_probability=1.0,
+        )
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_completes_without_duplicates(cohort, tmp_path):
     whole = str(tmp_path / "whole")

@@ -243,16 +243,17 @@ def background_probability(logits: jax.Array) -> jax.Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 0]
 
 
-def labels_from_logits(logits: jax.Array) -> jax.Array:
+def labels_from_logits(logits: jax.Array, calcium_probability: float = 0.5) -> jax.Array:
     """Labels ``(..., H, W)`` uint8 from logits ``(..., H, W, K)``: calcium or not first, then the artery.
 
-    A voxel is calcium when P(background) < 0.5, i.e. the arteries together are more likely than background
-    (an argmax over all K classes would call background a voxel whose calcium probability is split between
-    arteries); its label is then the most likely artery. With K = 2 this is the plain argmax.
+    A voxel is calcium when its calcium probability, 1 - P(background), exceeds ``calcium_probability``
+    (default 0.5: the arteries together are more likely than background; an argmax over all K classes would
+    call background a voxel whose calcium probability is split between arteries); its label is then the
+    most likely artery. With K = 2 and 0.5 this is the plain argmax.
     """
     p_background = background_probability(logits)
     artery = jnp.argmax(logits[..., 1:], axis=-1) + 1
-    return jnp.where(p_background < 0.5, artery, 0).astype(jnp.uint8)
+    return jnp.where(p_background < 1.0 - calcium_probability, artery, 0).astype(jnp.uint8)
 
 
 def upsample2x(x: jax.Array) -> jax.Array:

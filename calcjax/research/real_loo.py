@@ -40,7 +40,13 @@ from calcjax.io import outputs
 from calcjax.io.atomic import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCORER_RULES = {"use_heart_region", "lesion_completion_mm2", "kvp_specific_threshold", "batch_size"}
+SCORER_RULES = {
+    "use_heart_region",
+    "lesion_completion_mm2",
+    "kvp_specific_threshold",
+    "batch_size",
+    "calcium_probability",
+}
 FIGURES = ("voxel_f1", "voxel_precision", "voxel_recall", "lesion_sensitivity", "fp_lesions", "agatston")
 
 

@@ -151,7 +151,14 @@ def open_job(options: ScoreOptions, predictor: inference.Predictor | None) -> Jo
         fix = "resume with the same --checkpoint and settings, or choose another --out"
         outputs.check_run_record(o.out, "run", o.run_record(model_sha256), fix=fix)
     if predictor is None:
-        predictor = inference.Predictor.from_checkpoint(o.checkpoint_path, o.which, batch_size=o.batch_size)
+        predictor = inference.Predictor.from_checkpoint(
+            o.checkpoint_path, o.which, batch_size=o.batch_size, calcium_probability=o.calcium_probability
+        )
+    elif predictor.calcium_probability != o.calcium_probability:
+        raise ValueError(
+            f"the predictor given calls calcium above {predictor.calcium_probability}, the options say "
+            f"{o.calcium_probability}"
+        )
     scans, readers, listing_errors = _list_scans(o, context=(predictor.in_channels - 1) // 2)
     errors = outputs.ErrorLog(errors_path)
     if jax.process_index() == 0:
@@ -389,6 +396,10 @@ def define_flags() -> None:
         "Run the network only on the heart region's box (calcjax.score.stages.heart_box): faster; labels "
         "inside the region may differ where the box cuts the network's context.",
     )  # fmt: skip
+    flags.DEFINE_float(
+        "calcium_probability", 0.5,
+        "A voxel is calcium where the model's calcium probability (1 - P(background)) exceeds this.",
+    )  # fmt: skip
     flags.DEFINE_integer(
         "workers", 0,
         "Processes reading and preparing the next scans while the forward pass runs (0: one stage after "
@@ -466,6 +477,7 @@ def options_from_flags(f) -> ScoreOptions:
         num_bootstrap=f.num_bootstrap, reference_scores_path=f.reference_scores,
         reference_key_column=f.reference_key_column, reference_key_suffix=f.reference_key_suffix,
         workers=f.workers, forward_in_heart_box=f.forward_in_heart_box,
+        calcium_probability=f.calcium_probability,
     )  # fmt: skip
 
 

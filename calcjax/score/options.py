@@ -18,12 +18,14 @@ class ScoreOptions:
     HU. ``labels_dir``: a mirrored tree of reference labels (DICOM route). ``salt_file``: the scan-id salt.
 
     Model: ``checkpoint_path`` (a training workdir, a step folder or a model file; ``None``: the shipped
-    model) and ``which`` (``best`` / ``latest`` of a workdir); ``batch_size`` slices per forward pass (0:
-    4 per local device). ``workers``: processes that read and prepare the next scans (heart region
-    included) while the forward pass runs, the rows and files of the last one written beside it
-    (``calcjax.score.pipeline``; the same rows); 0 runs the stages one after another in this process.
-    ``forward_in_heart_box``: the network runs only on the heart region's box (``calcjax.score.stages``;
-    models on native pixels), which changes a few labels inside the region: part of the run record.
+    model) and ``which`` (``best`` / ``latest`` of a workdir); ``batch_size`` slices per forward pass (0: 4
+    per local device); ``calcium_probability``: a voxel is calcium where the model's calcium probability
+    exceeds it (0.5: calcium more likely than not). ``workers``: processes that read and prepare the next
+    scans (heart region included) while the forward pass runs, the rows and files of the last one written
+    beside it (``calcjax.score.pipeline``; the same rows); 0 runs the stages one after another in this
+    process. ``forward_in_heart_box``: the network runs only on the heart region's box
+    (``calcjax.score.stages``; models on native pixels), which changes a few labels inside the region: part of
+    the run record.
 
     Post-processing: ``use_heart_region`` keeps predicted calcium only in the heart's neighbourhood;
     ``lesion_completion_mm2`` completes each predicted lesion to its >= threshold component up to this
@@ -60,6 +62,7 @@ class ScoreOptions:
     reference_key_column: str | None = None
     reference_key_suffix: str = ""
     workers: int = 0
+    calcium_probability: float = 0.5
     forward_in_heart_box: bool = False
 
     def __post_init__(self):
@@ -71,6 +74,9 @@ class ScoreOptions:
         if not self.lesion_completion_mm2 >= 0:  # also refuses NaN
             raise ValueError(f"lesion_completion_mm2 must be >= 0 (0: off), got {self.lesion_completion_mm2}")
         object.__setattr__(self, "lesion_completion_mm2", float(self.lesion_completion_mm2))
+        if not 0.0 < self.calcium_probability < 1.0:  # also refuses NaN
+            raise ValueError(f"calcium_probability must lie in (0, 1), got {self.calcium_probability}")
+        object.__setattr__(self, "calcium_probability", float(self.calcium_probability))
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0: no worker processes), got {self.workers}")
 
@@ -99,4 +105,6 @@ class ScoreOptions:
             record.update(lesion_completion_mm2=self.lesion_completion_mm2)
         if self.forward_in_heart_box:
             record.update(forward_in_heart_box=True)
+        if self.calcium_probability != 0.5:
+            record.update(calcium_probability=self.calcium_probability)
         return record
