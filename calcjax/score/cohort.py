@@ -451,6 +451,7 @@ def main(argv):
         outputs.FolderBusyError,
         outputs.RunRecordError,
         deid.SaltError,
+        pipeline.WorkerDiedError,
     )
     summary = cli.run_or_exit("calcjax.score", lambda: score_cohort(options), user_errors)
     if jax.process_index() == 0:
