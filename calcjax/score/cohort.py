@@ -154,7 +154,7 @@ def open_job(options: ScoreOptions, predictor: inference.Predictor | None) -> Jo
         predictor = inference.Predictor.from_checkpoint(
             o.checkpoint_path, o.which, batch_size=o.batch_size, calcium_probability=o.calcium_probability
         )
-    elif predictor.calcium_probability != o.calcium_probability:
+    elif getattr(predictor, "calcium_probability", 0.5) != o.calcium_probability:
         raise ValueError(
             f"the predictor given calls calcium above {predictor.calcium_probability}, the options say "
             f"{o.calcium_probability}"
