@@ -8,8 +8,9 @@
    row and the scan's files.
 
 With ``forward_in_heart_box`` the forward pass sees only the heart region's box (:func:`heart_box`): the
-region's slices with their neighbours and, in-plane, a square of a few fixed sizes (``BOX_SIDES_PX``, so
-that a cohort compiles a few shapes at most) around the region with ``BOX_MARGIN_PX`` pixels of context.
+region's slices with their neighbours and, in-plane, a window whose sides take a few fixed sizes
+(``BOX_SIDES_PX`` or the slice's own, so that a cohort compiles a few shapes at most) around the region
+with ``BOX_MARGIN_PX`` pixels of context.
 Voxels outside the box are outside the region, where the scorer removes every label anyway; inside it the
 network sees less context at the box's edge than in the whole slice, so a few labels may differ
 (``bench/score.py --pipeline`` measures how many).
@@ -41,7 +42,7 @@ class Prepared:
 
 
 BOX_MARGIN_PX = 48  # in-plane context around the region's extent (the network's field reaches further)
-BOX_SIDES_PX = (128, 256, 384)  # square box sides; a region wider than the largest gets the whole slice
+BOX_SIDES_PX = (128, 256, 384)  # box sides; a region wider than the largest gets the slice's side
 
 
 @dataclasses.dataclass(frozen=True)
