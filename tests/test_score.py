@@ -237,6 +237,15 @@ def test_a_higher_calcium_probability_keeps_a_subset_of_the_calcium(cohort, tmp_
     assert 0 < kept < sum(int((m > 0).sum()) for m in masks[0.5].values())
     for scan_id, m in masks[0.9].items():
         assert not ((m > 0) & (masks[0.5][scan_id] == 0)).any()  # only voxels the 0.5 rule calls calcium
+    from calcjax.inference.predictor import Predictor
+
+    strict = Predictor.from_checkpoint(cohort["run"], min_calcium_probability=0.9)
+    given = str(tmp_path / "given")
+    shards = cohort["shards"] + "/test-*"
+    _score(checkpoint_path=cohort["run"], out=given, shards=shards, calcium_probability=0.9, predictor=strict)
+    assert _stable(_rows(given)) == _stable(rows[0.9])
+    with pytest.raises(ValueError, match="the predictor given calls calcium above 0.9"):
+        _score(checkpoint_path=cohort["run"], out=str(tmp_path / "mismatch"), shards=shards, predictor=strict)
     with pytest.raises(ValueError, match="calcium_probability must lie in"):
         _score(
             checkpoint_path=cohort["run"],

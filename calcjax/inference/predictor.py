@@ -53,12 +53,17 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | None, which: str = "best", *, batch_size: int = 0, calcium_probability: float = 0.5
+        cls,
+        path: str | None,
+        which: str = "best",
+        *,
+        batch_size: int = 0,
+        min_calcium_probability: float = 0.5,
     ) -> Predictor:
         """The predictor of a training workdir, step folder or model file (``None``: the shipped model;
         ``calcjax.model.checkpoint.load_for_inference``)."""
         _, model = checkpoint.load_for_inference(path, which)
-        return cls(model, batch_size=batch_size, calcium_probability=calcium_probability)
+        return cls(model, batch_size=batch_size, min_calcium_probability=min_calcium_probability)
 
     def __init__(
         self,
@@ -68,12 +73,13 @@ class Predictor:
         devices=None,
         max_in_flight: int = 4,
         loss_kwargs: dict | None = None,
-        calcium_probability: float = 0.5,
+        min_calcium_probability: float = 0.5,
     ):
         """``batch_size``: slices per forward (0: 4 per device), rounded up to a multiple of the devices;
         ``max_in_flight``: batches dispatched ahead of the one being read back (bounds device memory);
         ``loss_kwargs``: ``losses.bootstrap_iou_loss`` settings for :meth:`predict_with_loss`;
-        ``calcium_probability``: a voxel is calcium above it (``model.labels_from_logits``)."""
+        ``min_calcium_probability``: a voxel is calcium where its calcium probability
+        (:meth:`calcium_probability`) exceeds it (``model.labels_from_logits``)."""
         devices = list(devices if devices is not None else jax.local_devices())
         self.mesh = sharding.make_mesh(devices)
         n = len(devices)
@@ -82,7 +88,7 @@ class Predictor:
         self.multiple = 2 ** len(model.cfg.widths)
         self.in_channels = model.cfg.in_channels
         self.pixel_mm = model.cfg.pixel_mm
-        self.calcium_probability = float(calcium_probability)
+        self.min_calcium_probability = float(min_calcium_probability)
         model.eval()
         graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         self._data = sharding.data_sharding(self.mesh)
@@ -93,7 +99,7 @@ class Predictor:
             m = nnx.merge(graphdef, *state, copy=True)
             logits = m(images.astype(jnp.float32))
             finite = jnp.all(jnp.isfinite(logits), axis=(1, 2, 3))  # (B,) per slice
-            return model_lib.labels_from_logits(logits, self.calcium_probability), finite
+            return model_lib.labels_from_logits(logits, self.min_calcium_probability), finite
 
         def forward_with_loss(state, images, labels, weights):
             m = nnx.merge(graphdef, *state, copy=True)
@@ -101,7 +107,9 @@ class Predictor:
             per_slice = jax.vmap(lambda lg, lb: losses.bootstrap_iou_loss(lg[None], lb[None], **loss_kwargs))(
                 logits, labels
             )  # each slice's own loss; padded slices weigh 0
-            return model_lib.labels_from_logits(logits, self.calcium_probability), (per_slice * weights).sum()
+            return model_lib.labels_from_logits(logits, self.min_calcium_probability), (
+                per_slice * weights
+            ).sum()
 
         def forward_calcium_probability(state, images):
             m = nnx.merge(graphdef, *state, copy=True)

@@ -152,12 +152,12 @@ def open_job(options: ScoreOptions, predictor: inference.Predictor | None) -> Jo
         outputs.check_run_record(o.out, "run", o.run_record(model_sha256), fix=fix)
     if predictor is None:
         predictor = inference.Predictor.from_checkpoint(
-            o.checkpoint_path, o.which, batch_size=o.batch_size, calcium_probability=o.calcium_probability
+            o.checkpoint_path, o.which, batch_size=o.batch_size, min_calcium_probability=o.calcium_probability
         )
-    elif getattr(predictor, "calcium_probability", 0.5) != o.calcium_probability:
+    elif getattr(predictor, "min_calcium_probability", 0.5) != o.calcium_probability:
         raise ValueError(
-            f"the predictor given calls calcium above {predictor.calcium_probability}, the options say "
-            f"{o.calcium_probability}"
+            f"the predictor given calls calcium above {predictor.min_calcium_probability}, the options "
+            f"say {o.calcium_probability}"
         )
     scans, readers, listing_errors = _list_scans(o, context=(predictor.in_channels - 1) // 2)
     errors = outputs.ErrorLog(errors_path)
