@@ -81,7 +81,7 @@ def outcomes(folder: str) -> dict[str, dict]:
     """{case: {"rows": [...], "errors": [...]}} of an output folder, through its private map."""
     case_of = {name: rel.split(os.sep)[0] for name, rel in deid.read_private_map(folder).items()}
     result: dict[str, dict] = {}
-    for kind, file, key in (("rows", outputs.SCORES, "scan_id"), ("errors", "errors.jsonl", "input")):
+    for kind, file, key in (("rows", outputs.SCORES, "scan_id"), ("errors", outputs.ERRORS, "input")):
         for r in outputs.read_jsonl(os.path.join(folder, file)):
             result.setdefault(case_of.get(r.get(key), "?"), {"rows": [], "errors": []})[kind].append(r)
     return result

@@ -48,8 +48,8 @@ BOX_SIDES_PX = (128, 256, 384)  # box sides; a region wider than the largest get
 @dataclasses.dataclass(frozen=True)
 class Box:
     """Where the forward pass runs: slices ``[z0, z1)`` of the scan and the in-plane window ``[y0, y1) x
-    [x0, x1)`` (pixels); ``keep`` ``[k0, k1)``: the slices whose labels are used (the region's), the
-    others are context for the 2.5D input."""
+    [x0, x1)`` (pixels); ``[k0, k1)``: the slices whose labels are used (the region's), the others are
+    context for the 2.5D input."""
 
     z0: int
     z1: int
@@ -95,12 +95,16 @@ def _window(lo: int, hi: int, size: int, align: int) -> tuple[int, int]:
 def heart_box(region: heart_region.HeartRegion | None, context: int, align: int) -> Box | None:
     """The :class:`Box` of a found region (``context``: neighbour slices on each side of the 2.5D input;
     ``align``: the network's multiple), or None when there is none to use (no region, not found, empty)."""
-    if region is None or not region.found or not region.mask.any():
+    if region is None or not region.found:
         return None
     nz, ny, nx = region.mask.shape
-    zs = np.flatnonzero(region.mask.any(axis=(1, 2)))
-    ys = np.flatnonzero(region.mask.any(axis=(0, 2)))
-    xs = np.flatnonzero(region.mask.any(axis=(0, 1)))
+    per_slice = region.mask.any(axis=(1, 2))
+    zs = np.flatnonzero(per_slice)
+    if zs.size == 0:
+        return None
+    in_plane = region.mask[zs[0] : zs[-1] + 1].any(axis=0)  # (H, W): one pass over the region's slices
+    ys = np.flatnonzero(in_plane.any(axis=1))
+    xs = np.flatnonzero(in_plane.any(axis=0))
     y0, y1 = _window(int(ys[0]), int(ys[-1]) + 1, ny, align)
     x0, x1 = _window(int(xs[0]), int(xs[-1]) + 1, nx, align)
     k0, k1 = int(zs[0]), int(zs[-1]) + 1
