@@ -28,17 +28,19 @@ def series(tmp_path_factory):
 
 
 def _mutated(series, tmp_path, change) -> str:
-    """A copy of the series with ``change(ds)`` applied to every file; ``change`` may return
+    """A copy of the series with ``change(ds)`` applied to every file; ``change`` may return one
     ``{keyword: text}`` to write as raw text (:func:`_raw`)."""
     out = str(tmp_path / "series")
     shutil.copytree(series, out)
     for path in sorted(glob.glob(os.path.join(out, "*.dcm"))):
         ds = pydicom.dcmread(path)
-        raw = change(ds) or {}
-        ds.save_as(path, enforce_file_format=True)
-        for keyword, text in raw.items():
-            with open(path, "wb") as f:
-                f.write(fuzz_mutations.bytes_with_raw_text(ds, keyword, text))
+        raw = change(ds)
+        if not raw:
+            ds.save_as(path, enforce_file_format=True)
+            continue
+        ((keyword, text),) = raw.items()  # bytes_with_raw_text writes one attribute as raw text
+        with open(path, "wb") as f:
+            f.write(fuzz_mutations.bytes_with_raw_text(ds, keyword, text))
     return out
 
 
