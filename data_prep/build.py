@@ -2,7 +2,7 @@ r"""Builds ArrayRecord shards of 2.5D stacks from folders of DICOM CT (+ NIfTI /
 
   python -m data_prep.build --input DIR --out SHARDS [--split train=0.8,val=0.1,test=0.1] [--context 1] \
       [--split_by series|patient] [--workers W] [--labels LABEL_TREE] [--label_format auto|nifti|xml] \
-      [--protocol chest|cardiac] [--records_per_shard 512] [--salt S]
+      [--protocol chest|cardiac] [--records_per_shard 512] [--salt S] [--reslice_mm 5]
 
 Output: ``{split}-{i:05d}-of-{n:05d}.array_record``, ``manifest.json``
 (schema version, settings, per-scan metadata with record ranges, indices of records with calcium), TFDS's
@@ -17,6 +17,8 @@ the settings and an input fingerprint: a rerun after a kill finishes the job (fi
 unfinished ones rebuilt, and the same inputs give the same shards); a rerun with other inputs or settings
 is refused. A second build on the same folder is refused while the first runs. Errors that stop the whole
 build (nothing found, folder busy, a full or read-only disk) are one line on stderr with exit status 2.
+``--reslice_mm T`` writes every scan as contiguous T mm slices (``calcjax.io.reslice``: a thin gated scan
+and its labels as the thick reconstruction a chest protocol reads).
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ _SALT = flags.DEFINE_string(
     "salt", None, "Salt of the scan-id hash (default: SHARDS/salt.txt, created once)."
 )
 
+_RESLICE_MM = flags.DEFINE_float(
+    "reslice_mm", 0.0, "Write every scan as contiguous slices this thick, mm (0: as it is).", lower_bound=0.0
+)
+
 
 def main(argv):
     del argv
@@ -84,6 +90,7 @@ def _build_from_flags() -> dict:
             protocol=_PROTOCOL.value,
             records_per_shard=_RECORDS_PER_SHARD.value,
             salt=_SALT.value,
+            reslice_mm=_RESLICE_MM.value,
         )
     )
 

@@ -97,8 +97,10 @@ def shard_name(split: str, i: int, n: int) -> str:
 
 
 def _write(args):
-    path, jobs, context, protocol, fingerprint = args
-    return write_shard(path, jobs, context=context, protocol=protocol, fingerprint=fingerprint)
+    path, jobs, context, protocol, fingerprint, reslice_mm = args
+    return write_shard(
+        path, jobs, context=context, protocol=protocol, fingerprint=fingerprint, reslice_mm=reslice_mm
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +114,9 @@ class BuildOptions:
     ``context``: k, each record holding C = 2k+1 adjacent slices; ``workers``: processes writing shards;
     ``labels_dir``: a label tree mirroring the input; ``label_format``: ``auto`` / ``nifti`` / ``xml``;
     ``protocol``: an override of the protocol guess; ``records_per_shard``: the target shard size;
-    ``salt``: the scan-id salt (default: ``out/salt.txt``, made once); ``progress``: a progress bar.
+    ``salt``: the scan-id salt (default: ``out/salt.txt``, made once); ``progress``: a progress bar;
+    ``reslice_mm``: > 0 writes every scan as contiguous slices that thick (``calcjax.io.reslice``: thin
+    gated scans as the thick reconstructions chest protocols read), 0 as it is.
     """
 
     input_dir: str
@@ -128,13 +132,16 @@ class BuildOptions:
     records_per_shard: int = 512
     salt: str | None = None
     progress: bool = True
+    reslice_mm: float = 0.0
 
     def settings(self) -> dict:
         """What the build record keeps of these options: a rebuild with others is refused (``split_by``
-        only when not the default, so the records of earlier builds still match)."""
+        and ``reslice_mm`` only when not the default, so the records of earlier builds still match)."""
         by_patient = {"split_by": self.split_by} if self.split_by != "series" else {}
+        resliced = {"reslice_mm": self.reslice_mm} if self.reslice_mm else {}
         return {
             **by_patient,
+            **resliced,
             "record_schema": records.SCHEMA_VERSION,
             "context": self.context,
             "split": self.split,
@@ -180,7 +187,7 @@ def _build_locked(o: BuildOptions) -> dict:
     deid.update_private_map(o.out, private_map)
     tasks = _shard_tasks(o, plan_shards(jobs, o.records_per_shard), fingerprints)
     _write_shards([t for t in tasks if not shard_done(t[0], t[4])], len(tasks), o.workers, o.progress)
-    return _manifest(o.out, tasks, errors, ratios, o.split_seed, o.context, o.protocol, o.label_format)
+    return _manifest(o, tasks, errors, ratios)
 
 
 def _check_build_record(o: BuildOptions, fingerprints: dict[str, str]) -> None:
@@ -208,8 +215,8 @@ def _check_build_record(o: BuildOptions, fingerprints: dict[str, str]) -> None:
 
 
 def _shard_tasks(o: BuildOptions, plan: dict, fingerprints: dict[str, str]) -> list[tuple]:
-    """One ``(path, jobs, context, protocol, digest)`` per planned shard; the digest of the settings and
-    the shard's inputs says whether a shard already written is this one."""
+    """One ``(path, jobs, context, protocol, digest, reslice_mm)`` per planned shard; the digest of the
+    settings and the shard's inputs says whether a shard already written is this one."""
     settings_json = json.dumps(o.settings(), sort_keys=True)
     tasks = []
     for name, shards in plan.items():
@@ -218,7 +225,7 @@ def _shard_tasks(o: BuildOptions, plan: dict, fingerprints: dict[str, str]) -> l
             digest = hashlib.sha256(settings_json.encode())
             for j in shard_jobs:
                 digest.update(fingerprints[j.scan_id].encode())
-            tasks.append((path, shard_jobs, o.context, o.protocol, digest.hexdigest()))
+            tasks.append((path, shard_jobs, o.context, o.protocol, digest.hexdigest(), o.reslice_mm))
     return tasks
 
 
@@ -242,7 +249,9 @@ def _write_shards(todo: list[tuple], total: int, workers: int, progress: bool) -
                 bar.update()
 
 
-def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_format) -> dict:
+def _manifest(o: BuildOptions, tasks, errors, ratios) -> dict:
+    """Writes and returns the folder's manifest (module docstring), TFDS metadata and errors.jsonl."""
+    out, context = o.out, o.context
     splits: dict[str, dict] = {}
     scans = []
     all_errors = list(errors)
@@ -268,12 +277,14 @@ def _manifest(out, tasks, errors, ratios, split_seed, context, protocol, label_f
         "settings": {
             "context": context,
             "channels": 2 * context + 1,
-            "image": "int16 HU (C, H, W), no window applied, no resampling",
+            "image": "int16 HU (C, H, W), no window applied, "
+            + (f"resliced to {o.reslice_mm:g} mm slices" if o.reslice_mm else "no resampling"),
             "label": "uint8 (H, W) of the centre slice: 0 background, 1 LM, 2 LAD, 3 LCX, 4 RCA",
             "split": dict(ratios),
-            "split_seed": split_seed,
-            "protocol_override": protocol,
-            "label_format": label_format,
+            "split_seed": o.split_seed,
+            "protocol_override": o.protocol,
+            "label_format": o.label_format,
+            **({"reslice_mm": o.reslice_mm} if o.reslice_mm else {}),
             "scan_id": "salted SHA-256 of the SeriesInstanceUID (where the files have none, of their "
             "SOPInstanceUIDs, else of the folder and physical series key; series_grouping: 'geometry')",
         },

@@ -1,6 +1,6 @@
 r"""The labelled real scans at hand as training data: one shard folder per scan.
 
-  python -m data_prep.real_shards --real "$CALCJAX_REAL_DATA" --out real_shards [--workers 2]
+  python -m data_prep.real_shards --real "$CALCJAX_REAL_DATA" --out real_shards [--workers 2] [--thick_mm 5]
 
 ``--real`` is the folder holding ``coca-sample/`` (the COCA release's layout) and ``qrm-canon/``. Each
 labelled real scan becomes ``OUT/<name>/``, a shard folder (``data_prep.build``) with the one scan in its
@@ -15,6 +15,11 @@ folder:
   (``QRM_LABEL``). A label needs an artery and the insert has none: LAD, the artery that most often carries
   coronary calcium, is the choice; the QRM scan teaches "calcium in soft tissue", and its artery name
   must never be read as a figure.
+
+With ``--thick_mm T``, each gated scan also becomes ``OUT/gated-<k>-thick<T>/``: the same scan and mask as
+contiguous T mm slices (``data_prep.build --reslice_mm``, ``calcjax.io.reslice``), the thick
+reconstruction a non-gated chest protocol reads, so real coronary calcium is seen at chest slice
+thickness. A variant is the same patient: ``calcjax.research.real_loo`` leaves it out with its scan.
 
 The other chest scan (physician score 300, no mask) stays a scan-level check (``make real-eval``).
 The labels calcjax makes (``chest-zero``, ``qrm``) are written as NIfTI into ``OUT/inputs/<name>/labels``
@@ -112,8 +117,16 @@ def qrm_labels(hu: np.ndarray, spacing) -> np.ndarray:
     return ((hu >= agatston.CALCIUM_THRESHOLD_HU) & cylinders).astype(np.uint8) * np.uint8(QRM_LABEL)
 
 
-def build_real_shards(real: str, out: str, *, workers: int = 1, progress: bool = True) -> dict[str, dict]:
-    """Builds ``out/<name>`` for every labelled real scan under ``real``; {name: manifest}."""
+def thick_name(name: str, thick_mm: float) -> str:
+    """The folder of scan ``name`` as ``thick_mm`` slices (``gated-1-thick5``)."""
+    return f"{name}-thick{thick_mm:g}"
+
+
+def build_real_shards(
+    real: str, out: str, *, workers: int = 1, progress: bool = True, thick_mm: float = 0.0
+) -> dict[str, dict]:
+    """Builds ``out/<name>`` for every labelled real scan under ``real`` (and, with ``thick_mm`` > 0,
+    ``out/<name>-thick<T>`` for every gated one); {name: manifest}."""
     scans = real_scans(real)
     if not scans:
         raise FileNotFoundError(f"{real}: no coca-sample/ or qrm-canon/ with labelled real scans")
@@ -127,6 +140,10 @@ def build_real_shards(real: str, out: str, *, workers: int = 1, progress: bool =
             workers=workers, salt=salt, progress=progress,
         )  # fmt: skip
         manifests[scan.name] = build(options)
+        if thick_mm and scan.kind == "gated":
+            variant = thick_name(scan.name, thick_mm)
+            options = dataclasses.replace(options, out=os.path.join(out, variant), reslice_mm=float(thick_mm))
+            manifests[variant] = build(options)
     return manifests
 
 
@@ -135,6 +152,8 @@ def define_flags() -> None:
     flags.DEFINE_string("real", None, "Folder holding coca-sample/ and qrm-canon/.", required=True)
     flags.DEFINE_string("out", None, "Folder of the per-scan shard folders.", required=True)
     flags.DEFINE_integer("workers", 1, "Processes writing shards.", lower_bound=1)
+    flags.DEFINE_float("thick_mm", 0.0, "Also build each gated scan as slices this thick, mm (0: no).",
+                       lower_bound=0.0)  # fmt: skip
 
 
 def main(argv):
@@ -142,7 +161,7 @@ def main(argv):
     f = flags.FLAGS
     manifests = cli.run_or_exit(
         "data_prep.real_shards",
-        lambda: build_real_shards(f.real, f.out, workers=f.workers),
+        lambda: build_real_shards(f.real, f.out, workers=f.workers, thick_mm=f.thick_mm),
         (FileNotFoundError, dicom.DicomError, qrm.InsertNotFoundError, deid.SaltError),
     )
     for name, m in manifests.items():

@@ -100,9 +100,10 @@ def write_shard(
     context: int,
     protocol: str | None,
     fingerprint: str | None = None,
+    reslice_mm: float = 0.0,
 ) -> dict:
-    """Writes one shard of the records of ``jobs`` (bad scans skipped) and its sidecar (which keeps
-    ``fingerprint``); returns the sidecar."""
+    """Writes one shard of the records of ``jobs`` (bad scans skipped; each read as ``reslice_mm`` thick
+    slices when > 0) and its sidecar (which keeps ``fingerprint``); returns the sidecar."""
     tmp = f"{shard_path}.tmp-{os.getpid()}"
     scans, errors, count = [], [], 0
     writer = ArrayRecordWriter(tmp, ARRAY_RECORD_OPTIONS)
@@ -113,8 +114,9 @@ def write_shard(
             # the scan and becomes its errors line; the build goes on.
             try:
                 vol, lab = preprocess.read_scan(
-                    job.files, label_path=job.label_path, label_format=job.label_format, protocol=protocol
-                )
+                    job.files, label_path=job.label_path, label_format=job.label_format, protocol=protocol,
+                    reslice_mm=reslice_mm,
+                )  # fmt: skip
                 meta = scan_metadata(job, vol, lab)
                 encoded = list(scan_records(job.scan_id, vol, lab, context))
             except Exception as e:  # a batch job records every bad scan and goes on

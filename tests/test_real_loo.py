@@ -61,6 +61,28 @@ def test_the_sources_of_a_fold_leave_out_the_held_out_scan(real_shards):
     assert spec == f"phantom:P:0.5,gated_2:{os.path.join(real_shards, 'gated-2')}:0.5"
 
 
+def test_a_fold_leaves_out_the_held_out_scans_variants_and_a_candidate_names_the_others(
+    real_shards, tmp_path
+):
+    from calcjax.research import real_loo
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for k in (1, 2):
+        os.symlink(os.path.join(real_shards, f"gated-{k}"), real / f"gated-{k}")
+        src = os.path.join(os.path.dirname(real_shards), f"in-{k}")
+        options = builder.BuildOptions(src, str(real / f"gated-{k}-thick5"), split="train=1", reslice_mm=5.0,
+                                       salt="loo-test-salt-0", progress=False)  # fmt: skip
+        builder.build(options)
+    assert real_loo.folds(str(real)) == ["gated-1", "gated-2"]
+    plain = real_loo.sources_spec({"real_weight": 1.0}, str(real), "gated-1")
+    assert plain == f"gated_2:{real / 'gated-2'}:1"
+    spec = real_loo.sources_spec({"real_weight": 1.0, "real_variants": ["thick5"]}, str(real), "gated-1")
+    assert spec == f"gated_2:{real / 'gated-2'}:0.5,gated_2_thick5:{real / 'gated-2-thick5'}:0.5"
+    manifest = json.loads((real / "gated-2-thick5" / "manifest.json").read_text())
+    assert manifest["settings"]["reslice_mm"] == 5.0 and manifest["scans"][0]["spacing"][0] == 5.0
+
+
 @pytest.mark.slow
 def test_every_held_out_scan_is_scored_by_runs_that_never_saw_it(real_shards, tmp_path, monkeypatch):
     from calcjax.research import real_loo

@@ -56,11 +56,17 @@ def test_every_labelled_real_scan_is_a_shard_folder_of_its_own(tmp_path):
     assert (
         refs["qrm"]["agatston"] > 0 and refs["qrm"]["agatston_per_artery"]["LAD"] == refs["qrm"]["agatston"]
     )
-    again = real_shards.build_real_shards(REAL, out, progress=False)  # a rerun finds everything built
-    assert {n: m["scans"][0]["scan_id"] for n, m in again.items()} == {
+    # a rerun finds everything built; with --thick_mm it adds each gated scan as 5 mm slices
+    again = real_shards.build_real_shards(REAL, out, progress=False, thick_mm=5.0)
+    assert {n: again[n]["scans"][0]["scan_id"] for n in manifests} == {
         n: m["scans"][0]["scan_id"] for n, m in manifests.items()
     }
-    for name in manifests:  # no input folder name reaches a shared output
+    for k in (1, 2, 3):
+        (thick,) = again[f"gated-{k}-thick5"]["scans"]
+        assert thick["spacing"][0] == 5.0 and thick["slice_thickness_mm"] == 5.0
+        assert thick["num_slices"] < manifests[f"gated-{k}"]["scans"][0]["num_slices"]
+        assert thick["calcium_slices"]  # calcium kept where partial volume leaves it >= 130 HU
+    for name in again:  # no input folder name reaches a shared output
         for file in ("manifest.json", "errors.jsonl", "build.json"):
             with open(os.path.join(out, name, file)) as f:
                 text = f.read()

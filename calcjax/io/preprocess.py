@@ -2,7 +2,8 @@
 ``calcjax.score --dicom``.
 
 - ``read_scan``: the DICOM series (``calcjax.io.dicom.read_series``) and its reference labels, if any
-  (NIfTI checked against the grid, or COCA XML rasterised on it);
+  (NIfTI checked against the grid, or COCA XML rasterised on it), optionally as thicker slices
+  (``calcjax.io.reslice``: a thin gated scan as the thick reconstruction a chest protocol reads);
 - ``hu_int16``: HU rounded and clipped to int16 (what a shard stores; the model sees exactly these values
   whichever route a scan takes);
 - ``slice_stacks``: the 2.5D stacks of a run of slices, ``(n, H, W, C)`` with C = 2 * context + 1
@@ -15,21 +16,33 @@ No jax here: imported by the shard writer's processes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from calcjax.io import dicom, geometry, labels, records
+from calcjax.io import dicom, geometry, labels, records, reslice
 
 INT16_MIN, INT16_MAX = -32768, 32767
 
 
-def read_scan(files, *, label_path: str | None, label_format: str | None, protocol: str | None = None):
-    """``(Volume, labels or None)`` of one series; raises DicomError / LabelError with reasons."""
+def read_scan(
+    files, *, label_path: str | None, label_format: str | None, protocol: str | None = None,
+    reslice_mm: float = 0.0,
+):  # fmt: skip
+    """``(Volume, labels or None)`` of one series; raises DicomError / LabelError with reasons.
+    ``reslice_mm`` > 0: the scan and its labels as contiguous slices that thick (``calcjax.io.reslice``);
+    the volume's metadata then says so (``slice_thickness_mm``, ``num_slices``, ``resliced_from_mm``)."""
     vol = dicom.read_series(files, protocol=protocol)
     lab = None
     if label_format == "nifti":
         lab = labels.read_nifti_label(label_path, vol.grid)
     elif label_format == "xml":
         lab = labels.read_coca_xml(label_path, vol.grid, vol.hu)
+    if reslice_mm:
+        thick = reslice.thick_slices(vol.hu, lab, vol.grid, reslice_mm)
+        meta = {**vol.meta, "slice_thickness_mm": float(reslice_mm), "num_slices": thick.grid.shape[0],
+                "resliced_from_mm": float(vol.grid.spacing[0])}  # fmt: skip
+        vol, lab = dataclasses.replace(vol, hu=thick.hu, grid=thick.grid, meta=meta), thick.labels
     return vol, lab
 
 

@@ -3,7 +3,10 @@ r"""Leave one real scan out: each candidate recipe trained without one labelled 
   python -m calcjax.research.real_loo --plan PLAN.json --real_shards real_shards --out LOO [--seeds 0,1,2]
 
 ``--real_shards`` is ``make real-shards``'s folder: one shard folder per labelled real scan (``gated-1``,
-``chest-zero``, ``qrm``, ...). ``PLAN.json`` is written before the first fold runs and holds the rule
+``chest-zero``, ``qrm``, ...) and per variant of one (``gated-1-thick5``: the scan as 5 mm slices,
+``data_prep.real_shards --thick_mm``). A fold is a scan: its variants are left out with it, and a
+candidate trains on the other scans' variants only where its ``real_variants`` names them
+(``["thick5"]``). ``PLAN.json`` is written before the first fold runs and holds the rule
 of the choice and the candidates:
 
   {"rule": "the candidate with the highest mean gated voxel F1 over folds and seeds, ...",
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,6 +51,7 @@ SCORER_RULES = {
     "batch_size",
     "calcium_probability",
 }
+VARIANT = re.compile(r"^(?P<scan>.+)-(?P<variant>thick[0-9.]+)$")  # a scan's variant folder
 FIGURES = ("voxel_f1", "voxel_precision", "voxel_recall", "lesion_sensitivity", "fp_lesions", "agatston")
 
 
@@ -75,18 +80,31 @@ def load_plan(path: str, out: str) -> dict:
     return plan
 
 
-def folds(real_shards: str) -> list[str]:
-    """The real scans' folders under ``real_shards`` (each a shard folder with a manifest)."""
+def _shard_folders(real_shards: str) -> list[str]:
     names = sorted(os.listdir(real_shards))
     return [d for d in names if os.path.isfile(os.path.join(real_shards, d, "manifest.json"))]
 
 
+def folds(real_shards: str) -> list[str]:
+    """The real scans under ``real_shards`` (each a shard folder with a manifest), variants not counted."""
+    return [d for d in _shard_folders(real_shards) if not VARIANT.match(d)]
+
+
 def sources_spec(candidate: dict, real_shards: str, held_out: str) -> str:
-    """``data.sources`` of one fold: the candidate's phantom source and every other real scan's folder."""
-    others = [f for f in folds(real_shards) if f != held_out]
+    """``data.sources`` of one fold: the candidate's phantom source and every other real scan's folder,
+    with those scans' variants that the candidate's ``real_variants`` names."""
+    wanted = set(candidate.get("real_variants", []))
+    others = []
+    for f in _shard_folders(real_shards):
+        variant = VARIANT.match(f)
+        scan = variant["scan"] if variant else f
+        if scan != held_out and (not variant or variant["variant"] in wanted):
+            others.append(f)
     weight = float(candidate["real_weight"]) / len(others)
     entries = [f"phantom:{candidate['phantom']}"] if candidate.get("phantom") else []
-    entries += [f"{f.replace('-', '_')}:{os.path.join(real_shards, f)}:{weight:g}" for f in others]
+    entries += [
+        f"{f.replace('-', '_').replace('.', '_')}:{os.path.join(real_shards, f)}:{weight:g}" for f in others
+    ]
     return ",".join(entries)
 
 
@@ -131,7 +149,7 @@ def score_held_out(
 def training_of(plan: dict, name: str) -> str:
     """The first candidate, in the plan's order, whose training is the same as ``name``'s (config, phantom
     source, real weight and overrides): its runs serve every candidate that differs only in how it scores."""
-    keys = ("config", "phantom", "real_weight", "overrides")
+    keys = ("config", "phantom", "real_weight", "real_variants", "overrides")
     mine = [plan["candidates"][name].get(k) for k in keys]
     return next(n for n, c in plan["candidates"].items() if [c.get(k) for k in keys] == mine)
 
