@@ -86,11 +86,12 @@ real-eval: $(STAMP)
 			> $(REAL_OUT)/qrm_check.json && echo "QRM insert (calcjax.research.qrm_check):" && cat $(REAL_OUT)/qrm_check.json; fi
 
 # Every labelled real scan as a shard folder of its own (data_prep.real_shards): $(REAL_SHARDS)/gated-1..3
-# (COCA masks), chest-zero (physician score 0: all background), qrm (the QRM inserts from HU). Train on
+# (COCA masks) and gated-1..3-thick5 (the same as 5 mm slices), chest-zero (physician score 0: all
+# background), qrm (the QRM inserts from HU). Train on
 # them with --config.data.sources; watch one with --config.data.real_val_shards=$(REAL_SHARDS)/gated-1.
 real-shards: $(STAMP)
 	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-shards: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
-	$(BIN)/python -m data_prep.real_shards --real "$(REAL_DATA)" --out $(REAL_SHARDS) --workers 2
+	$(BIN)/python -m data_prep.real_shards --real "$(REAL_DATA)" --out $(REAL_SHARDS) --workers 2 --thick_mm 5
 
 # Every candidate of LOO_PLAN trained without each real scan in turn (LOO_SEEDS) and scored on it:
 # $(LOO_OUT)/summary.md. A rerun finishes what is missing; another plan needs another LOO_OUT.
