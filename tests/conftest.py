@@ -38,6 +38,27 @@ if xla_env.OPT_LEVEL_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_env.FAST_COMPILE}".strip()
 
 
+# The longest tests, measured with --durations (2026-12-07, `make test` beside other work): the study's
+# tiny run ~480 s, the COCA recipe ~420 s, the 50-scan cohort ~250 s. Under pytest-xdist a long test that
+# starts late keeps one worker busy after the other has run out of tests, so these start first, then the
+# other slow tests, then the rest.
+LONGEST_FIRST = ("test_repro.py", "test_coca_recipe.py", "test_cohort_scale.py")
+
+
+def _start_rank(item) -> int:
+    """0, 1, 2 for the slow tests of ``LONGEST_FIRST``'s files, 3 for the other slow tests, 4 for the rest."""
+    slow = item.get_closest_marker("slow") is not None
+    if slow and item.path.name in LONGEST_FIRST:
+        return LONGEST_FIRST.index(item.path.name)
+    return len(LONGEST_FIRST) + (not slow)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first, then the other slow ones, each group in collection order: xdist deals the
+    first tests out to the workers in turn, so the three longest start at once on both workers."""
+    items.sort(key=_start_rank)
+
+
 def pytest_unconfigure(config):
     """Removes the run's compilation cache (only the one this conftest made, in the controlling process)."""
     if _OWN_CACHE is not None:

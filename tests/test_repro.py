@@ -74,3 +74,18 @@ def test_the_study_writes_every_figure_and_its_verdict(shards, tmp_path):
         "gap within the spread" in text and "JAX seed against JAX seed" in text and "1 against 2 CPU" in text
     )
     assert os.path.isfile(tmp_path / "reproducibility_loss_curves.png") and "H200" in text
+    assert "3 steps x 2 seeds x 2 frameworks" in text and "median of each run's log lines" in text
+    doc.unlink()
+    repro.main([*argv, "--doc_only"])  # the report again from study.json: the same text, nothing trained
+    assert doc.read_text() == text
+
+
+def test_the_recipes_steps_come_from_the_override_or_the_runs_config(tmp_path, capsys):
+    from calcjax.research import repro
+
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"steps": 1600}}))
+    assert repro.recipe_steps({}, str(tmp_path)) == 1600
+    assert repro.recipe_steps({"train.steps": "7"}, str(tmp_path)) == 7
+    with pytest.raises(SystemExit) as exit_:
+        repro.main(["--shards", str(tmp_path), "--out", str(tmp_path / "none"), "--doc_only"])
+    assert exit_.value.code == 2 and "no finished study to report" in capsys.readouterr().err

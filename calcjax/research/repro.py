@@ -21,7 +21,8 @@ grain stream (``calcjax.train`` and ``calcjax.research.torch_baseline.train``, `
 - throughput: each trainer's steps/s in these runs.
 
 ``OUT/study.json`` holds every figure; ``--doc`` writes the report (tables, plot, verdict, the command and
-the commit). Runs already finished in OUT are not trained again.
+the commit). Runs already finished in OUT are not trained again; ``--doc_only`` writes the report again
+from ``OUT/study.json`` and the runs' logs, training and scoring nothing.
 """
 
 from __future__ import annotations
@@ -205,6 +206,14 @@ def determinism(args, overrides: dict) -> dict:
             "jax_1_vs_2_devices": compare_runs(runs["jax-a"], runs["jax-2dev"])}  # fmt: skip
 
 
+def recipe_steps(overrides: dict, workdir: str) -> int:
+    """The recipe's training steps: the override, else the run's own config (``workdir/config.json``)."""
+    if overrides.get("train.steps"):
+        return int(overrides["train.steps"])
+    with open(os.path.join(workdir, "config.json")) as f:
+        return int(json.load(f)["train"]["steps"])
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
@@ -231,10 +240,27 @@ def study(args) -> dict:
                             [per_run["torch"][s]["voxel_f1"] for s in args.seeds], args.margin),
         "loss_curves": loss_curves(workdirs, os.path.join(args.out, "loss_curves.png")),
         "steps_per_s": {fw: spread([steps_per_s(d) or 0.0 for d in workdirs[fw]]) for fw in FRAMEWORKS},
+        "recipe_steps": recipe_steps(overrides, workdirs["jax"][0]),
         "seconds_per_run": {fw: spread([seconds[(fw, s)] for s in args.seeds]) for fw in FRAMEWORKS},
         "determinism": determinism(args, overrides) if args.determinism_steps else None,
         "commit": _commit(), "command": " ".join(["python -m calcjax.research.repro", *args.argv]),
     }  # fmt: skip
+
+
+def report_again(args) -> dict:
+    """``OUT/study.json`` as it is (its runs' figures and commit), with each run's steps/s read again from
+    its log and the recipe's steps filled in: what ``--doc_only`` reports."""
+    path = os.path.join(args.out, "study.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no finished study to report (run it without --doc_only first)")
+    with open(path) as f:
+        r = json.load(f)
+    workdirs = {
+        fw: [os.path.join(args.out, "runs", fw, f"seed-{s}") for s in r["seeds"]] for fw in FRAMEWORKS
+    }
+    r["steps_per_s"] = {fw: spread([steps_per_s(d) or 0.0 for d in workdirs[fw]]) for fw in FRAMEWORKS}
+    r["recipe_steps"] = recipe_steps(r["overrides"], workdirs["jax"][0])
+    return r
 
 
 def _commit() -> str:
@@ -299,10 +325,10 @@ def _determinism_rows(d: dict | None) -> list[str]:
 def write_doc(r: dict, path: str, plot: str) -> None:
     """The report (Markdown) with its plot beside it."""
     e = r["equivalence"]
-    steps = int(r["overrides"].get("train.steps", 0)) or None
-    total = f"{steps} steps x {len(r['seeds'])} seeds x 2 frameworks" if steps else "the study's steps"
+    steps = r.get("recipe_steps") or int(r["overrides"].get("train.steps", 0))
+    total = f"{steps} steps x {len(r['seeds'])} seeds x 2 frameworks"
     image = os.path.splitext(path)[0] + "_loss_curves.png"
-    gpu_min = (steps or 0) * len(r["seeds"]) * 2 * H200_TORCH_STEP_S / 60
+    gpu_min = steps * len(r["seeds"]) * 2 * H200_TORCH_STEP_S / 60
     shutil.copy(plot, image)
     lines = [
         "# Reproducibility: JAX against the PyTorch baseline", "",
@@ -318,7 +344,10 @@ def write_doc(r: dict, path: str, plot: str) -> None:
         "| trainer | steps/s [range over seeds] | seconds per run |", "|---|---|---|",
         *[f"| {fw} | {_cell(r['steps_per_s'][fw], 2)} | {_cell(r['seconds_per_run'][fw], 0)} |"
           for fw in FRAMEWORKS],
-        "", f"On one H200 the {total} would take at most about {gpu_min:.0f} min of training (an estimate: "
+        "", "Steps/s is the median of each run's log lines (one per logging interval), robust to an interval "
+        "slowed by other work on the machine; seconds per run count everything (start, compilation, "
+        "validation, checkpoints) and any such sharing.",
+        "", f"On one H200 the {total} would take at most about {gpu_min:.1f} min of training (an estimate: "
         "the PyTorch twin's default-network step there, 0.16 s at batch 16, 512x512, bf16; this recipe's "
         "network is smaller).",
     ]  # fmt: skip
@@ -339,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--override", action="append", default=[], help="KEY=VALUE config override (repeatable)")
     p.add_argument("--doc", default="", help="write the report here (e.g. docs/reproducibility.md)")
+    p.add_argument("--doc_only", action="store_true", help="only write --doc again from OUT/study.json")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.seeds, args.argv = [int(s) for s in args.seeds.split(",")], argv
@@ -346,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     def job() -> dict:
         compile_cache.enable()
         os.makedirs(args.out, exist_ok=True)
-        result = study(args)
+        result = report_again(args) if args.doc_only else study(args)
         write_atomic(os.path.join(args.out, "study.json"), json.dumps(result, indent=1) + "\n")
         if args.doc:
             write_doc(result, args.doc, os.path.join(args.out, "loss_curves.png"))
