@@ -206,6 +206,16 @@ def determinism(args, overrides: dict) -> dict:
             "jax_1_vs_2_devices": compare_runs(runs["jax-a"], runs["jax-2dev"])}  # fmt: skip
 
 
+def run_folders(out: str, seeds: list[int]) -> dict[str, list[str]]:
+    """Each framework's training run folders under ``out``, in the order of ``seeds``."""
+    return {fw: [os.path.join(out, "runs", fw, f"seed-{s}") for s in seeds] for fw in FRAMEWORKS}
+
+
+def throughput(workdirs: dict[str, list[str]]) -> dict:
+    """Per framework, the spread over its runs of their steps/s (:func:`steps_per_s`; 0 where unlogged)."""
+    return {fw: spread([steps_per_s(d) or 0.0 for d in workdirs[fw]]) for fw in FRAMEWORKS}
+
+
 def recipe_steps(overrides: dict, workdir: str) -> int:
     """The recipe's training steps: the override, else the run's own config (``workdir/config.json``)."""
     if overrides.get("train.steps"):
@@ -221,9 +231,7 @@ def spread(values: list[float]) -> dict:
 def study(args) -> dict:
     """Every run, score and figure of the study (module docstring)."""
     overrides = dict(o.split("=", 1) for o in args.override)
-    workdirs = {
-        fw: [os.path.join(args.out, "runs", fw, f"seed-{s}") for s in args.seeds] for fw in FRAMEWORKS
-    }
+    workdirs = run_folders(args.out, args.seeds)
     seconds, scored = {}, {fw: {} for fw in FRAMEWORKS}
     for fw, seed in itertools.product(FRAMEWORKS, args.seeds):
         d = workdirs[fw][args.seeds.index(seed)]
@@ -239,7 +247,7 @@ def study(args) -> dict:
         "equivalence": tost([per_run["jax"][s]["voxel_f1"] for s in args.seeds],
                             [per_run["torch"][s]["voxel_f1"] for s in args.seeds], args.margin),
         "loss_curves": loss_curves(workdirs, os.path.join(args.out, "loss_curves.png")),
-        "steps_per_s": {fw: spread([steps_per_s(d) or 0.0 for d in workdirs[fw]]) for fw in FRAMEWORKS},
+        "steps_per_s": throughput(workdirs),
         "recipe_steps": recipe_steps(overrides, workdirs["jax"][0]),
         "seconds_per_run": {fw: spread([seconds[(fw, s)] for s in args.seeds]) for fw in FRAMEWORKS},
         "determinism": determinism(args, overrides) if args.determinism_steps else None,
@@ -256,10 +264,8 @@ def report_again(args) -> dict:
         raise FileNotFoundError(f"{path}: no finished study to report (run it without --doc_only first)")
     with open(path) as f:
         r = json.load(f)
-    workdirs = {
-        fw: [os.path.join(args.out, "runs", fw, f"seed-{s}") for s in r["seeds"]] for fw in FRAMEWORKS
-    }
-    r["steps_per_s"] = {fw: spread([steps_per_s(d) or 0.0 for d in workdirs[fw]]) for fw in FRAMEWORKS}
+    workdirs = run_folders(args.out, r["seeds"])
+    r["steps_per_s"] = throughput(workdirs)
     r["recipe_steps"] = recipe_steps(r["overrides"], workdirs["jax"][0])
     r["reported_at"] = _commit()
     return r
@@ -327,7 +333,7 @@ def _determinism_rows(d: dict | None) -> list[str]:
 def write_doc(r: dict, path: str, plot: str) -> None:
     """The report (Markdown) with its plot beside it."""
     e = r["equivalence"]
-    steps = r.get("recipe_steps") or int(r["overrides"].get("train.steps", 0))
+    steps = r["recipe_steps"]
     total = f"{steps} steps x {len(r['seeds'])} seeds x 2 frameworks"
     image = os.path.splitext(path)[0] + "_loss_curves.png"
     gpu_min = steps * len(r["seeds"]) * 2 * H200_TORCH_STEP_S / 60

@@ -154,10 +154,9 @@ def open_job(options: ScoreOptions, predictor: inference.Predictor | None) -> Jo
         predictor = inference.Predictor.from_checkpoint(
             o.checkpoint_path, o.which, batch_size=o.batch_size, min_calcium_probability=o.calcium_probability
         )
-    elif getattr(predictor, "min_calcium_probability", 0.5) != o.calcium_probability:
+    elif (given := getattr(predictor, "min_calcium_probability", 0.5)) != o.calcium_probability:
         raise ValueError(
-            f"the predictor given calls calcium above {predictor.min_calcium_probability}, the options "
-            f"say {o.calcium_probability}"
+            f"the predictor given calls calcium above {given}, the options say {o.calcium_probability}"
         )
     scans, readers, listing_errors = _list_scans(o, context=(predictor.in_channels - 1) // 2)
     errors = outputs.ErrorLog(errors_path)
