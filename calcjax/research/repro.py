@@ -17,12 +17,15 @@ grain stream (``calcjax.train`` and ``calcjax.research.torch_baseline.train``, `
   against ``--margin``, stated before the runs; the verdict is "equivalent within +-margin" when both
   p-values are below 0.05, else "not shown equivalent";
 - determinism: the first seed trained again for ``--determinism_steps`` steps (JAX twice, PyTorch twice,
-  JAX on 2 CPU devices): whether the exported weights are bitwise equal and the largest loss difference;
+  JAX on 2 CPU devices): whether the exported weights are bitwise equal, the largest weight and loss
+  differences; and the first train step on 1 and on 2 devices compared quantity by quantity
+  (``calcjax.research.device_divergence``), which names the operation where they part;
 - throughput: each trainer's steps/s in these runs.
 
 ``OUT/study.json`` holds every figure; ``--doc`` writes the report (tables, plot, verdict, the command and
 the commit). Runs already finished in OUT are not trained again; ``--doc_only`` writes the report again
-from ``OUT/study.json`` and the runs' logs, training and scoring nothing.
+from ``OUT/study.json``, the runs' logs, weights and scores, training and scoring nothing (it computes the
+first-step comparison if the study predates it).
 """
 
 from __future__ import annotations
@@ -88,13 +91,18 @@ def run_figures(rows: list[dict]) -> dict:
 
 
 def agreement(a: list[dict], b: list[dict]) -> dict:
-    """Scan-by-scan agreement of two scorings of the same scans (matched by scan id)."""
+    """Scan-by-scan agreement of two scorings of the same scans (matched by scan id). The weighted kappa is
+    None (undefined) where either scoring puts every scan in one risk category: Cohen's kappa is then 0
+    (or 1, by convention, when both agree) whatever the scans, so it says nothing."""
     from calcjax.research.compare import agreement as pair_agreement
 
     g = pair_agreement(a, b)
+    conf = np.asarray(g["risk_confusion"])
+    one_category = min(np.count_nonzero(conf.sum(axis=0)), np.count_nonzero(conf.sum(axis=1))) <= 1
     return {"icc": g["agatston_icc"], "bland_altman_mean": g["bland_altman"]["mean_difference"],
             "bland_altman_limits": [g["bland_altman"]["lower_limit"], g["bland_altman"]["upper_limit"]],
-            "kappa": g["risk_kappa"], "scans": g["num_scans"]}  # fmt: skip
+            "kappa": None if one_category else g["risk_kappa"], "category_agreement": g["risk_agreement"],
+            "scans": g["num_scans"]}  # fmt: skip
 
 
 def agreements(scored: dict[str, dict[int, list[dict]]]) -> dict:
@@ -174,8 +182,9 @@ def weights_of(workdir: str) -> dict[str, np.ndarray]:
 
 
 def compare_runs(a: str, b: str) -> dict:
-    """Bitwise equality of two runs' last weights, their largest weight difference, and the largest
-    difference of their training losses (logged every step) with the first step where they differ."""
+    """Bitwise equality of two runs' last weights, their largest weight difference (absolute, and relative
+    to the array's largest magnitude, with that array), and the largest difference of their training losses
+    (logged every step) with the first step where they differ."""
     wa, wb = weights_of(a), weights_of(b)
     digest = [hashlib.sha256(b"".join(w[k].tobytes() for k in sorted(w))).hexdigest() for w in (wa, wb)]
     loss = [{r["step"]: r["train_loss"] for r in outputs.read_jsonl(os.path.join(d, "metrics.jsonl"))
@@ -183,27 +192,67 @@ def compare_runs(a: str, b: str) -> dict:
     steps = sorted(set(loss[0]) & set(loss[1]))
     diffs = [abs(loss[0][s] - loss[1][s]) for s in steps]
     first = next((s for s, d in zip(steps, diffs, strict=True) if d != 0), None)
+    relative = {
+        k: float(np.max(np.abs(wa[k] - wb[k])) / max(float(np.max(np.abs(wa[k]))), 1e-30)) for k in wa
+    }
+    worst = max(relative, key=relative.get)
+    absolute = {k: float(np.max(np.abs(wa[k] - wb[k]))) for k in wa}
+    largest = max(absolute, key=absolute.get)
     return {"bitwise_equal": digest[0] == digest[1],
-            "max_weight_difference": float(max(np.max(np.abs(wa[k] - wb[k])) for k in wa)),
+            "max_weight_difference": absolute[largest], "largest_in": largest,
+            "max_relative_weight_difference": relative[worst], "largest_relative_in": worst,
             "max_loss_difference": float(max(diffs)) if diffs else None, "first_differing_step": first,
             "steps": len(steps)}  # fmt: skip
 
 
+DETERMINISM_RUNS = ("jax-a", "jax-b", "jax-2dev", "torch-a", "torch-b")
+
+
+def two_cpu_devices() -> dict:
+    """The environment of a subprocess that sees 2 CPU devices (the XLA flags already set kept)."""
+    return {
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    }
+
+
+def first_step_divergence(config: str, shards: str, seed: int, overrides: dict, path: str) -> dict:
+    """``calcjax.research.device_divergence`` (the first train step on 1 and on 2 CPU devices, quantity by
+    quantity) in a subprocess with 2 CPU devices, written to ``path`` (kept: not run again)."""
+    if not os.path.exists(path):
+        flags = {"data.shards": shards, "train.seed": seed, "data.seed": seed, **overrides}
+        cmd = [sys.executable, "-m", "calcjax.research.device_divergence",
+               f"--config={os.path.join(ROOT, config)}", f"--out={path}",
+               *[f"--config.{k}={v}" for k, v in flags.items()]]  # fmt: skip
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, **two_cpu_devices()})  # fmt: skip
+        if run.returncode != 0:
+            raise RuntimeError(f"the 1-against-2-device comparison failed:\n{run.stderr[-3000:]}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def determinism_figures(base: str, steps: int, divergence: dict) -> dict:
+    """The comparisons of the determinism runs under ``base`` (:data:`DETERMINISM_RUNS`)."""
+    runs = {name: os.path.join(base, name) for name in DETERMINISM_RUNS}
+    return {"steps": steps, "jax_repeat": compare_runs(runs["jax-a"], runs["jax-b"]),
+            "torch_repeat": compare_runs(runs["torch-a"], runs["torch-b"]),
+            "jax_1_vs_2_devices": compare_runs(runs["jax-a"], runs["jax-2dev"]),
+            "first_step_1_vs_2_devices": divergence}  # fmt: skip
+
+
 def determinism(args, overrides: dict) -> dict:
-    """The first seed trained again for a few steps: JAX twice, PyTorch twice, JAX on 2 CPU devices."""
+    """The first seed trained again for a few steps: JAX twice, PyTorch twice, JAX on 2 CPU devices; and
+    the first step on 1 and 2 devices compared quantity by quantity (:func:`first_step_divergence`)."""
     n = args.determinism_steps
     short = {**overrides, "train.steps": n, "train.log_every": 1, "train.eval_every": 10 * n,
              "train.checkpoint_every": n, "train.warmup_steps": max(1, n // 10)}  # fmt: skip
     seed, base = args.seeds[0], os.path.join(args.out, "determinism")
-    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    runs = {name: os.path.join(base, name) for name in ("jax-a", "jax-b", "jax-2dev", "torch-a", "torch-b")}
-    for name, d in runs.items():
-        train(
-            name.split("-")[0], args.config, args.shards, seed, d, short, two if name == "jax-2dev" else None
-        )
-    return {"steps": n, "jax_repeat": compare_runs(runs["jax-a"], runs["jax-b"]),
-            "torch_repeat": compare_runs(runs["torch-a"], runs["torch-b"]),
-            "jax_1_vs_2_devices": compare_runs(runs["jax-a"], runs["jax-2dev"])}  # fmt: skip
+    for name in DETERMINISM_RUNS:
+        env = two_cpu_devices() if name == "jax-2dev" else None
+        train(name.split("-")[0], args.config, args.shards, seed, os.path.join(base, name), short, env)
+    divergence = first_step_divergence(args.config, args.shards, seed, overrides,
+                                       os.path.join(base, "first_step_1_vs_2_devices.json"))  # fmt: skip
+    return determinism_figures(base, n, divergence)
 
 
 def run_folders(out: str, seeds: list[int]) -> dict[str, list[str]]:
@@ -257,8 +306,9 @@ def study(args) -> dict:
 
 
 def report_again(args) -> dict:
-    """``OUT/study.json`` as it is (its runs' figures and commit), with each run's steps/s read again from
-    its log and the recipe's steps filled in: what ``--doc_only`` reports."""
+    """``OUT/study.json``'s runs and figures, with what can be computed again from the runs' logs, weights
+    and scores done again (steps/s, the recipe's steps, the agreement, the determinism comparisons): what
+    ``--doc_only`` reports."""
     path = os.path.join(args.out, "study.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no finished study to report (run it without --doc_only first)")
@@ -267,6 +317,14 @@ def report_again(args) -> dict:
     workdirs = run_folders(args.out, r["seeds"])
     r["steps_per_s"] = throughput(workdirs)
     r["recipe_steps"] = recipe_steps(r["overrides"], workdirs["jax"][0])
+    scored = {fw: {s: outputs.read_jsonl(os.path.join(args.out, "scores", f"{fw}-seed-{s}", outputs.SCORES))
+                   for s in r["seeds"]} for fw in FRAMEWORKS}  # fmt: skip
+    r["agreement"] = agreements(scored)
+    if r["determinism"]:
+        base = os.path.join(args.out, "determinism")
+        divergence = first_step_divergence(r["config"], args.shards, r["seeds"][0], r["overrides"],
+                                           os.path.join(base, "first_step_1_vs_2_devices.json"))  # fmt: skip
+        r["determinism"] = determinism_figures(base, r["determinism"]["steps"], divergence)
     r["reported_at"] = _commit()
     return r
 
@@ -300,18 +358,31 @@ def _figure_rows(r: dict) -> list[str]:
     return rows
 
 
+def _kappa_cell(pairs: list[dict]) -> str:
+    """The weighted kappa's spread over the pairs where it is defined, and how many pairs it is not."""
+    defined = [p["kappa"] for p in pairs if p["kappa"] is not None]
+    cell = _cell(spread(defined)) if defined else "undefined"
+    undefined = len(pairs) - len(defined)
+    return cell + (f" ({undefined} of {len(pairs)} pairs undefined)" if defined and undefined else "")
+
+
 def _agreement_rows(r: dict) -> list[str]:
-    rows = ["| Agatston agreement, scan by scan | ICC(2,1) | Bland-Altman mean difference | weighted kappa |",
-            "|---|---|---|---|"]  # fmt: skip
+    rows = ["| Agatston agreement, scan by scan | ICC(2,1) | Bland-Altman mean difference | "
+            "same risk category | weighted kappa |", "|---|---|---|---|---|"]  # fmt: skip
     names = {"between_frameworks": "JAX against PyTorch, same seed",
              "between_seeds_jax": "JAX seed against JAX seed",
              "between_seeds_torch": "PyTorch seed against PyTorch seed"}  # fmt: skip
     for key, label in names.items():
         pairs = r["agreement"][key]
-        cells = [
-            spread([p[m] for p in pairs]) if pairs else None for m in ("icc", "bland_altman_mean", "kappa")
-        ]
-        rows.append(f"| {label} | " + " | ".join(_cell(c) if c else "" for c in cells) + " |")
+        if not pairs:
+            rows.append(f"| {label} | | | | |")
+            continue
+        measures = ("icc", "bland_altman_mean", "category_agreement")
+        cells = [_cell(spread([p[m] for p in pairs])) for m in measures]
+        rows.append(f"| {label} | " + " | ".join([*cells, _kappa_cell(pairs)]) + " |")
+    rows += ["", "The weighted kappa is undefined where a scoring puts every scan in one risk category (it "
+             "is then 0, or 1 when both agree, whatever the scans); the share of scans in the same category "
+             "is given beside it."]  # fmt: skip
     return rows
 
 
@@ -319,14 +390,62 @@ def _determinism_rows(d: dict | None) -> list[str]:
     if not d:
         return ["Determinism was not measured (`--determinism_steps 0`)."]
     rows = [f"Determinism, {d['steps']} steps of the first seed, loss logged at every step:", "",
-            "| runs compared | weights bitwise equal | largest weight difference | largest loss difference | "
-            "first step that differs |", "|---|---|---|---|---|"]  # fmt: skip
+            "| runs compared | weights bitwise equal | largest weight difference (array) | largest relative "
+            "weight difference (array) | largest loss difference | first step that differs |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
     for key, label in (("jax_repeat", "JAX, run twice"), ("torch_repeat", "PyTorch, run twice"),
                        ("jax_1_vs_2_devices", "JAX, 1 against 2 CPU devices")):  # fmt: skip
         c = d[key]
         equal = "yes" if c["bitwise_equal"] else "no"
-        rows.append(f"| {label} | {equal} | {c['max_weight_difference']:.3g} | "
+        where = f" (`{c['largest_relative_in']}`)" if c["max_relative_weight_difference"] else ""
+        at = f" (`{c['largest_in']}`)" if c["max_weight_difference"] else ""
+        rows.append(f"| {label} | {equal} | {c['max_weight_difference']:.3g}{at} | "
+                    f"{c['max_relative_weight_difference']:.3g}{where} | "
                     f"{c['max_loss_difference']:.3g} | {c['first_differing_step'] or '-'} |")  # fmt: skip
+    return rows + ["", *_divergence_rows(d.get("first_step_1_vs_2_devices"))]
+
+
+DIVERGENCE_LABELS = {
+    "eval_logits": "eval-mode logits (running BatchNorm statistics: per-sample operations only)",
+    "batch_stats": "BatchNorm batch statistics of the train-mode forward pass",
+    "logits": "train-mode logits", "loss": "loss", "gradients": "gradients",
+}  # fmt: skip
+
+
+def _divergence_rows(f: dict | None) -> list[str]:
+    """Where 1 and 2 devices part: the first step's quantities, and the operation their figures name."""
+    if not f:
+        return []
+    rows = [f"Where 1 and 2 devices part: the first train step from the same weights on the same batch of "
+            f"{f['batch_size']} (`python -m calcjax.research.device_divergence`), quantity by quantity:", "",
+            "| quantity | bitwise equal | arrays differing | largest difference | "
+            "largest relative difference |", "|---|---|---|---|---|"]  # fmt: skip
+    for key, label in DIVERGENCE_LABELS.items():
+        q = f[key]
+        rows.append(
+            f"| {label} | {'yes' if q['bitwise_equal'] else 'no'} | {q['arrays_differing']} of "
+            f"{q['arrays']} | {q['max_abs_difference']:.3g} | {q['max_relative_difference']:.3g} |"
+        )
+    m = f["mean_of_a_tensor"]
+    mechanism = m["two_devices_equal_half_sums"] and not m["two_devices_equal_one"]
+    if f["eval_logits"]["bitwise_equal"] and not f["batch_stats"]["bitwise_equal"] and mechanism:
+        rows += ["", "Every per-sample operation (convolutions, activations, BatchNorm with its running "
+                 "statistics) gives the same bits on 1 and 2 devices; the first quantities that differ are "
+                 "the BatchNorm batch statistics, reductions over the batch axis. On 2 devices XLA computes "
+                 "each reduction over the batch as per-device partial sums joined by an all-reduce "
+                 f"({f['all_reduces_in_2_device_step']} in the compiled step: the BatchNorm statistics, the "
+                 "loss's sums, every parameter's gradient), which adds the float32 terms in another order: "
+                 "a float32 tensor shaped like the first layer's activations has a 2-device mean bitwise "
+                 "equal to its two half-batch sums added afterwards and different from its 1-device mean "
+                 f"(by {m['max_abs_difference_one_vs_two']:.2g}). These last-bit differences grow through "
+                 "training to the drift in the table above; they are rounding, not a fault, and a run is "
+                 "bitwise repeatable on a fixed device count. (The loss a step logs is computed before its "
+                 "update, and the warm-up's first update has learning rate 0, so the first two logged losses "
+                 "can agree although the gradients differ.)"]  # fmt: skip
+    else:
+        rows += ["", "The figures do not match reassociated batch reductions alone (a per-sample "
+                 "operation differs, or the 2-device mean is not the sum of its halves): to be "
+                 "investigated."]  # fmt: skip
     return rows
 
 

@@ -190,9 +190,9 @@ def open_run(config, workdir: str, transform_data=None) -> Run:
             json.dump(cfg_dict, f, indent=1)
     logging.info("config:\n%s", config)
     mesh = sharding.make_mesh()
-    graphdef, state, step_fn, pixel_mm = _model_and_step(config, mesh)
+    graphdef, state, step_fn, pixel_mm = model_and_step(config, mesh)
     local_batch = sharding.local_batch_size(config.train.batch_size, mesh)
-    data_iter = iter(_train_stream(config, local_batch, pixel_mm, transform_data))
+    data_iter = iter(train_stream(config, local_batch, pixel_mm, transform_data))
     ckpt = train_checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     if ckpt.latest_step() is not None:
         state = jax.device_put(ckpt.restore(state, data_iter), sharding.replicated(mesh))
@@ -209,7 +209,7 @@ def open_run(config, workdir: str, transform_data=None) -> Run:
                source_counts=np.zeros(len(names), np.int64))  # fmt: skip
 
 
-def _model_and_step(config, mesh):
+def model_and_step(config, mesh):
     """(graphdef, replicated train state, jitted train step, the model's input pixel size)."""
     tcfg = config.train
     mcfg = model_lib.ModelConfig.from_config(config.model)
@@ -233,7 +233,7 @@ def _model_and_step(config, mesh):
     return graphdef, jax.device_put(state, rep), step_fn, mcfg.pixel_mm
 
 
-def _train_stream(config, local_batch: int, pixel_mm: float, transform_data):
+def train_stream(config, local_batch: int, pixel_mm: float, transform_data):
     """This process's grain stream of training batches over the run's sources (``calcjax.data.sources``,
     mixed by ``calcjax.data.input_pipeline.train_dataset``)."""
     dcfg = config.data

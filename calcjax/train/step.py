@@ -109,6 +109,28 @@ def voxel_counts(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+def loss_and_grads(
+    graphdef: nnx.GraphDef,
+    loss_cfg: LossConfig,
+    params: nnx.State,
+    batch_stats: nnx.State,
+    images: jax.Array,
+    labels: jax.Array,
+) -> tuple[jax.Array, nnx.State, jax.Array, nnx.State]:
+    """The train-mode forward pass on ``images`` ``(B, H, W, C)`` HU against ``labels`` ``(B, H, W)``:
+    (bootstrap-IoU loss, BatchNorm statistics updated with the batch's, logits ``(B, H, W, classes)``, the
+    loss's gradient with respect to ``params``)."""
+
+    def loss_fn(p):
+        model = nnx.merge(graphdef, p, batch_stats, copy=True)
+        logits = model(images)
+        loss = losses.bootstrap_iou_loss(logits, labels, **loss_cfg.kwargs())
+        return loss, (nnx.state(model, nnx.BatchStat), logits)
+
+    (loss, (new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, new_stats, logits, grads
+
+
 def train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -121,13 +143,9 @@ def train_step(
     """One optimisation step on ``images`` ``(B, H, W, C)`` HU and ``labels`` ``(B, H, W)``; the moving
     averages (if ``state`` keeps them) move towards the new weights at :func:`ema_rate` (``ema_decay``)."""
 
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
-        logits = model(images)
-        loss = losses.bootstrap_iou_loss(logits, labels, **loss_cfg.kwargs())
-        return loss, (nnx.state(model, nnx.BatchStat), logits)
-
-    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, batch_stats, logits, grads = loss_and_grads(
+        graphdef, loss_cfg, state.params, state.batch_stats, images, labels
+    )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
