@@ -20,7 +20,10 @@ everything the stages print goes to ``OUT/session.log``. In order, each bounded 
    MFU in bfloat16, then JAX in float32 (``bench/gpu_step.py``).
 4. ``score``: the scorer's scans/min and forward share (``bench/score.py``).
 5. ``input_pipeline``: the grain training stream alone (batches/s), once the shards exist.
-6. ``train``: ``calcjax.train`` with the config for the time left (warm-up and cosine decay over the steps
+6. ``score_pipeline``: the pipelined scorer against the serial one (scans/min, forward share, the speedup,
+   the host work's scaling from 1 to ``--score_workers`` workers; ``bench/score.py --pipeline``) on the
+   first ``--pipeline_scans`` phantoms.
+7. ``train``: ``calcjax.train`` with the config for the time left (warm-up and cosine decay over the steps
    that fit), exported as a model file (``calcjax.model.export``) into OUT, and scored on the phantom
    test split (``report.md``, ``scores.csv`` into OUT).
 
@@ -194,6 +197,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--compile_s", type=float, default=300, help="time limit of the compile stage")
     p.add_argument("--gpu_step_s", type=float, default=170, help="time limit of bench/gpu_step.py")
     p.add_argument("--score_s", type=float, default=90, help="time limit of bench/score.py")
+    p.add_argument(
+        "--score_pipeline_s", type=float, default=150, help="time limit of bench/score.py --pipeline"
+    )
+    p.add_argument("--pipeline_scans", type=int, default=8, help="phantoms the pipelined scorer scores")
+    p.add_argument("--score_workers", type=int, default=4, help="the pipelined scorer's worker processes")
     p.add_argument("--reserve_s", type=float, default=100, help="kept for export and scoring")
     p.add_argument("--work", default="", help="folder for phantoms, shards and the run (default: a new temp)")
     return p.parse_args()
@@ -283,8 +291,23 @@ def stage_pipeline(s: Session, args, shards: str) -> float | None:
     return bps
 
 
+def stage_score_pipeline(s: Session, args, work: str) -> None:
+    """6. The pipelined scorer against the serial one on the phantoms (``bench/score.py --pipeline``);
+    training keeps at least two minutes."""
+    cmd = [sys.executable, "bench/score.py", "--pipeline", "--dicom", os.path.join(work, "phantom"),
+           "--limit", str(args.pipeline_scans), "--copies", "1", "--host_copies", "2",
+           "--workers", str(args.score_workers)]  # fmt: skip
+    rc, rows = s.call(
+        "score_pipeline", cmd, min(args.score_pipeline_s, max(s.left() - args.reserve_s - 120, 5))
+    )
+    for r in rows:
+        s.figure(r)
+    if not rows:
+        s.figure({"bench": "score_pipeline", "ok": False, "exit": rc})
+
+
 def stage_train(s: Session, args, work: str, shards: str, rate: float) -> str | None:
-    """6. Training for the time left at ``rate`` steps/s, exported into OUT; the model file or None.
+    """7. Training for the time left at ``rate`` steps/s, exported into OUT; the model file or None.
     0.75 of the rate: the loop also moves and fingerprints each batch; a run cut at its limit still
     leaves the checkpoints written every quarter."""
     train_s = s.left() - args.reserve_s - 60  # compile, validation, checkpoint
@@ -354,6 +377,7 @@ def main() -> None:
     if rc != 0:
         return
     bps = stage_pipeline(s, args, shards)
+    stage_score_pipeline(s, args, work)
     rate = min(1 / step_s if step_s else 1.0, bps or 1.0)  # 1 step/s when a rate is missing
     model = stage_train(s, args, work, shards, rate)
     if model is not None:

@@ -1,7 +1,8 @@
 """Scorer throughput for configs/smoke.py and configs/default.py on this machine, and its overhead.
 
   python bench/score.py [--scans 2] [--default_scans 1] [--size 512] [--ensemble 3]
-  python bench/score.py --pipeline [--real $CALCJAX_REAL_DATA] [--copies 3] [--workers 2]
+  python bench/score.py --pipeline [--real $CALCJAX_REAL_DATA] [--copies 3] [--host_copies 8] [--workers 2] \
+      [--dicom DIR --limit N]
 
 ``--pipeline``: the pipelined scorer and the forward pass in the heart box against the serial scorer on the
 real chest scans (``bench/score_pipeline.py`` says what each figure is); the lines below are not printed.
@@ -127,6 +128,11 @@ def main() -> None:
     )
     parser.add_argument("--copies", type=int, default=3, help="--pipeline: copies of each real chest series")
     parser.add_argument("--workers", type=int, default=2, help="--pipeline: the pipelined scorer's workers")
+    parser.add_argument(
+        "--host_copies", type=int, default=8, help="--pipeline: copies of each series for the host-only runs"
+    )
+    parser.add_argument("--dicom", default="", help="--pipeline: score this folder's scans instead")
+    parser.add_argument("--limit", type=int, default=8, help="--pipeline --dicom: its first N scan folders")
     args = parser.parse_args()
     from absl import logging
 
@@ -139,7 +145,14 @@ def main() -> None:
 
         compile_cache.enable()
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(score_pipeline.run(args.real, args.copies, args.workers, tmp)), flush=True)
+            print(
+                json.dumps(
+                    score_pipeline.run(
+                        args.real, args.copies, args.workers, tmp, args.host_copies, args.dicom, args.limit
+                    )
+                ),
+                flush=True,
+            )
         return
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, scans in (

@@ -1,10 +1,12 @@
 """The pipelined scorer against the serial one, on real chest scans (``python bench/score.py --pipeline``).
 
-  python bench/score.py --pipeline [--real $CALCJAX_REAL_DATA] [--copies 3] [--workers 2]
+  python bench/score.py --pipeline [--real $CALCJAX_REAL_DATA] [--copies 3] [--host_copies 8] [--workers 2] \
+      [--dicom DIR --limit N]
 
 Input: the visible real chest scans (``coca-sample/deidentified_nongated``; each series copied ``--copies``
 times under new UIDs, so that a cohort has enough scans to fill the pipeline), or, without the real data,
-four 512x512 chest phantoms. The shipped model, compiled once beforehand for every shape the runs meet
+four 512x512 chest phantoms; with ``--dicom``, the first ``--limit`` scan folders of DIR (the device run
+gives its phantoms). The shipped model, compiled once beforehand for every shape the runs meet
 (the whole slice and every heart-box size), scores the same DICOM folder with the same salt:
 
 - ``serial``: ``workers`` 0, the network on the whole slice (the scorer's defaults);
@@ -12,10 +14,13 @@ four 512x512 chest phantoms. The shipped model, compiled once beforehand for eve
 - ``pipelined``: ``--workers`` processes reading and preparing ahead, the whole slice;
 - ``pipelined_box``: both.
 
-One JSON line: ``scans_per_min`` of each; ``speedup`` = pipelined_box / serial (what a user gains with
+One JSON line: ``scans_per_min`` of each and ``forward_share`` (the forward pass's seconds over the
+run's); ``speedup`` = pipelined_box / serial (what a user gains with
 both), ``speedup_pipeline`` = pipelined / serial and ``speedup_box`` = serial_box / serial (what each
 bought); ``host_only_scaling``: the scans/min of the host work alone (the forward pass replaced by empty
-labels) with ``--workers`` workers over one; ``scores_identical``: the pipelined rows equal the serial
+labels) with ``--workers`` workers over one, on a cohort of its own (``--host_copies`` copies of each
+series: the host work is cheap, and over a few scans the workers' start-up, paid once per cohort, would
+weigh as much as the scans); ``scores_identical``: the pipelined rows equal the serial
 ones (timing aside), and the same for the two box runs; ``box_label_changes``: voxels inside the heart
 region whose label differs between the box and the whole slice (summed over scans, with the region's
 voxel count), ``box_agatston_max_abs_diff`` per scan.
@@ -32,13 +37,15 @@ import numpy as np
 VOLATILE = ("seconds",)
 
 
-def copy_series(src: str, out: str, copies: int) -> None:
-    """Every series folder under ``src`` written ``copies`` times under ``out`` with new Study, Series and
-    SOP Instance UIDs where it has them (derived from the old ones and the copy's number)."""
+def copy_series(src: str, out: str, copies: int, limit: int = 0) -> int:
+    """Every series folder under ``src`` (or under its first ``limit`` folders, sorted) written ``copies``
+    times under ``out`` with new Study, Series and SOP Instance UIDs where it has them (derived from the old
+    ones and the copy's number); the number of top folders copied."""
     import pydicom
     from pydicom.uid import generate_uid
 
-    files = sorted(f for f in glob.glob(os.path.join(src, "**", "*.dcm"), recursive=True))
+    tops = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))[: limit or None]
+    files = sorted(f for t in tops for f in glob.glob(os.path.join(src, t, "**", "*.dcm"), recursive=True))
     for k in range(copies):
         for f in files:
             ds = pydicom.dcmread(f)
@@ -50,6 +57,7 @@ def copy_series(src: str, out: str, copies: int) -> None:
             dst = os.path.join(out, f"copy-{k}", rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             ds.save_as(dst)
+    return len(tops)
 
 
 def phantom_series(out: str) -> None:
@@ -82,17 +90,18 @@ def warm_up(predictor, shape: tuple[int, int]) -> None:
                 predictor.predict(np.zeros((3, h, w), np.int16), (3.0, 0.7, 0.7))
 
 
-def timed_run(predictor, dicom: str, salt: str, out: str, **kw) -> tuple[float, list[dict]]:
-    """(scans/min, rows) of one scoring run."""
+def timed_run(predictor, dicom: str, salt: str, out: str, **kw) -> tuple[float, list[dict], float]:
+    """(scans/min, rows, the forward pass's share of the run's seconds) of one scoring run."""
     from calcjax.io import outputs
     from calcjax.score import cohort
     from calcjax.score.options import ScoreOptions
 
     options = ScoreOptions(out=out, dicom_dir=dicom, salt_file=salt, progress=False, num_bootstrap=0, **kw)
-    t0 = time.perf_counter()
+    t0, f0 = time.perf_counter(), predictor.forward_seconds
     summary = cohort.score_cohort(options, predictor=predictor)
     seconds = time.perf_counter() - t0
-    return 60 * summary["scored"] / seconds, outputs.read_jsonl(os.path.join(out, outputs.SCORES))
+    share = (predictor.forward_seconds - f0) / seconds
+    return 60 * summary["scored"] / seconds, outputs.read_jsonl(os.path.join(out, outputs.SCORES)), share
 
 
 def box_label_changes(predictor, dicom: str, salt: str) -> dict:
@@ -121,20 +130,34 @@ def _stable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
 
 
-def run(real: str, copies: int, workers: int, tmp: str) -> dict:
+def cohort_folder(real: str, copies: int, out: str, dicom: str = "", limit: int = 0) -> str:
+    """The real chest series (or the first ``limit`` scan folders of ``dicom``) copied ``copies`` times
+    into ``out`` (without either, four chest phantoms written once beside ``out`` and copied the same way);
+    what it holds."""
+    if dicom:
+        n = copy_series(dicom, out, copies, limit)
+        return f"{n} scan folders of the given folder x {copies} copies"
+    chest = os.path.join(real, "coca-sample", "deidentified_nongated")
+    if os.path.isdir(chest):
+        n = copy_series(chest, out, copies)
+        return f"real chest scans ({n} x {copies} copies)"
+    phantoms = os.path.join(os.path.dirname(out), "phantoms")
+    if not os.path.isdir(phantoms):
+        phantom_series(phantoms)
+    copy_series(phantoms, out, copies)
+    return f"512x512 chest phantoms (no real data found; 4 x {copies} copies)"
+
+
+def run(real: str, copies: int, workers: int, tmp: str, host_copies: int = 8, dicom_in: str = "",
+        limit: int = 0) -> dict:  # fmt: skip
     """The bench's JSON line (module docstring)."""
     import jax
 
     from calcjax.inference.predictor import Predictor
 
-    chest = os.path.join(real, "coca-sample", "deidentified_nongated")
-    dicom = os.path.join(tmp, "dicom")
-    if os.path.isdir(chest):
-        copy_series(chest, dicom, copies)
-        source = f"real chest scans ({len(os.listdir(chest)) - 2} x {copies} copies)"
-    else:
-        phantom_series(dicom)
-        source = "512x512 chest phantoms (no real data found)"
+    dicom, host_dicom = os.path.join(tmp, "dicom"), os.path.join(tmp, "host-dicom")
+    source = cohort_folder(real, copies, dicom, dicom_in, limit)
+    host_source = cohort_folder(real, host_copies, host_dicom, dicom_in, limit)
     salt = os.path.join(tmp, "salt.txt")
     with open(salt, "w") as f:
         f.write("bench-score-pipeline-salt-0123456789")
@@ -146,10 +169,10 @@ def run(real: str, copies: int, workers: int, tmp: str) -> dict:
         "pipelined": dict(workers=workers),
         "pipelined_box": dict(workers=workers, forward_in_heart_box=True),
     }
-    rate, rows = {}, {}
+    rate, rows, share = {}, {}, {}
     for name, kw in runs.items():
-        rate[name], rows[name] = timed_run(predictor, dicom, salt, os.path.join(tmp, name), **kw)
-    host = {w: timed_run(NoForward(predictor), dicom, salt, os.path.join(tmp, f"host-{w}"), workers=w)[0]
+        rate[name], rows[name], share[name] = timed_run(predictor, dicom, salt, os.path.join(tmp, name), **kw)
+    host = {w: timed_run(NoForward(predictor), host_dicom, salt, os.path.join(tmp, f"host-{w}"), workers=w)[0]
             for w in (1, workers)}  # fmt: skip
     agatston_diff = max(
         abs(a["agatston"] - b["agatston"]) for a, b in zip(rows["serial"], rows["serial_box"], strict=True)
@@ -161,9 +184,11 @@ def run(real: str, copies: int, workers: int, tmp: str) -> dict:
         "workers": workers,
         "backend": jax.default_backend(),
         **{f"{name}_scans_per_min": round(r, 3) for name, r in rate.items()},
+        **{f"{name}_forward_share": round(f, 3) for name, f in share.items()},
         "speedup": round(rate["pipelined_box"] / rate["serial"], 3),
         "speedup_pipeline": round(rate["pipelined"] / rate["serial"], 3),
         "speedup_box": round(rate["serial_box"] / rate["serial"], 3),
+        "host_only_input": host_source,
         "host_only_scans_per_min_1": round(host[1], 3),
         f"host_only_scans_per_min_{workers}": round(host[workers], 3),
         "host_only_scaling": round(host[workers] / host[1], 3),
