@@ -72,8 +72,9 @@ def mean_as_half_sums(shape: tuple[int, ...], seed: int = 0) -> dict:
 
 
 def first_step(config, mesh, batch: dict) -> tuple[dict, int]:
-    """The first train step's quantities on ``mesh`` (loss, BatchNorm statistics, logits, gradients) and the
-    number of all-reduce operations in its compiled program."""
+    """The first train step's quantities on ``mesh`` (:data:`QUANTITIES`: the eval-mode logits, then the
+    train step's BatchNorm statistics, logits, loss and gradients) and the number of all-reduce operations
+    in its compiled program."""
     graphdef, state, _, _ = loop.model_and_step(config, mesh)
     loss_cfg = ts.LossConfig.from_config(config.loss)
 

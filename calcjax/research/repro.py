@@ -438,10 +438,10 @@ def _divergence_rows(f: dict | None) -> list[str]:
                  "a float32 tensor shaped like the first layer's activations has a 2-device mean bitwise "
                  "equal to its two half-batch sums added afterwards and different from its 1-device mean "
                  f"(by {m['max_abs_difference_one_vs_two']:.2g}). These last-bit differences grow through "
-                 "training to the drift in the table above; they are rounding, not a fault, and a run is "
-                 "bitwise repeatable on a fixed device count. (The loss a step logs is computed before its "
-                 "update, and the warm-up's first update has learning rate 0, so the first two logged losses "
-                 "can agree although the gradients differ.)"]  # fmt: skip
+                 "training to the drift in the table above; they are float32 rounding, not a fault. (The "
+                 "loss a step logs is computed before its update, and the warm-up's first update has "
+                 "learning rate 0, so the first two logged losses can agree although the gradients "
+                 "differ.)"]  # fmt: skip
     else:
         rows += ["", "The figures do not match reassociated batch reductions alone (a per-sample "
                  "operation differs, or the 2-device mean is not the sum of its halves): to be "
