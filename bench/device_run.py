@@ -201,7 +201,9 @@ def _args() -> argparse.Namespace:
         "--score_pipeline_s", type=float, default=150, help="time limit of bench/score.py --pipeline"
     )
     p.add_argument("--pipeline_scans", type=int, default=8, help="phantoms the pipelined scorer scores")
-    p.add_argument("--score_workers", type=int, default=4, help="the pipelined scorer's worker processes")
+    p.add_argument(
+        "--score_workers", type=int, default=2, help="the pipelined scorer's workers (2 over 1: host scaling)"
+    )
     p.add_argument("--reserve_s", type=float, default=100, help="kept for export and scoring")
     p.add_argument("--work", default="", help="folder for phantoms, shards and the run (default: a new temp)")
     return p.parse_args()
