@@ -113,8 +113,10 @@ def test_kappa_is_undefined_where_a_scoring_puts_every_scan_in_one_category():
     assert one_side["kappa"] is None and one_side["category_agreement"] == 1 / 3
     both = repro.agreement(varied, [_row("a", 8.0, 1), _row("b", 260.0, 3), _row("c", 90.0, 2)])
     assert both["kappa"] is not None and 0 < both["kappa"] < 1
-    cell = repro._kappa_cell([one_side, both])
-    assert "(1 of 2 pairs undefined)" in cell and repro._kappa_cell([one_side]) == "undefined"
+    from calcjax.research.repro_report import _kappa_cell
+
+    cell = _kappa_cell([one_side, both])
+    assert "(1 of 2 pairs undefined)" in cell and _kappa_cell([one_side]) == "undefined"
 
 
 def test_tree_difference_names_the_array_that_differs_most():
