@@ -1,0 +1,142 @@
+"""Fewer distinct convolution shapes: the dense blocks' 3x3 convolutions all run at their block's widest
+input, and what that buys in compilation (one JSON line per form, then their ratios).
+
+  python bench/dense_shapes.py [--config default] [--step_size 128 --step_batch 2]
+
+In DenseRAUnet each dense layer convolves the block input and every earlier layer's output, so each
+layer's convolution has an input width of its own (``bench/hlo_profile.py``: 163 distinct convolution
+shapes in the default train step); on a GPU every distinct shape is a kernel XLA chooses and autotunes.
+The ``padded`` form computes the same function with one 3x3 shape per block and dilation: each layer's
+BatchNorm-ReLU output is zero-padded to the block's widest input and its kernel zero-padded to match
+(padded channels meet zero weights, so they add exact zeros; the gradients reach the real weights only).
+It costs more convolution FLOPs (the padded channels are multiplied too). For each form, in a fresh
+process with the compilation cache off: the lowered train step's distinct convolution shapes, its cold
+compile seconds at the config's training shape, and the median step seconds at ``--step_size`` /
+``--step_batch``; then the forms' logits on one input (largest difference) and the ratios padded /
+concat. ``DenseResBlock.__call__`` is replaced in the bench process only; calcjax's network is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def padded_call(self, x):
+    """``DenseResBlock.__call__`` with every 3x3 convolution at the block's widest input (module
+    docstring); the same BatchNorm statistics, the same outputs up to float rounding."""
+    import jax
+    import jax.numpy as jnp
+
+    widest = self.layers[-1].conv.in_features
+    feats, outs = x, []
+    for layer in self.layers:
+        h = jax.nn.relu(layer.bn(feats))
+        extra = widest - h.shape[-1]
+        h = jnp.pad(h, ((0, 0), (0, 0), (0, 0), (0, extra)))
+        kernel = jnp.pad(layer.conv.kernel.value, ((0, 0), (0, 0), (0, extra), (0, 0)))
+        conv = layer.conv
+        y = jax.lax.conv_general_dilated(
+            h.astype(conv.dtype), kernel.astype(conv.dtype), (1, 1), conv.padding,
+            rhs_dilation=conv.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
+        outs.append(y)
+        feats = jnp.concatenate([feats, y], axis=-1)
+    return self.fuse(jnp.concatenate(outs, axis=-1)) + self.shortcut(x)
+
+
+def use_form(form: str) -> None:
+    from calcjax.model import network
+
+    if form == "padded":
+        network.DenseResBlock.__call__ = padded_call
+
+
+def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
+    """The figures of one form, in this process (module docstring)."""
+    os.environ["CALCJAX_COMPILE_CACHE"] = "off"
+    use_form(form)
+    import importlib
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bench.compile import _train_step_lowered
+    from bench.hlo_profile import profile
+    from calcjax.model import network
+    from calcjax.train import step as ts
+
+    lowered = _train_step_lowered(config)
+    shapes = profile(lowered.as_text())["distinct_convolution_shapes"]
+    t0 = time.perf_counter()
+    lowered.compile()
+    compile_s = time.perf_counter() - t0
+    cfg = importlib.import_module(f"configs.{config}").get_config()
+    mcfg = network.ModelConfig.from_config(cfg.model)
+    net = network.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
+                           grad_clip=1.0)  # fmt: skip
+    graphdef, state = ts.create_state(net, tx)
+    step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(cfg.loss))
+    rng = np.random.default_rng(0)
+    images = rng.normal(40, 300, (step_batch, step_size, step_size, mcfg.in_channels)).astype(np.float32)
+    labels = rng.integers(0, mcfg.num_classes, (step_batch, step_size, step_size)).astype(np.int32)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        state, m = step(state, images, labels)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    model = network.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    model.eval()
+    logits = np.asarray(model(images), np.float32)
+    np.save(os.path.join(os.environ["DENSE_SHAPES_TMP"], f"{form}.npy"), logits)
+    return {"bench": "dense_shapes", "config": config, "form": form, "distinct_convolution_shapes": shapes,
+            "compile_s": round(compile_s, 2), "step_s": round(statistics.median(times[1:]), 3),
+            "step_input": [step_batch, step_size, step_size], "backend": jax.default_backend()}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="default")
+    p.add_argument("--step_size", type=int, default=128)
+    p.add_argument("--step_batch", type=int, default=2)
+    p.add_argument("--form", default="", help=argparse.SUPPRESS)  # one form, in a child process
+    args = p.parse_args()
+    if args.form:
+        print(json.dumps(measure(args.form, args.config, args.step_size, args.step_batch)), flush=True)
+        return
+    import tempfile
+
+    import numpy as np
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for form in ("concat", "padded"):
+            cmd = [sys.executable, __file__, "--form", form, "--config", args.config,
+                   "--step_size", str(args.step_size), "--step_batch", str(args.step_batch)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT,
+                                 env={**os.environ, "DENSE_SHAPES_TMP": tmp}).stdout  # fmt: skip
+            rows[form] = json.loads(out.strip().splitlines()[-1])
+            print(json.dumps(rows[form]), flush=True)
+        diff = float(np.max(np.abs(np.load(f"{tmp}/concat.npy") - np.load(f"{tmp}/padded.npy"))))
+    c, q = rows["concat"], rows["padded"]
+    print(json.dumps({"bench": "dense_shapes", "config": args.config, "figure": "padded_over_concat",
+                      "distinct_convolution_shapes": round(q["distinct_convolution_shapes"]
+                                                           / c["distinct_convolution_shapes"], 3),
+                      "compile_s": round(q["compile_s"] / c["compile_s"], 3),
+                      "step_s": round(q["step_s"] / c["step_s"], 3),
+                      "max_abs_logit_difference": diff}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
