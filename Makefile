@@ -146,6 +146,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/compile.py
 	$(BIN)/python bench/hlo_profile.py
 	$(BIN)/python bench/dense_shapes.py
+	$(BIN)/python bench/conv_dtypes.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/model.py --torch_compile
 	$(BIN)/python bench/train.py
