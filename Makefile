@@ -145,7 +145,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/compile.py
 	$(BIN)/python bench/hlo_profile.py
-	$(BIN)/python bench/dense_shapes.py
+	$(BIN)/python bench/dense_forms.py
 	$(BIN)/python bench/conv_dtypes.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/model.py --torch_compile

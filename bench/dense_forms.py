@@ -1,19 +1,26 @@
-"""Fewer distinct convolution shapes: the dense blocks' 3x3 convolutions all run at their block's widest
-input, and what that buys in compilation (one JSON line per form, then their ratios).
+"""Other forms of the dense blocks that compute the same function, against today's, and what each buys
+in compilation and costs in step time (one JSON line per form, then each one's ratios over today's).
 
-  python bench/dense_shapes.py [--config default] [--step_size 128 --step_batch 2]
+  python bench/dense_forms.py [--config default] [--forms concat,padded,remat] \
+      [--step_size 128 --step_batch 2]
 
 In DenseRAUnet each dense layer convolves the block input and every earlier layer's output, so each
 layer's convolution has an input width of its own (``bench/hlo_profile.py``: 163 distinct convolution
 shapes in the default train step); on a GPU every distinct shape is a kernel XLA chooses and autotunes.
-The ``padded`` form computes the same function with one 3x3 shape per block and dilation: each layer's
-BatchNorm-ReLU output is zero-padded to the block's widest input and its kernel zero-padded to match
-(padded channels meet zero weights, so they add exact zeros; the gradients reach the real weights only).
-It costs more convolution FLOPs (the padded channels are multiplied too). For each form, in a fresh
-process with the compilation cache off: the lowered train step's distinct convolution shapes, its cold
-compile seconds at the config's training shape, and the median step seconds at ``--step_size`` /
-``--step_batch``; then the forms' logits on one input (largest difference) and the ratios padded /
-concat. ``DenseResBlock.__call__`` is replaced in the bench process only; calcjax's network is unchanged.
+The forms:
+
+- ``concat``: today's (``calcjax.model.network.DenseResBlock``);
+- ``padded``: one 3x3 shape per block and dilation: each layer's BatchNorm-ReLU output is zero-padded to
+  the block's widest input and its kernel zero-padded to match (padded channels meet zero weights, so they
+  add exact zeros; the gradients reach the real weights only); more convolution FLOPs;
+- ``remat``: each dense block under ``nnx.remat`` (``jax.checkpoint``: its activations recomputed in the
+  backward pass instead of kept), less memory, more FLOPs.
+
+For each form, in a fresh process with the compilation cache off: the lowered train step's convolutions
+and distinct convolution shapes, its cold compile seconds at the config's training shape, and the median
+step seconds at ``--step_size`` / ``--step_batch``; then each form's eval-mode logits on one input against
+today's (largest difference) and the ratios form / concat. ``DenseResBlock.__call__`` is replaced in the
+bench process only; calcjax's network is unchanged.
 """
 
 from __future__ import annotations
@@ -54,10 +61,16 @@ def padded_call(self, x):
 
 
 def use_form(form: str) -> None:
+    """Replaces ``DenseResBlock.__call__`` in this process with ``form``'s (module docstring)."""
+    from flax import nnx
+
     from calcjax.model import network
 
+    original = network.DenseResBlock.__call__
     if form == "padded":
         network.DenseResBlock.__call__ = padded_call
+    elif form == "remat":
+        network.DenseResBlock.__call__ = nnx.remat(lambda self, x: original(self, x))
 
 
 def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
@@ -76,7 +89,7 @@ def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
     from calcjax.train import step as ts
 
     lowered = _train_step_lowered(config)
-    shapes = profile(lowered.as_text())["distinct_convolution_shapes"]
+    counts = profile(lowered.as_text())
     t0 = time.perf_counter()
     lowered.compile()
     compile_s = time.perf_counter() - t0
@@ -99,8 +112,9 @@ def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
     model = network.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
     model.eval()
     logits = np.asarray(model(images), np.float32)
-    np.save(os.path.join(os.environ["DENSE_SHAPES_TMP"], f"{form}.npy"), logits)
-    return {"bench": "dense_shapes", "config": config, "form": form, "distinct_convolution_shapes": shapes,
+    np.save(os.path.join(os.environ["DENSE_FORMS_TMP"], f"{form}.npy"), logits)
+    return {"bench": "dense_forms", "config": config, "form": form, "convolutions": counts["convolutions"],
+            "distinct_convolution_shapes": counts["distinct_convolution_shapes"],
             "compile_s": round(compile_s, 2), "step_s": round(statistics.median(times[1:]), 3),
             "step_input": [step_batch, step_size, step_size], "backend": jax.default_backend()}  # fmt: skip
 
@@ -108,6 +122,7 @@ def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="default")
+    p.add_argument("--forms", default="concat,padded,remat", help="concat (today's) first")
     p.add_argument("--step_size", type=int, default=128)
     p.add_argument("--step_batch", type=int, default=2)
     p.add_argument("--form", default="", help=argparse.SUPPRESS)  # one form, in a child process
@@ -119,23 +134,23 @@ def main() -> None:
 
     import numpy as np
 
-    rows = {}
+    rows, diffs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for form in ("concat", "padded"):
+        for form in args.forms.split(","):
             cmd = [sys.executable, __file__, "--form", form, "--config", args.config,
                    "--step_size", str(args.step_size), "--step_batch", str(args.step_batch)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT,
-                                 env={**os.environ, "DENSE_SHAPES_TMP": tmp}).stdout  # fmt: skip
+                                 env={**os.environ, "DENSE_FORMS_TMP": tmp}).stdout  # fmt: skip
             rows[form] = json.loads(out.strip().splitlines()[-1])
             print(json.dumps(rows[form]), flush=True)
-        diff = float(np.max(np.abs(np.load(f"{tmp}/concat.npy") - np.load(f"{tmp}/padded.npy"))))
-    c, q = rows["concat"], rows["padded"]
-    print(json.dumps({"bench": "dense_shapes", "config": args.config, "figure": "padded_over_concat",
-                      "distinct_convolution_shapes": round(q["distinct_convolution_shapes"]
-                                                           / c["distinct_convolution_shapes"], 3),
-                      "compile_s": round(q["compile_s"] / c["compile_s"], 3),
-                      "step_s": round(q["step_s"] / c["step_s"], 3),
-                      "max_abs_logit_difference": diff}))  # fmt: skip
+            logits = [np.load(f"{tmp}/{f}.npy") for f in ("concat", form)]
+            diffs[form] = float(np.max(np.abs(logits[0] - logits[1])))
+    for form, r in rows.items():
+        if form != "concat":
+            keys = ("convolutions", "distinct_convolution_shapes", "compile_s", "step_s")
+            ratios = {k: round(r[k] / rows["concat"][k], 3) for k in keys}
+            print(json.dumps({"bench": "dense_forms", "config": args.config, "figure": f"{form}_over_concat",
+                              **ratios, "max_abs_logit_difference": diffs[form]}))  # fmt: skip
 
 
 if __name__ == "__main__":
