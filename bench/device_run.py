@@ -198,9 +198,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--gpu_step_s", type=float, default=170, help="time limit of bench/gpu_step.py")
     p.add_argument("--score_s", type=float, default=90, help="time limit of bench/score.py")
     p.add_argument(
-        "--score_pipeline_s", type=float, default=150, help="time limit of bench/score.py --pipeline"
+        "--score_pipeline_s", type=float, default=180, help="time limit of bench/score.py --pipeline"
     )
-    p.add_argument("--pipeline_scans", type=int, default=8, help="phantoms the pipelined scorer scores")
+    p.add_argument("--pipeline_scans", type=int, default=4, help="phantoms the pipelined scorer scores")
     p.add_argument(
         "--score_workers", type=int, default=2, help="the pipelined scorer's workers (2 over 1: host scaling)"
     )

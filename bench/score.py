@@ -148,7 +148,14 @@ def main() -> None:
             print(
                 json.dumps(
                     score_pipeline.run(
-                        args.real, args.copies, args.workers, tmp, args.host_copies, args.dicom, args.limit
+                        args.real,
+                        args.copies,
+                        args.workers,
+                        tmp,
+                        args.host_copies,
+                        args.dicom,
+                        args.limit,
+                        emit=lambda row: print(json.dumps(row), flush=True),
                     )
                 ),
                 flush=True,

@@ -23,7 +23,8 @@ series: the host work is cheap, and over a few scans the workers' start-up, paid
 weigh as much as the scans); ``scores_identical``: the pipelined rows equal the serial
 ones (timing aside), and the same for the two box runs; ``box_label_changes``: voxels inside the heart
 region whose label differs between the box and the whole slice (summed over scans, with the region's
-voxel count), ``box_agatston_max_abs_diff`` per scan.
+voxel count), ``box_agatston_max_abs_diff`` per scan. Before it, one ``score_pipeline_run`` line per run
+as it ends (what a run cut at a time limit keeps).
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def cohort_folder(real: str, copies: int, out: str, dicom: str = "", limit: int 
 
 
 def run(real: str, copies: int, workers: int, tmp: str, host_copies: int = 8, dicom_in: str = "",
-        limit: int = 0) -> dict:  # fmt: skip
-    """The bench's JSON line (module docstring)."""
+        limit: int = 0, emit=None) -> dict:  # fmt: skip
+    """The bench's JSON line (module docstring); ``emit`` (if given) is handed each run's figures as it
+    ends (``{"bench": "score_pipeline_run", ...}``), so that a bench cut at a time limit keeps them."""
+    emit = emit or (lambda row: None)
     import jax
 
     from calcjax.inference.predictor import Predictor
@@ -172,8 +175,14 @@ def run(real: str, copies: int, workers: int, tmp: str, host_copies: int = 8, di
     rate, rows, share = {}, {}, {}
     for name, kw in runs.items():
         rate[name], rows[name], share[name] = timed_run(predictor, dicom, salt, os.path.join(tmp, name), **kw)
-    host = {w: timed_run(NoForward(predictor), host_dicom, salt, os.path.join(tmp, f"host-{w}"), workers=w)[0]
-            for w in (1, workers)}  # fmt: skip
+        emit({"bench": "score_pipeline_run", "run": name, "scans_per_min": round(rate[name], 3),
+              "forward_share": round(share[name], 3)})  # fmt: skip
+    host = {}
+    for w in (1, workers):
+        host[w] = timed_run(
+            NoForward(predictor), host_dicom, salt, os.path.join(tmp, f"host-{w}"), workers=w
+        )[0]
+        emit({"bench": "score_pipeline_run", "run": f"host_only_{w}", "scans_per_min": round(host[w], 3)})
     agatston_diff = max(
         abs(a["agatston"] - b["agatston"]) for a, b in zip(rows["serial"], rows["serial_box"], strict=True)
     )
