@@ -22,6 +22,7 @@ H200_TORCH_STEP_S = 0.161  # the PyTorch twin, default network, batch 16 at 512x
 
 
 def _cell(s: dict, digits: int = 3) -> str:
+    """A :func:`spread` as "mean [min, max]"."""
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
@@ -46,6 +47,7 @@ def _kappa_cell(pairs: list[dict]) -> str:
 
 
 def _agreement_rows(r: dict) -> list[str]:
+    """The agreement table: between frameworks at each seed, and between the seeds of each framework."""
     rows = ["| Agatston agreement, scan by scan | ICC(2,1) | Bland-Altman mean difference | "
             "same risk category | weighted kappa |", "|---|---|---|---|---|"]  # fmt: skip
     names = {"between_frameworks": "JAX against PyTorch, same seed",
@@ -66,6 +68,7 @@ def _agreement_rows(r: dict) -> list[str]:
 
 
 def _determinism_rows(d: dict | None) -> list[str]:
+    """The determinism table (runs repeated; 1 against 2 devices) and where 1 and 2 devices part."""
     if not d:
         return ["Determinism was not measured (`--determinism_steps 0`)."]
     rows = [f"Determinism, {d['steps']} steps of the first seed, loss logged at every step:", "",
