@@ -34,13 +34,11 @@ PROGRAMS = {
 }
 
 
-def _train_step_lowered(config: str, xla_defaults: bool = False):
-    """The train step of ``configs/<config>.py`` lowered at its training shape (with XLA's default
-    compiler options instead of calcjax's: ``xla_defaults``)."""
+def train_step_of(config: str, xla_defaults: bool = False):
+    """(jitted train step, fresh train state, model config, config) of ``configs/<config>.py`` (with XLA's
+    default compiler options instead of calcjax's: ``xla_defaults``)."""
     import importlib
 
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from calcjax.model import network
@@ -54,6 +52,15 @@ def _train_step_lowered(config: str, xla_defaults: bool = False):
     graphdef, state = ts.create_state(net, tx)
     extra = {"compiler_options": None} if xla_defaults else {}
     step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(cfg.loss), **extra)
+    return step, state, mcfg, cfg
+
+
+def _train_step_lowered(config: str, xla_defaults: bool = False):
+    """The train step of ``configs/<config>.py`` (:func:`train_step_of`) lowered at its training shape."""
+    import jax
+    import jax.numpy as jnp
+
+    step, state, mcfg, cfg = train_step_of(config, xla_defaults)
     b, s = cfg.train.batch_size, cfg.data.crop
     images = jax.ShapeDtypeStruct((b, s, s, mcfg.in_channels), jnp.float32)
     labels = jax.ShapeDtypeStruct((b, s, s), jnp.int32)

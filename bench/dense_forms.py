@@ -77,29 +77,21 @@ def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
     """The figures of one form, in this process (module docstring)."""
     os.environ["CALCJAX_COMPILE_CACHE"] = "off"
     use_form(form)
-    import importlib
 
     import jax
     import numpy as np
     from flax import nnx
 
-    from bench.compile import _train_step_lowered
+    from bench.compile import _train_step_lowered, train_step_of
     from bench.hlo_profile import profile
     from calcjax.model import network
-    from calcjax.train import step as ts
 
     lowered = _train_step_lowered(config)
     counts = profile(lowered.as_text())
     t0 = time.perf_counter()
     lowered.compile()
     compile_s = time.perf_counter() - t0
-    cfg = importlib.import_module(f"configs.{config}").get_config()
-    mcfg = network.ModelConfig.from_config(cfg.model)
-    net = network.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
-    tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
-                           grad_clip=1.0)  # fmt: skip
-    graphdef, state = ts.create_state(net, tx)
-    step = ts.make_train_step(graphdef, tx, ts.LossConfig.from_config(cfg.loss))
+    step, state, mcfg, _ = train_step_of(config)
     rng = np.random.default_rng(0)
     images = rng.normal(40, 300, (step_batch, step_size, step_size, mcfg.in_channels)).astype(np.float32)
     labels = rng.integers(0, mcfg.num_classes, (step_batch, step_size, step_size)).astype(np.int32)
