@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+NATIVE := calcjax/native/libcalcjax_onednn.so
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 # The real sample (never copied into the repository): $CALCJAX_REAL_DATA, else ../shared/data.
@@ -36,7 +37,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,codecs,torch]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The oneDNN convolutions for JAX's CPU backend (calcjax.native); without a C++ compiler calcjax convolves
+# with XLA's kernels and says so here.
+$(NATIVE): $(STAMP) calcjax/native/onednn_kernels.cc
+	$(BIN)/python -m calcjax.native.build --if_possible
+
+install: $(STAMP) $(NATIVE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -47,15 +53,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint | $(NATIVE)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) | $(NATIVE)
 	$(BIN)/python -m pytest -n 2 -m 'not slow' $(PYTEST_ARGS)
 
 # The demo's phantoms hold no patient data, so a fixed salt is fine: it gives the same split every time
 # (10 train, 3 val, 3 test scans covering both protocols and risk categories 0-IV).
-demo: $(STAMP)
+demo: $(STAMP) | $(NATIVE)
 	$(BIN)/python -m data_prep.phantom --out $(DEMO_OUT)/phantom --scans 16 --protocol mixed --seed 0 \
 		--workers 2 --preview $(DEMO_OUT)/phantom/preview.png --preview_scans 4,9
 	$(BIN)/python -m data_prep.build --input $(DEMO_OUT)/phantom --out $(DEMO_OUT)/shards --workers 2 \
@@ -71,10 +77,10 @@ demo: $(STAMP)
 # calcium masks, chest scans against the release's sheet of physician scores -> $(REAL_OUT)/report.md;
 # with $(REAL_DATA)/qrm-canon, the model on the real QRM insert too -> $(REAL_OUT)/qrm_check.json.
 # The shipped model's outputs on a fixed phantom set against calcjax/model/shipped/reference_scores.csv.
-check-install: $(STAMP)
+check-install: $(STAMP) | $(NATIVE)
 	$(BIN)/python -m data_prep.check_install
 
-real-eval: $(STAMP)
+real-eval: $(STAMP) | $(NATIVE)
 	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-eval: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
 	rm -rf $(REAL_OUT)
 	$(BIN)/python -m calcjax.score --dicom "$(REAL_DATA)/coca-sample" --out $(REAL_OUT) \
@@ -89,7 +95,7 @@ real-eval: $(STAMP)
 # (COCA masks) and gated-1..3-thick5 (the same as 5 mm slices), chest-zero (physician score 0: all
 # background), qrm (the QRM inserts from HU). Train on
 # them with --config.data.sources; watch one with --config.data.real_val_shards=$(REAL_SHARDS)/gated-1.
-real-shards: $(STAMP)
+real-shards: $(STAMP) | $(NATIVE)
 	@test -d "$(REAL_DATA)/coca-sample" || { echo "real-shards: no $(REAL_DATA)/coca-sample (set CALCJAX_REAL_DATA)"; exit 2; }
 	$(BIN)/python -m data_prep.real_shards --real "$(REAL_DATA)" --out $(REAL_SHARDS) --workers 2 --thick_mm 5
 
@@ -101,7 +107,7 @@ real-loo: real-shards
 
 # The COCA recipe (configs/coca.py): gated scans -> shards split by patient -> the paper's network ->
 # the gated test split scored against its masks, the chest scans against the release's score sheet.
-train-coca: $(STAMP)
+train-coca: $(STAMP) | $(NATIVE)
 	@test -d "$(COCA)/Gated_release_final" || { echo "train-coca: no Gated_release_final in COCA=$(COCA)"; exit 2; }
 	$(BIN)/python -m data_prep.build --input "$(COCA)/Gated_release_final" --out $(COCA_OUT)/gated \
 		--split train=0.8,val=0.1,test=0.1 --split_by patient --workers 2 $(COCA_BUILD_FLAGS)
@@ -119,7 +125,7 @@ train-coca: $(STAMP)
 V3_PHANTOMS ?= phantom_v3
 V3_SHARDS ?= phantom_v3_shards
 REPRO_OUT ?= repro_out
-$(V3_SHARDS)/manifest.json: $(STAMP)
+$(V3_SHARDS)/manifest.json: $(STAMP) | $(NATIVE)
 	$(BIN)/python -m data_prep.phantom --out $(V3_PHANTOMS) --scans 48 --protocol mixed --seed 1 --phantom_version 3 \
 		--workers 2
 	$(BIN)/python -m data_prep.build --input $(V3_PHANTOMS) --out $(V3_SHARDS) --split train=0.8,val=0.1,test=0.1 \
@@ -132,10 +138,10 @@ repro: $(V3_SHARDS)/manifest.json
 # The seeded DICOM fuzzer (bench/fuzz_dicom.py): 1,000 mutated series through data_prep.build and
 # calcjax.score; one JSON line (tracebacks, unexplained refusals and silent changes must all be 0).
 FUZZ_CASES ?= 1000
-fuzz: $(STAMP)
+fuzz: $(STAMP) | $(NATIVE)
 	CALCJAX_REAL_DATA="$(REAL_DATA)" $(BIN)/python -m bench.fuzz_dicom --cases $(FUZZ_CASES) --seed 0
 
-bench: $(STAMP)
+bench: $(STAMP) | $(NATIVE)
 	$(BIN)/python bench/phantom.py
 	$(BIN)/python bench/agatston.py
 	$(BIN)/python bench/ingest.py

@@ -1,11 +1,14 @@
-"""One 3x3 convolution of the smoke network's shapes in float32 and bfloat16, XLA against PyTorch's oneDNN
-(one JSON line per framework and dtype, then the ratios bfloat16 / float32).
+"""One 3x3 convolution of the smoke network's shapes in float32 and bfloat16: JAX on XLA's kernels, JAX on
+oneDNN's (calcjax.model.conv, the default on a CPU) and PyTorch (oneDNN); one JSON line per framework and
+dtype, then the ratios bfloat16 / float32 and JAX's routes over PyTorch.
 
   python bench/conv_dtypes.py [--batch 8] [--size 96] [--cin 64] [--cout 16] [--repeats 10]
 
-Median milliseconds of the forward convolution and, for XLA, of its weight gradient alone (for PyTorch,
-forward and backward together, channels-last, bfloat16 through autocast). Whether bfloat16 pays on this CPU
-(AMX and AVX-512 BF16, where present) depends on whether the framework's convolution uses them.
+Median milliseconds of the forward convolution, of its weight gradient alone (JAX), and of forward and
+backward together (both gradients; PyTorch channels-last, bfloat16 through autocast). Whether bfloat16 pays
+on this CPU (AMX and AVX-512 BF16, where present) depends on whether the convolution uses them. PyTorch
+runs first: once calcjax's oneDNN convolutions have run in a process, GNU OpenMP throttles PyTorch's
+waiting threads (bench/model.py says more).
 """
 
 from __future__ import annotations
@@ -29,27 +32,37 @@ def timed_ms(fn, repeats: int) -> float:
     return round(1e3 * statistics.median(times), 2)
 
 
-def xla(x: np.ndarray, w: np.ndarray, dtype: str, repeats: int) -> dict:
+def jax_conv(x: np.ndarray, w: np.ndarray, dtype: str, repeats: int, route: str) -> dict:
+    """Forward, weight-gradient and forward + backward times of ``calcjax.model.conv`` on ``route``
+    (``xla`` or ``onednn``)."""
+    import contextlib
+
     import jax
     import jax.numpy as jnp
 
+    from calcjax.model import conv as conv_lib
+
     def conv(a, b):
-        return jax.lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv_lib.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def total(a, b):
+        return jnp.sum(conv(a, b).astype(jnp.float32))
 
     xs, ws = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
-    forward = jax.jit(conv)
-    weight_grad = jax.jit(jax.grad(lambda b, a: jnp.sum(conv(a, b).astype(jnp.float32))))
-    forward_ms = timed_ms(lambda: forward(xs, ws).block_until_ready(), repeats)
-    weight_gradient_ms = timed_ms(lambda: weight_grad(ws, xs).block_until_ready(), repeats)
+    with conv_lib.xla_convolutions() if route == "xla" else contextlib.nullcontext():
+        forward = jax.jit(conv).lower(xs, ws).compile()
+        weight_grad = jax.jit(jax.grad(total, argnums=1)).lower(xs, ws).compile()
+        both_grads = jax.jit(jax.grad(total, argnums=(0, 1))).lower(xs, ws).compile()
     return {
-        "framework": "xla",
+        "framework": "jax_onednn" if route == "onednn" else "xla",
         "dtype": dtype,
-        "forward_ms": forward_ms,
-        "weight_gradient_ms": weight_gradient_ms,
+        "forward_ms": timed_ms(lambda: forward(xs, ws).block_until_ready(), repeats),
+        "weight_gradient_ms": timed_ms(lambda: weight_grad(xs, ws).block_until_ready(), repeats),
+        "forward_backward_ms": timed_ms(lambda: jax.block_until_ready(both_grads(xs, ws)), repeats),
     }
 
 
-def onednn(x: np.ndarray, cout: int, dtype: str, repeats: int) -> dict:
+def pytorch(x: np.ndarray, cout: int, dtype: str, repeats: int) -> dict:
     import torch
 
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -82,16 +95,31 @@ def main() -> None:
     x = np.random.default_rng(0).normal(size=(a.batch, a.size, a.size, a.cin)).astype(np.float32)
     w = np.random.default_rng(1).normal(size=(3, 3, a.cin, a.cout)).astype(np.float32)
     shape = {"bench": "conv_dtypes", "input": [a.batch, a.size, a.size, a.cin], "cout": a.cout}
-    rows = [*(xla(x, w, d, a.repeats) for d in ("float32", "bfloat16")),
-            *(onednn(x, a.cout, d, a.repeats) for d in ("float32", "bfloat16"))]  # fmt: skip
-    for r in rows:
-        print(json.dumps({**shape, **r}), flush=True)
-    for fw in ("xla", "pytorch"):
-        f32, bf16 = (
-            next(r for r in rows if r["framework"] == fw and r["dtype"] == d) for d in ("float32", "bfloat16")
-        )
+    dtypes = ("float32", "bfloat16")
+    rows = []
+    for framework in ("pytorch", "xla", "onednn"):  # PyTorch first (module docstring)
+        for d in dtypes:
+            if framework == "pytorch":
+                rows.append(pytorch(x, a.cout, d, a.repeats))
+            else:
+                rows.append(jax_conv(x, w, d, a.repeats, framework))
+            print(json.dumps({**shape, **rows[-1]}), flush=True)
+
+    def row(fw, d):
+        return next(r for r in rows if r["framework"] == fw and r["dtype"] == d)
+
+    for fw in ("xla", "jax_onednn", "pytorch"):
+        f32, bf16 = row(fw, "float32"), row(fw, "bfloat16")
         ratios = {k: round(bf16[k] / f32[k], 3) for k in f32 if k.endswith("_ms")}
         print(json.dumps({**shape, "framework": fw, "figure": "bfloat16_over_float32", **ratios}), flush=True)
+    for fw in ("xla", "jax_onednn"):
+        for d in dtypes:
+            ours, torch_row = row(fw, d), row("pytorch", d)
+            ratios = {k: round(ours[k] / torch_row[k], 3) for k in ("forward_ms", "forward_backward_ms")}
+            print(
+                json.dumps({**shape, "framework": fw, "dtype": d, "figure": "over_pytorch", **ratios}),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,36 +1,35 @@
 """DenseRAUnet speed on this CPU, JAX (jitted) next to its PyTorch twin (one JSON line per figure).
 
-  python bench/model.py [--configs smoke,default] [--repeats 3] [--torch_compile]
+  python bench/model.py [--configs smoke,default] [--repeats 10] [--torch_compile]
 
 For configs/smoke.py at 128x128 and configs/default.py at 512x512, batch 4, float32: median seconds of the
 forward pass (eval mode) and of a train step (forward + backward + AdamW update), for JAX (``jax.jit``,
-state donated) and PyTorch (eager, and ``torch.compile`` with ``--torch_compile``), the ratio JAX / PyTorch
-(< 1: JAX faster), and the achieved GFLOP/s from XLA's FLOP count of the forward pass (a train step counted
-as 3x the forward).
+state donated) with its CPU convolutions in oneDNN (``calcjax.model.conv``, the default) and in XLA's
+kernels (``CALCJAX_CPU_CONV=xla``), and PyTorch (eager, and ``torch.compile`` with ``--torch_compile``);
+the ratios JAX / PyTorch (< 1: JAX faster), and the achieved GFLOP/s from XLA's FLOP count of the forward
+pass (a train step counted as 3x the forward). Each framework (and each JAX route) is measured in a process
+of its own: GNU OpenMP throttles its waiting threads once more threads than cores have joined OpenMP teams,
+so PyTorch's CPU ops slow by about a fifth in a process where calcjax's oneDNN convolutions have run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
-from flax import nnx
 
-from calcjax.model import network as jmodel
-from calcjax.research.torch_baseline import convert
-from calcjax.research.torch_baseline import losses as tlosses
-from calcjax.research.torch_baseline import model as tmodel
-from calcjax.train import step as ts
-from configs import default, smoke
-
-SETUPS = {"smoke": (smoke, 128), "default": (default, 512)}
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SIZES = {"smoke": 128, "default": 512}
 BATCH = 4
+JAX_ROUTES = {"jax": "onednn", "jax_xla_conv": "xla"}
 
 
 def timed(fn, repeats):
@@ -43,19 +42,34 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def bench(name, repeats, torch_compile):
-    cfg_module, size = SETUPS[name]
-    cfg = cfg_module.get_config()
+def setup(name):
+    """The config, model config, loss config and a random batch (HU-like input, labels) of one setup."""
+    from calcjax.model import network as jmodel
+    from calcjax.train import step as ts
+    from configs import default, smoke
+
+    cfg = {"smoke": smoke, "default": default}[name].get_config()
     cfg.model.dtype = "float32"
+    size = SIZES[name]
     mcfg = jmodel.ModelConfig.from_config(cfg.model)
-    loss_cfg = ts.LossConfig.from_config(cfg.loss)
     rng = np.random.default_rng(0)
     x = rng.normal(40, 300, size=(BATCH, size, size, mcfg.in_channels)).astype(np.float32)
     y = rng.integers(0, mcfg.num_classes, size=(BATCH, size, size))
+    return mcfg, ts.LossConfig.from_config(cfg.loss), x, y
+
+
+def jax_times(name, repeats):
+    """``{"jax": (forward_s, train_s), "flops": forward FLOPs of the batch, "params": n}``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from calcjax.model import network as jmodel
+    from calcjax.train import step as ts
+
+    mcfg, loss_cfg, x, y = setup(name)
     net = jmodel.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
-    flops = jmodel.flops_per_slice(net, size, size) * BATCH
-    tnet = tmodel.DenseRAUnet(mcfg)
-    tnet.load_state_dict(convert.jax_to_torch(net))
+    flops = jmodel.flops_per_slice(net, x.shape[1], x.shape[2]) * BATCH
     tx = ts.make_optimizer(
         learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4, grad_clip=1.0
     )
@@ -65,75 +79,102 @@ def bench(name, repeats, torch_compile):
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     holder = {"state": state}
 
-    def jax_forward():
+    def forward():
         eval_fn(holder["state"].params, holder["state"].batch_stats, xj).block_until_ready()
 
-    def jax_train():
+    def train():
         holder["state"], m = step(holder["state"], xj, yj)
         m["loss"].block_until_ready()
 
+    times = (timed(forward, repeats), timed(train, repeats))
+    return {"times": times, "flops": flops, "params": jmodel.parameter_count(net)}
+
+
+def torch_times(name, repeats, label):
+    """``(forward_s, train_s)`` of the PyTorch twin, eager (``label`` "eager") or ``torch.compile``d."""
+    import torch
+    from flax import nnx
+
+    from calcjax.model import network as jmodel
+    from calcjax.research.torch_baseline import convert
+    from calcjax.research.torch_baseline import losses as tlosses
+    from calcjax.research.torch_baseline import model as tmodel
+
+    mcfg, loss_cfg, x, y = setup(name)
+    tnet = tmodel.DenseRAUnet(mcfg)
+    tnet.load_state_dict(convert.jax_to_torch(jmodel.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))))
+    module = torch.compile(tnet) if label == "compile" else tnet
     xt, yt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
     opt = torch.optim.AdamW(tnet.parameters(), lr=1e-3, weight_decay=1e-4)
-    variants = {"eager": tnet}
-    if torch_compile:
-        variants["compile"] = torch.compile(tnet)
-    results = {"jax": (timed(jax_forward, repeats), timed(jax_train, repeats))}
-    for label, module in variants.items():
 
-        def torch_forward(module=module):
-            module.eval()
-            with torch.no_grad():
-                module(xt)
+    def forward():
+        module.eval()
+        with torch.no_grad():
+            module(xt)
 
-        def torch_train(module=module):
-            module.train()
-            opt.zero_grad(set_to_none=True)
-            loss = tlosses.bootstrap_iou_loss(
-                module(xt), yt, rho=loss_cfg.rho, k_min=loss_cfg.k_min, lam=loss_cfg.lam
-            )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-            opt.step()
-
-        try:
-            results[f"torch_{label}"] = (timed(torch_forward, repeats), timed(torch_train, repeats))
-        except Exception as e:  # torch.compile may not work on every machine
-            print(
-                json.dumps(
-                    {"bench": "model", "config": name, "framework": f"torch_{label}", "error": str(e)[:200]}
-                )
-            )
-    common = {
-        "bench": "model",
-        "config": name,
-        "input": [BATCH, size, size, mcfg.in_channels],
-        "dtype": "float32",
-        "params": jmodel.parameter_count(net),
-        "gflop_forward": round(flops / 1e9, 2),
-    }
-    for fw, (fwd, train) in results.items():
-        print(
-            json.dumps(
-                {
-                    **common,
-                    "framework": fw,
-                    "seconds_forward": round(fwd, 4),
-                    "seconds_train_step": round(train, 4),
-                    "gflops_per_s_forward": round(flops / fwd / 1e9, 1),
-                    "gflops_per_s_train": round(3 * flops / train / 1e9, 1),
-                }
-            )
+    def train():
+        module.train()
+        opt.zero_grad(set_to_none=True)
+        loss = tlosses.bootstrap_iou_loss(
+            module(xt), yt, rho=loss_cfg.rho, k_min=loss_cfg.k_min, lam=loss_cfg.lam
         )
-    for fw in results:
-        if fw != "jax":
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+
+    return {"times": (timed(forward, repeats), timed(train, repeats))}
+
+
+def measure(name, framework, repeats) -> dict:
+    """One framework's figures, measured in a fresh process (module docstring); ``{"error": ...}`` when it
+    fails (``torch.compile`` may not work on every machine)."""
+    env = dict(os.environ)
+    if framework in JAX_ROUTES:
+        env["CALCJAX_CPU_CONV"] = JAX_ROUTES[framework]
+    cmd = [sys.executable, __file__, "--configs", name, "--repeats", str(repeats), "--_one", framework]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1][:200] if result.stderr.strip() else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def one(name, framework, repeats) -> dict:
+    if framework in JAX_ROUTES:
+        return jax_times(name, repeats)
+    return torch_times(name, repeats, framework.removeprefix("torch_"))
+
+
+def bench(name, repeats, torch_compile):
+    frameworks = [*JAX_ROUTES, "torch_eager"] + (["torch_compile"] if torch_compile else [])
+    results = {fw: measure(name, fw, repeats) for fw in frameworks}
+    jax_result = results["jax"]
+    if "error" in jax_result:
+        raise SystemExit(f"bench/model.py: JAX failed: {jax_result['error']}")
+    flops = jax_result["flops"]
+    size = SIZES[name]
+    common = {"bench": "model", "config": name, "input": [BATCH, size, size, 3], "dtype": "float32"}
+    common |= {"params": jax_result["params"], "gflop_forward": round(flops / 1e9, 2)}
+    timings = {}
+    for fw, res in results.items():
+        if "error" in res:
+            print(json.dumps({**common, "framework": fw, "error": res["error"]}))
+            continue
+        fwd, train = timings[fw] = res["times"]
+        line = {
+            **common,
+            "framework": fw,
+            "seconds_forward": round(fwd, 4),
+            "seconds_train_step": round(train, 4),
+        }
+        line["gflops_per_s_forward"] = round(flops / fwd / 1e9, 1)
+        line["gflops_per_s_train"] = round(3 * flops / train / 1e9, 1)
+        print(json.dumps(line))
+    for jax_fw in JAX_ROUTES:
+        for fw in (f for f in timings if f.startswith("torch") and jax_fw in timings):
+            ratio = [round(a / b, 3) for a, b in zip(timings[jax_fw], timings[fw], strict=True)]
             print(
                 json.dumps(
-                    {
-                        **common,
-                        "figure": f"jax_over_{fw}",
-                        "forward": round(results["jax"][0] / results[fw][0], 3),
-                        "train_step": round(results["jax"][1] / results[fw][1], 3),
-                    }
+                    {**common, "figure": f"{jax_fw}_over_{fw}", "forward": ratio[0], "train_step": ratio[1]}
                 )
             )
 
@@ -141,10 +182,14 @@ def bench(name, repeats, torch_compile):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="smoke,default")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--torch_compile", action="store_true")
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args._one:
+        res = one(args.configs, args._one, args.repeats)
+        print(json.dumps({**res, "times": list(res["times"])}))
+        return
     for name in args.configs.split(","):
         bench(name, args.repeats, args.torch_compile)
 

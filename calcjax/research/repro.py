@@ -45,6 +45,7 @@ import numpy as np
 from calcjax.core import cli, compile_cache, metrics
 from calcjax.io import outputs
 from calcjax.io.atomic import write_atomic
+from calcjax.model.conv import CPU_CONV_ENV
 from calcjax.research.repro_report import spread, write_doc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -242,14 +243,19 @@ def determinism_figures(base: str, steps: int, divergence: dict) -> dict:
 
 
 def determinism(args, overrides: dict) -> dict:
-    """The first seed trained again for a few steps: JAX twice, PyTorch twice, JAX on 2 CPU devices; and
-    the first step on 1 and 2 devices compared quantity by quantity (:func:`first_step_divergence`)."""
+    """The first seed trained again for a few steps: JAX twice, PyTorch twice, JAX on 2 CPU devices (the
+    JAX runs on XLA's convolutions); and the first step on 1 and 2 devices compared quantity by quantity
+    (:func:`first_step_divergence`)."""
     n = args.determinism_steps
     short = {**overrides, "train.steps": n, "train.log_every": 1, "train.eval_every": 10 * n,
              "train.checkpoint_every": n, "train.warmup_steps": max(1, n // 10)}  # fmt: skip
     seed, base = args.seeds[0], os.path.join(args.out, "determinism")
     for name in DETERMINISM_RUNS:
-        env = two_cpu_devices() if name == "jax-2dev" else None
+        env = two_cpu_devices() if name == "jax-2dev" else {}
+        if name.startswith("jax"):
+            # XLA's convolutions on 1 device too (a CPU with several devices always uses them,
+            # calcjax.model.conv): the 1-against-2 comparison then isolates the reduction.
+            env[CPU_CONV_ENV] = "xla"
         train(name.split("-")[0], args.config, args.shards, seed, os.path.join(base, name), short, env)
     divergence = first_step_divergence(args.config, args.shards, seed, overrides,
                                        os.path.join(base, "first_step_1_vs_2_devices.json"))  # fmt: skip
