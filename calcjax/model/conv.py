@@ -5,12 +5,13 @@
 ``$CALCJAX_CPU_CONV`` not ``xla``, a 2D NHWC / HWIO convolution (any stride, dilation and explicit padding;
 no input dilation or feature groups) runs as oneDNN's forward kernel, and its gradient as oneDNN's backward
 data and backward weights kernels (a ``jax.custom_vjp``); anything else, and every accelerator, goes to
-``jax.lax.conv_general_dilated``. On this project's 2-core CPU oneDNN's convolutions are 2-5x XLA's in
-float32 and about 10x in bfloat16 (``bench/conv_dtypes.py``). Outputs match XLA's to float rounding
-(summation order), not bitwise: ``$CALCJAX_CPU_CONV=xla`` gives XLA's numbers on a CPU. oneDNN runs on
-GNU OpenMP threads beside XLA's own; in a process that also runs PyTorch on the CPU, PyTorch's ops slow by
-about a fifth once these have run (OpenMP throttles its waiting threads when more threads than cores have
-joined its teams), so the benchmarks measure each framework in a process of its own.
+``jax.lax.conv_general_dilated``. On this project's 2-core CPU oneDNN's convolutions are 2.7-4x XLA's
+in float32 and 16-18x in bfloat16 (``bench/conv_dtypes.py``, one 3x3 convolution). Outputs match XLA's to
+float rounding (summation order), not bitwise: ``$CALCJAX_CPU_CONV=xla`` gives XLA's numbers on a CPU.
+oneDNN runs on GNU OpenMP threads beside XLA's own; in a process that also runs PyTorch on the CPU,
+PyTorch's ops slow by about a fifth once these have run (OpenMP throttles its waiting threads when more
+threads than cores have joined its teams), so the benchmarks measure each framework in a process of its
+own.
 """
 
 from __future__ import annotations
