@@ -53,7 +53,8 @@ struct Geometry {
 ffi::ErrorOr<memory::data_type> DnnlType(ffi::DataType t) {
   if (t == ffi::DataType::F32) return memory::data_type::f32;
   if (t == ffi::DataType::BF16) return memory::data_type::bf16;
-  return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN convolution: dtype must be float32 or bfloat16"));
+  return ffi::Unexpected(
+      ffi::Error::InvalidArgument("oneDNN convolution: dtype must be float32 or bfloat16"));
 }
 
 memory::dims Pair(ffi::Span<const int64_t> v, int64_t offset = 0) {
@@ -162,6 +163,46 @@ ffi::Error Guarded(Body body) {
   }
 }
 
+Built ForwardBuilt(const Geometry& geo) {
+  auto pd = ForwardDesc(geo);
+  auto built = Build<decltype(pd), dnnl::convolution_forward>(pd, pd.weights_desc());
+  AddReorder(built, geo.Weights(), pd.weights_desc());
+  return built;
+}
+
+Built BackwardDataBuilt(const Geometry& geo) {
+  dnnl::convolution_backward_data::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, geo.Src(), geo.AnyWeights(), geo.Dst(), geo.strides,
+      geo.dilates, geo.pad_l, geo.pad_r, ForwardDesc(geo), UserScratchpad());
+  auto built = Build<decltype(pd), dnnl::convolution_backward_data>(pd, pd.weights_desc());
+  AddReorder(built, geo.Weights(), pd.weights_desc());
+  return built;
+}
+
+// The two passes that read the kernel: forward (x -> y: `pass` 'f') and backward data (dy -> dx: 'd').
+// `in` / `out` are the NHWC operands with their oneDNN argument ids and layouts.
+struct Operand {
+  int arg;
+  memory::desc layout;
+  void* data;
+};
+
+template <typename Make>
+ffi::Error WithKernel(const Geometry& geo, char pass, Make make, const Operand& in, void* hwio,
+                      const Operand& out) {
+  return Guarded([&] {
+    auto built = Cached(geo.Key(pass), [&] { return make(geo); });
+    dnnl::stream s(Engine());
+    memory kernel = KernelAs(geo, *built, hwio, s);
+    Run(built->primitive, built->scratchpad,
+        {{in.arg, Wrap(in.layout, in.data)},
+         {DNNL_ARG_WEIGHTS, kernel},
+         {out.arg, Wrap(out.layout, out.data)}},
+        s);
+    s.wait();
+  });
+}
+
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
                        ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
@@ -169,22 +210,8 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
                         pad_lo, pad_hi);
   if (g.has_error()) return g.error();
   const Geometry& geo = g.value();
-  return Guarded([&] {
-    auto built = Cached(geo.Key('f'), [&] {
-      auto pd = ForwardDesc(geo);
-      auto built = Build<decltype(pd), dnnl::convolution_forward>(pd, pd.weights_desc());
-      AddReorder(built, geo.Weights(), pd.weights_desc());
-      return built;
-    });
-    dnnl::stream s(Engine());
-    memory kernel = KernelAs(geo, *built, w.untyped_data(), s);
-    Run(built->primitive, built->scratchpad,
-        {{DNNL_ARG_SRC, Wrap(geo.Src(), x.untyped_data())},
-         {DNNL_ARG_WEIGHTS, kernel},
-         {DNNL_ARG_DST, Wrap(geo.Dst(), y->untyped_data())}},
-        s);
-    s.wait();
-  });
+  return WithKernel(geo, 'f', ForwardBuilt, {DNNL_ARG_SRC, geo.Src(), x.untyped_data()}, w.untyped_data(),
+                    {DNNL_ARG_DST, geo.Dst(), y->untyped_data()});
 }
 
 ffi::Error BackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
@@ -194,25 +221,8 @@ ffi::Error BackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
                         dilation, pad_lo, pad_hi);
   if (g.has_error()) return g.error();
   const Geometry& geo = g.value();
-  return Guarded([&] {
-    auto built = Cached(geo.Key('d'), [&] {
-      auto hint = ForwardDesc(geo);
-      dnnl::convolution_backward_data::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct, geo.Src(), geo.AnyWeights(), geo.Dst(),
-          geo.strides, geo.dilates, geo.pad_l, geo.pad_r, hint, UserScratchpad());
-      auto built = Build<decltype(pd), dnnl::convolution_backward_data>(pd, pd.weights_desc());
-      AddReorder(built, geo.Weights(), pd.weights_desc());
-      return built;
-    });
-    dnnl::stream s(Engine());
-    memory kernel = KernelAs(geo, *built, w.untyped_data(), s);
-    Run(built->primitive, built->scratchpad,
-        {{DNNL_ARG_DIFF_DST, Wrap(geo.Dst(), dy.untyped_data())},
-         {DNNL_ARG_WEIGHTS, kernel},
-         {DNNL_ARG_DIFF_SRC, Wrap(geo.Src(), dx->untyped_data())}},
-        s);
-    s.wait();
-  });
+  return WithKernel(geo, 'd', BackwardDataBuilt, {DNNL_ARG_DIFF_DST, geo.Dst(), dy.untyped_data()},
+                    w.untyped_data(), {DNNL_ARG_DIFF_SRC, geo.Src(), dx->untyped_data()});
 }
 
 ffi::Error BackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
