@@ -43,7 +43,8 @@ def timed(fn, repeats):
 
 
 def setup(name):
-    """The config, model config, loss config and a random batch (HU-like input, labels) of one setup."""
+    """The model config, the loss config and a random batch of one setup: HU-like input ``(B, H, W, 3)``
+    float32 and labels ``(B, H, W)``."""
     from calcjax.model import network as jmodel
     from calcjax.train import step as ts
     from configs import default, smoke
@@ -59,7 +60,8 @@ def setup(name):
 
 
 def jax_times(name, repeats):
-    """``{"jax": (forward_s, train_s), "flops": forward FLOPs of the batch, "params": n}``."""
+    """``{"times": (forward_s, train_s), "flops": forward FLOPs of the batch, "params": n}`` of the JAX
+    model on the route ``$CALCJAX_CPU_CONV`` names."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -91,7 +93,8 @@ def jax_times(name, repeats):
 
 
 def torch_times(name, repeats, label):
-    """``(forward_s, train_s)`` of the PyTorch twin, eager (``label`` "eager") or ``torch.compile``d."""
+    """``{"times": (forward_s, train_s)}`` of the PyTorch twin, eager (``label`` "eager") or
+    ``torch.compile``d."""
     import torch
     from flax import nnx
 
