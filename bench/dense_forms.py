@@ -51,7 +51,7 @@ def padded_call(self, x):
         h = jnp.pad(h, ((0, 0), (0, 0), (0, 0), (0, extra)))
         kernel = jnp.pad(layer.conv.kernel.value, ((0, 0), (0, 0), (0, extra), (0, 0)))
         conv = layer.conv
-        y = jax.lax.conv_general_dilated(
+        y = conv.conv_general_dilated(  # the network's own route (calcjax.model.conv), as today's form
             h.astype(conv.dtype), kernel.astype(conv.dtype), (1, 1), conv.padding,
             rhs_dilation=conv.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )  # fmt: skip

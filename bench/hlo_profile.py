@@ -3,8 +3,9 @@
   python bench/hlo_profile.py [--configs smoke,default]
 
 The train step (``calcjax.train.step``) of each config at its training shape is lowered, not compiled,
-and its StableHLO text counted: operations in all, convolutions and how many distinct convolution shapes
-(each one a kernel XLA must choose, and on GPU autotune), concatenations (the dense blocks' growing
+and its StableHLO text counted: operations in all, convolutions (XLA's, or on a CPU calcjax's oneDNN
+custom calls) and how many distinct convolution shapes (each one a kernel XLA must choose, and on GPU
+autotune), concatenations (the dense blocks' growing
 feature stacks), type conversions (``convert``: bfloat16 <-> float32) and the text's size. Compilation
 time grows with these; ``bench/compile.py`` times it.
 
@@ -24,12 +25,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 OP = re.compile(r"=\s*(?:\"?)(stablehlo\.[a-z_]+)")
+# XLA's convolution op, or on a CPU calcjax's oneDNN custom calls (calcjax.model.conv): one line per
+# convolution pass either way (forward, and the two of its gradient).
+CONVOLUTION = re.compile(r"stablehlo\.convolution|stablehlo\.custom_call @calcjax_onednn_conv_")
 
 
 def profile(text: str) -> dict:
     """Counts of the StableHLO text's operations (module docstring)."""
     ops = OP.findall(text)
-    conv_lines = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    conv_lines = [line for line in text.splitlines() if CONVOLUTION.search(line)]
     shapes = {line.split(":")[-1].strip() for line in conv_lines}
     return {
         "ops": len(ops),

@@ -27,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from calcjax.native.onednn import CPU_CONV_ENV  # noqa: E402  (no jax: the parent process stays light)
+
 SIZES = {"smoke": 128, "default": 512}
 BATCH = 4
 JAX_ROUTES = {"jax": "onednn", "jax_xla_conv": "xla"}
@@ -133,7 +135,7 @@ def measure(name, framework, repeats) -> dict:
     fails (``torch.compile`` may not work on every machine)."""
     env = dict(os.environ)
     if framework in JAX_ROUTES:
-        env["CALCJAX_CPU_CONV"] = JAX_ROUTES[framework]
+        env[CPU_CONV_ENV] = JAX_ROUTES[framework]
     cmd = [sys.executable, __file__, "--configs", name, "--repeats", str(repeats), "--_one", framework]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:

@@ -26,7 +26,7 @@ from jax import lax
 
 from calcjax.native import onednn
 
-CPU_CONV_ENV = "CALCJAX_CPU_CONV"
+CPU_CONV_ENV = onednn.CPU_CONV_ENV
 CPU_CONV_CHOICES = ("onednn", "xla")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _forced: list[str] = []

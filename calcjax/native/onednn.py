@@ -15,6 +15,8 @@ from pathlib import Path
 
 from calcjax.native.build import DNNL_LIBRARY, LIBRARY
 
+# ``xla`` here turns the kernels off (calcjax.model.conv reads it); named here, where importing costs no jax.
+CPU_CONV_ENV = "CALCJAX_CPU_CONV"
 FORWARD = "calcjax_onednn_conv_forward"
 BACKWARD_DATA = "calcjax_onednn_conv_backward_data"
 BACKWARD_WEIGHTS = "calcjax_onednn_conv_backward_weights"

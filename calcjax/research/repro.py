@@ -45,7 +45,7 @@ import numpy as np
 from calcjax.core import cli, compile_cache, metrics
 from calcjax.io import outputs
 from calcjax.io.atomic import write_atomic
-from calcjax.model.conv import CPU_CONV_ENV
+from calcjax.native.onednn import CPU_CONV_ENV
 from calcjax.research.repro_report import spread, write_doc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
