@@ -79,9 +79,13 @@ class NoForward:
     def predict(self, hu, spacing=None):
         return np.zeros(hu.shape, np.uint8)
 
+    def predict_in_boxes(self, hu, boxes):
+        return np.zeros(hu.shape, np.uint8)
+
 
 def warm_up(predictor, shape: tuple[int, int]) -> None:
-    """Compiles the forward pass for the whole slice and every heart-box size (kept out of the timing)."""
+    """Compiles the forward pass for the whole slice and every heart-box window shape (kept out of the
+    timing)."""
     from calcjax.score import stages
 
     sides = sorted({*[s for s in stages.BOX_SIDES_PX if s < min(shape)], *shape})
@@ -118,9 +122,9 @@ def box_label_changes(predictor, dicom: str, salt: str) -> dict:
     for scan in scans:
         prepared = stages.prepare(scan, True, False)
         hu, spacing = prepared.loaded.hu, prepared.loaded.grid.spacing
-        box = stages.heart_box(prepared.region, (predictor.in_channels - 1) // 2, predictor.multiple)
+        boxes = stages.heart_boxes(prepared.region, predictor.batch_size, predictor.multiple)
         whole = predictor.predict(hu, spacing)
-        boxed = whole if box is None else stages.forward_in_box(predictor.predict, hu, spacing, box)
+        boxed = whole if boxes is None else predictor.predict_in_boxes(hu, boxes)
         inside = prepared.region.mask
         changed += int((whole[inside] != boxed[inside]).sum())
         region_voxels += int(inside.sum())

@@ -1,65 +1,86 @@
-"""The forward pass in the heart region's box (``calcjax.score.stages``): a box that holds the region with
-its margin, aligned to the network's grid, of a few sizes only, and labels placed back where they belong."""
+"""The forward pass in the heart region's boxes (``calcjax.score.stages``,
+``Predictor.predict_in_boxes``): one box per slab of slices, each window holding the slab's region with its
+margin, aligned to the network's grid, of a few sizes only; labels placed back where they belong."""
 
 from __future__ import annotations
 
 import numpy as np
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calcjax.inference.heart_region import HeartRegion
+from calcjax.inference.predictor import Predictor
+from calcjax.model import network as model_lib
 from calcjax.score import stages
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    size=st.sampled_from([96, 320, 512, 520]),
-    z=st.integers(6, 40),
-    data=st.data(),
-)
-def test_the_box_holds_the_region_and_its_margin_on_the_networks_grid(size, z, data):
-    y0 = data.draw(st.integers(0, size - 1))
-    y1 = data.draw(st.integers(y0 + 1, size))
-    x0 = data.draw(st.integers(0, size - 1))
-    x1 = data.draw(st.integers(x0 + 1, size))
-    k0 = data.draw(st.integers(0, z - 1))
-    k1 = data.draw(st.integers(k0 + 1, z))
+def _blobs(z: int, size: int, data) -> np.ndarray:
+    """A mask ``(z, size, size)`` of one to three random boxes (a region that is broad in some slices and
+    narrow in others, with slices between them it misses)."""
     mask = np.zeros((z, size, size), bool)
-    mask[k0:k1, y0:y1, x0:x1] = True
-    box = stages.heart_box(HeartRegion(mask, found=True), context=1, align=8)
-    assert (box.k0, box.k1) == (k0, k1) and (box.z0, box.z1) == (max(0, k0 - 1), min(z, k1 + 1))
-    for lo, hi, b0, b1 in ((y0, y1, box.y0, box.y1), (x0, x1, box.x0, box.x1)):
-        assert b0 <= lo and hi <= b1 and 0 <= b0 and b1 <= size
-        assert b1 - b0 in (*stages.BOX_SIDES_PX, size) or b1 == size  # a few shapes, or the slice
-        if b1 - b0 < size:
-            assert b0 % 8 == 0  # the network's downsampling grid of the whole slice
-            assert lo - b0 >= stages.BOX_MARGIN_PX - 8 or b0 == 0
-            assert b1 - hi >= stages.BOX_MARGIN_PX - 8 or b1 == size
+    for _ in range(data.draw(st.integers(1, 3))):
+        k0, y0, x0 = (data.draw(st.integers(0, n - 1)) for n in (z, size, size))
+        k1, y1, x1 = (data.draw(st.integers(lo + 1, n)) for lo, n in ((k0, z), (y0, size), (x0, size)))
+        mask[k0:k1, y0:y1, x0:x1] = True
+    return mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.sampled_from([96, 320, 512, 520]), z=st.integers(6, 40), slab=st.sampled_from([1, 4, 8]),
+       data=st.data())  # fmt: skip
+def test_the_boxes_hold_the_region_and_its_margin_on_the_networks_grid(size, z, slab, data):
+    mask = _blobs(z, size, data)
+    boxes = stages.heart_boxes(HeartRegion(mask, found=True), slab=slab, align=8)
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    assert boxes[0].k0 == zs[0] and boxes[-1].k1 == zs[-1] + 1
+    covered = np.zeros(mask.shape, bool)
+    for box, after in zip(boxes, boxes[1:] + [None], strict=True):
+        assert 0 < box.k1 - box.k0 <= slab and (box.k0 - zs[0]) % slab == 0
+        assert after is None or after.k0 >= box.k1  # no slice in two boxes
+        covered[box.k0 : box.k1, box.y0 : box.y1, box.x0 : box.x1] = True
+        in_plane = mask[box.k0 : box.k1].any(axis=0)
+        ys, xs = np.flatnonzero(in_plane.any(axis=1)), np.flatnonzero(in_plane.any(axis=0))
+        for lo, hi, b0, b1 in ((ys[0], ys[-1] + 1, box.y0, box.y1), (xs[0], xs[-1] + 1, box.x0, box.x1)):
+            assert 0 <= b0 and b1 <= size
+            assert b1 - b0 in stages.BOX_SIDES_PX or (b0, b1) == (0, size)  # a few shapes, or the slice
+            if b1 - b0 < size:
+                assert b0 % 8 == 0  # the network's downsampling grid of the whole slice
+                assert lo - b0 >= stages.BOX_MARGIN_PX - 8 or b0 == 0
+                assert b1 - hi >= stages.BOX_MARGIN_PX - 8 or b1 == size
+    assert covered[mask].all()
 
 
 def test_no_box_without_a_found_region():
     mask = np.ones((4, 64, 64), bool)
-    assert stages.heart_box(None, 1, 8) is None
-    assert stages.heart_box(HeartRegion(mask, found=False), 1, 8) is None
-    assert stages.heart_box(HeartRegion(np.zeros_like(mask), found=True), 1, 8) is None
+    assert stages.heart_boxes(None, 4, 8) is None
+    assert stages.heart_boxes(HeartRegion(mask, found=False), 4, 8) is None
+    assert stages.heart_boxes(HeartRegion(np.zeros_like(mask), found=True), 4, 8) is None
 
 
-def test_labels_of_the_box_land_in_place_and_zero_elsewhere():
-    rng = np.random.default_rng(0)
-    hu = rng.integers(-1000, 1500, (20, 512, 512)).astype(np.int16)
-    mask = np.zeros(hu.shape, bool)
-    mask[5:12, 200:300, 150:260] = True
-    box = stages.heart_box(HeartRegion(mask, found=True), context=1, align=8)
-    assert box.y1 - box.y0 == box.x1 - box.x0 == 256
-
-    def predict(crop, spacing):  # labels = a function of the voxel's own HU, so placement is checked
-        return (crop > 1000).astype(np.uint8)
-
-    out = stages.forward_in_box(predict, hu, (3.0, 0.7, 0.7), box)
+def test_labels_in_boxes_are_the_windows_own_with_the_whole_scans_neighbours_and_zero_elsewhere():
+    """An untrained model that labels every voxel (probability bar 0): inside each box the labels are
+    those of the network run on the window's column of the scan (its 2.5D neighbours from the whole
+    scan), windows of any size padded to the network's multiple, zero outside the boxes."""
+    cfg = model_lib.ModelConfig(
+        num_classes=5, in_channels=3, stem_features=8, widths=(8, 16), block_layers=(1, 1), growth_rate=4,
+        bottleneck_width=16, bottleneck_growth=4, dilations=(1, 2), decoder_layers=(1, 1), hu_min=-400.0,
+        hu_max=1200.0, dtype="float32", pixel_mm=0.0,
+    )  # fmt: skip
+    predictor = Predictor(
+        model_lib.DenseRAUnet(cfg, rngs=nnx.Rngs(3)), batch_size=2, min_calcium_probability=0.0
+    )
+    hu = np.random.default_rng(0).integers(-1000, 1500, (9, 60, 52)).astype(np.int16)
+    boxes = [stages.Box(0, 3, 8, 40, 0, 52), stages.Box(4, 5, 0, 60, 16, 44), stages.Box(6, 9, 24, 60, 8, 36)]
+    out = predictor.predict_in_boxes(hu, boxes)
     inside = np.zeros(hu.shape, bool)
-    inside[box.k0 : box.k1, box.y0 : box.y1, box.x0 : box.x1] = True
-    np.testing.assert_array_equal(out[inside], (hu > 1000)[inside])
-    assert not out[~inside].any()
+    for b in boxes:
+        window = predictor.predict(hu[:, b.y0 : b.y1, b.x0 : b.x1])
+        np.testing.assert_array_equal(out[b.k0 : b.k1, b.y0 : b.y1, b.x0 : b.x1], window[b.k0 : b.k1])
+        inside[b.k0 : b.k1, b.y0 : b.y1, b.x0 : b.x1] = True
+    assert out[inside].all() and not out[~inside].any()  # every voxel labelled inside, none outside
+    whole = stages.Box(0, 9, 0, 60, 0, 52)
+    np.testing.assert_array_equal(predictor.predict_in_boxes(hu, [whole]), predictor.predict(hu))
 
 
 def test_the_scorer_in_the_box_keeps_every_label_when_the_box_is_the_whole_slice(tmp_path):

@@ -5,7 +5,9 @@
 returns its predicted labels, uint8 ``(Z, H, W)`` (0 background, 1 LM, 2 LAD, 3 LCX, 4 RCA; rule:
 ``model.labels_from_logits``). Slices go through in fixed batches of ``batch_size`` (the last one padded
 by repeating its last slice, so one compilation serves every scan of a size); slices whose H or W is not a
-multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the labels cropped back. A model
+multiple of the model's ``2 ** depth`` are padded with air (-1000 HU) and the labels cropped back.
+``predict_in_boxes(hu, boxes)`` runs it only on given slices and in-plane windows (the scorer's heart
+boxes), the rest of the volume zero. A model
 with ``pixel_mm`` > 0 gets the scan resampled in-plane to that pixel size and its labels come back on the
 scan's grid (``calcjax.io.pixel_size``); ``predict`` then needs the scan's spacing.
 
@@ -27,6 +29,7 @@ the host, for the scorer's overhead figure.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 
 import jax
@@ -210,38 +213,85 @@ class Predictor:
         if hu.ndim != 3:
             raise ValueError(f"hu must be a (Z, H, W) volume, got {hu.shape}")
         native_hw = hu.shape[1:]
-        hu, h, w = self._padded_model_grid(hu, spacing)
-        z = hu.shape[0]
-        b = self.batch_size
-        out = np.empty((z, h, w), np.uint8)
-        t0 = time.perf_counter()
-        pending: collections.deque = collections.deque()  # batches in flight (transfers and compute overlap)
+        hu = self._model_grid(hu, spacing)
+        z, h, w = hu.shape
+        out = self._predict_windows(hu, [Window(0, z, 0, h, 0, w)])
+        return pixel_size.labels_to_native(out, native_hw)  # out itself at native pixels
 
+    def predict_in_boxes(self, hu: np.ndarray, boxes) -> np.ndarray:
+        """Labels uint8 ``(Z, H, W)`` of a native-pixel model inside ``boxes`` only, zero elsewhere:
+        each box (any object with :class:`Window`'s fields, e.g. ``calcjax.score.stages.Box``) gets its
+        slices ``[k0, k1)`` predicted in its in-plane window, their 2.5D neighbours taken from the whole
+        volume (so along z a box's labels are the whole scan's; in-plane the network sees the window's
+        context only). Boxes must not share slices. Raises like :meth:`predict`."""
+        if hu.ndim != 3:
+            raise ValueError(f"hu must be a (Z, H, W) volume, got {hu.shape}")
+        if self.pixel_mm > 0:
+            raise ValueError(f"boxes lie on the scan's pixels; this model reads {self.pixel_mm} mm pixels")
+        return self._predict_windows(hu, boxes)
+
+    def _window_batches(self, hu: np.ndarray, boxes):
+        """``(box, start, real, batch)`` for every batch of every box: ``batch`` ``(B, h', w', C)`` the 2.5D
+        stacks of slices ``start..start+real-1`` in the box's window, padded with air to the model's
+        multiple in-plane and to the batch size along its first axis."""
+        context = (self.in_channels - 1) // 2
+        for box in boxes:
+            window = hu[:, box.y0 : box.y1, box.x0 : box.x1]
+            ph, pw = -(box.y1 - box.y0) % self.multiple, -(box.x1 - box.x0) % self.multiple
+            for start in range(box.k0, box.k1, self.batch_size):
+                chunk = preprocess.slice_stacks(window, context, start, min(start + self.batch_size, box.k1))
+                if ph or pw:
+                    chunk = np.pad(chunk, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=AIR_HU)
+                yield box, start, len(chunk), _pad_batch(chunk, self.batch_size)
+
+    def _predict_windows(self, hu: np.ndarray, boxes) -> np.ndarray:
+        """Labels uint8 ``(Z, H, W)`` of ``hu`` (on the model's grid) inside ``boxes``, zero elsewhere, with
+        up to ``max_in_flight`` batches dispatched ahead of the one read back."""
+        out = np.zeros(hu.shape, np.uint8)
+        pending: collections.deque = collections.deque()  # batches in flight (transfers and compute overlap)
         bad_slices: list[int] = []
 
         def read_back():
-            start, real, (labels, finite) = pending.popleft()
-            out[start : start + real] = np.asarray(labels)[:real, :h, :w]
+            box, start, real, (labels, finite) = pending.popleft()
+            h, w = box.y1 - box.y0, box.x1 - box.x0
+            out[start : start + real, box.y0 : box.y1, box.x0 : box.x1] = np.asarray(labels)[:real, :h, :w]
             bad_slices.extend(start + int(i) for i in np.flatnonzero(~np.asarray(finite)[:real]))
 
-        stacking = 0.0
-        for start in range(0, z, b):
+        t0, stacking = time.perf_counter(), 0.0
+        batches = self._window_batches(hu, boxes)
+        while True:
             t_stack = time.perf_counter()
-            chunk, real = self._stacks(hu, start)
+            item = next(batches, None)
             stacking += time.perf_counter() - t_stack
-            pending.append((start, real, self._forward(self._state, jax.device_put(chunk, self._data))))
+            if item is None:
+                break
+            box, start, real, chunk = item
+            pending.append((box, start, real, self._forward(self._state, jax.device_put(chunk, self._data))))
+            self.slices += real
             if len(pending) > self.max_in_flight:
                 read_back()
         while pending:
             read_back()
         self.forward_seconds += time.perf_counter() - t0 - stacking  # stacking counts as host work
-        self.slices += z
         if bad_slices:
             raise NonFiniteOutputError(
-                f"non-finite logits on {len(bad_slices)} of {z} slices (first: slice {bad_slices[0]}): "
-                "damaged weights or input; the scan is not scored"
+                f"non-finite logits on {len(bad_slices)} of {hu.shape[0]} slices (first: slice "
+                f"{min(bad_slices)}): damaged weights or input; the scan is not scored"
             )
-        return pixel_size.labels_to_native(out, native_hw)  # out itself at native pixels
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Slices ``[k0, k1)`` of a volume, in-plane ``[y0, y1) x [x0, x1)`` (pixels): where
+    :meth:`Predictor.predict_in_boxes` runs the network."""
+
+    k0: int
+    k1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
 
 
 def _pad_batch(a: np.ndarray, size: int) -> np.ndarray:

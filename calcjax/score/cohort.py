@@ -240,17 +240,17 @@ def score_scan(job: Job, scan) -> dict | None:
 
 
 def forward(job: Job, scan, prepared) -> np.ndarray | None:
-    """The forward pass's labels of a prepared scan (in its heart box with ``forward_in_heart_box``, for a
+    """The forward pass's labels of a prepared scan (in its heart boxes with ``forward_in_heart_box``, for a
     model on native pixels), or None when it failed or could not be prepared (recorded)."""
     if isinstance(prepared, stages.Failed):
         _record_failure(job, scan, prepared.line)
         return None
     p, hu, spacing = job.predictor, prepared.loaded.hu, prepared.loaded.grid.spacing
-    box = None
+    boxes = None
     if job.options.forward_in_heart_box and p.pixel_mm == 0:  # boxes lie on the scan's own pixels
-        box = stages.heart_box(prepared.region, (p.in_channels - 1) // 2, p.multiple)
+        boxes = stages.heart_boxes(prepared.region, p.batch_size, p.multiple)
     try:
-        return p.predict(hu, spacing) if box is None else stages.forward_in_box(p.predict, hu, spacing, box)
+        return p.predict(hu, spacing) if boxes is None else p.predict_in_boxes(hu, boxes)
     except Exception as e:  # a cohort run records each bad scan and goes on
         _record_failure(job, scan, score_rows.error_line(scan, e))
         return None
@@ -392,7 +392,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 0, "Slices per forward pass (0: 4 per local device).")
     flags.DEFINE_bool(
         "forward_in_heart_box", False,
-        "Run the network only on the heart region's box (calcjax.score.stages.heart_box): faster; labels "
+        "Run the network only on the heart region's boxes (calcjax.score.stages.heart_boxes): faster; labels "
         "inside the region may differ where the box cuts the network's context.",
     )  # fmt: skip
     flags.DEFINE_float(

@@ -23,7 +23,7 @@ class ScoreOptions:
     exceeds it (0.5: calcium more likely than not). ``workers``: processes that read and prepare the next
     scans (heart region included) while the forward pass runs, the rows and files of the last one written
     beside it (``calcjax.score.pipeline``; the same rows); 0 runs the stages one after another in this
-    process. ``forward_in_heart_box``: the network runs only on the heart region's box
+    process. ``forward_in_heart_box``: the network runs only on the heart region's boxes
     (``calcjax.score.stages``; models on native pixels), which changes a few labels inside the region: part of
     the run record.
 

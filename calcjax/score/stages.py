@@ -7,13 +7,15 @@
 3. :func:`final_labels` and the row (host): the labels kept in the heart region and completed, the score
    row and the scan's files.
 
-With ``forward_in_heart_box`` the forward pass sees only the heart region's box (:func:`heart_box`): the
-region's slices with their neighbours and, in-plane, a window whose sides take a few fixed sizes
-(``BOX_SIDES_PX`` or the slice's own, so that a cohort compiles a few shapes at most) around the region
-with ``BOX_MARGIN_PX`` pixels of context.
-Voxels outside the box are outside the region, where the scorer removes every label anyway; inside it the
-network sees less context at the box's edge than in the whole slice, so a few labels may differ
-(``bench/score.py --pipeline`` measures how many).
+With ``forward_in_heart_box`` the forward pass sees only the heart region's boxes (:func:`heart_boxes`):
+the region's slices, in slabs of a batch each, every slab in an in-plane window whose sides take a few
+fixed sizes (``BOX_SIDES_PX`` or the slice's own, so that a cohort compiles a bounded number of shapes)
+around the region's extent in that slab with ``BOX_MARGIN_PX`` pixels of context. A region is broad at
+the lungs' apex and narrow at the heart, so windows per slab hold about half the pixels of one window for
+the whole region (measured on the real chest scans by ``bench/score.py --pipeline``).
+Voxels outside the boxes are outside the region, where the scorer removes every label anyway; inside them
+the network has its 2.5D neighbours as in the whole scan but sees less in-plane context at a window's
+edge, so a few labels may differ (``bench/score.py --pipeline`` measures how many).
 
 The serial scorer runs the three in a row, the pipelined one (``calcjax.score.pipeline``) overlaps them
 across scans; both call these functions, so their rows are the same.
@@ -42,23 +44,23 @@ class Prepared:
 
 
 BOX_MARGIN_PX = 48  # in-plane context around the region's extent (the network's field reaches further)
-BOX_SIDES_PX = (128, 256, 384)  # box sides; a region wider than the largest gets the slice's side
+# Window sides (pixels, multiples of 64); a region wider than the largest gets the slice's side. A cohort
+# of 512 x 512 scans meets at most 7 x 7 window shapes, each compiled once (and kept in the compilation
+# cache).
+BOX_SIDES_PX = (128, 192, 256, 320, 384, 448)
 
 
 @dataclasses.dataclass(frozen=True)
 class Box:
-    """Where the forward pass runs: slices ``[z0, z1)`` of the scan and the in-plane window ``[y0, y1) x
-    [x0, x1)`` (pixels); ``[k0, k1)``: the slices whose labels are used (the region's), the others are
-    context for the 2.5D input."""
+    """Where the forward pass runs: slices ``[k0, k1)`` of the scan (their 2.5D neighbours come from the
+    whole scan) in the in-plane window ``[y0, y1) x [x0, x1)`` (pixels)."""
 
-    z0: int
-    z1: int
+    k0: int
+    k1: int
     y0: int
     y1: int
     x0: int
     x1: int
-    k0: int
-    k1: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,32 +94,26 @@ def _window(lo: int, hi: int, size: int, align: int) -> tuple[int, int]:
     return start, min(size, start + side)
 
 
-def heart_box(region: heart_region.HeartRegion | None, context: int, align: int) -> Box | None:
-    """The :class:`Box` of a found region (``context``: neighbour slices on each side of the 2.5D input;
-    ``align``: the network's multiple), or None when there is none to use (no region, not found, empty)."""
+def heart_boxes(region: heart_region.HeartRegion | None, slab: int, align: int) -> list[Box] | None:
+    """The boxes (:class:`Box`) of a found region, one per ``slab`` slices from its first slice to its last
+    (a slab the region misses has none; ``align``: the network's multiple), or None when there is none to
+    use (no region, not found, empty)."""
     if region is None or not region.found:
         return None
     nz, ny, nx = region.mask.shape
-    per_slice = region.mask.any(axis=(1, 2))
-    zs = np.flatnonzero(per_slice)
+    zs = np.flatnonzero(region.mask.any(axis=(1, 2)))
     if zs.size == 0:
         return None
-    in_plane = region.mask[zs[0] : zs[-1] + 1].any(axis=0)  # (H, W): one pass over the region's slices
-    ys = np.flatnonzero(in_plane.any(axis=1))
-    xs = np.flatnonzero(in_plane.any(axis=0))
-    y0, y1 = _window(int(ys[0]), int(ys[-1]) + 1, ny, align)
-    x0, x1 = _window(int(xs[0]), int(xs[-1]) + 1, nx, align)
-    k0, k1 = int(zs[0]), int(zs[-1]) + 1
-    return Box(max(0, k0 - context), min(nz, k1 + context), y0, y1, x0, x1, k0, k1)
-
-
-def forward_in_box(predict, hu: np.ndarray, spacing, box: Box) -> np.ndarray:
-    """Labels uint8 ``(Z, H, W)`` of ``predict`` (a ``Predictor.predict``) run on ``box`` only; zero
-    elsewhere."""
-    labels = predict(hu[box.z0 : box.z1, box.y0 : box.y1, box.x0 : box.x1], spacing)
-    out = np.zeros(hu.shape, np.uint8)
-    out[box.k0 : box.k1, box.y0 : box.y1, box.x0 : box.x1] = labels[box.k0 - box.z0 : box.k1 - box.z0]
-    return out
+    boxes = []
+    for k0 in range(int(zs[0]), int(zs[-1]) + 1, slab):
+        k1 = min(k0 + slab, int(zs[-1]) + 1)
+        in_plane = region.mask[k0:k1].any(axis=0)  # (H, W)
+        ys, xs = np.flatnonzero(in_plane.any(axis=1)), np.flatnonzero(in_plane.any(axis=0))
+        if ys.size:
+            y0, y1 = _window(int(ys[0]), int(ys[-1]) + 1, ny, align)
+            x0, x1 = _window(int(xs[0]), int(xs[-1]) + 1, nx, align)
+            boxes.append(Box(k0, k1, y0, y1, x0, x1))
+    return boxes
 
 
 def final_labels(prepared: Prepared, raw: np.ndarray, completion_mm2: float) -> tuple[np.ndarray, str]:
