@@ -1,15 +1,20 @@
 """DenseRAUnet speed on this CPU, JAX (jitted) next to its PyTorch twin (one JSON line per figure).
 
-  python bench/model.py [--configs smoke,default] [--repeats 10] [--torch_compile]
+  python bench/model.py [--configs smoke,default] [--repeats 10] [--rounds 1] [--torch_compile]
 
 For configs/smoke.py at 128x128 and configs/default.py at 512x512, batch 4, float32: median seconds of the
 forward pass (eval mode) and of a train step (forward + backward + AdamW update), for JAX (``jax.jit``,
 state donated) with its CPU convolutions in oneDNN (``calcjax.model.conv``, the default) and in XLA's
 kernels (``CALCJAX_CPU_CONV=xla``), and PyTorch (eager, and ``torch.compile`` with ``--torch_compile``);
-the ratios JAX / PyTorch (< 1: JAX faster), and the achieved GFLOP/s from XLA's FLOP count of the forward
-pass (a train step counted as 3x the forward). Each framework (and each JAX route) is measured in a process
+the ratios JAX / PyTorch (< 1: JAX faster; with ``--rounds N``, every framework is measured N times,
+interleaved, each time in a fresh process: the median seconds, and the median of each round's ratio),
+and the achieved GFLOP/s from XLA's FLOP count of the forward pass (a train step counted as 3x the
+forward). Each framework (and each JAX route) is measured in a process
 of its own: GNU OpenMP throttles its waiting threads once more threads than cores have joined OpenMP teams,
 so PyTorch's CPU ops slow by about a fifth in a process where calcjax's oneDNN convolutions have run.
+Every process runs with the same ``GLIBC_TUNABLES`` (``--glibc_tunables``; by default huge pages for
+malloc's mapped memory, as ``calcjax-train`` runs: ``calcjax.core.huge_pages``; ``""`` the machine's
+default), named in each line.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from calcjax.native.onednn import CPU_CONV_ENV  # noqa: E402  (no jax: the parent process stays light)
+from calcjax.core.huge_pages import TUNABLE  # noqa: E402  (no jax: the parent process stays light)
+from calcjax.native.onednn import CPU_CONV_ENV  # noqa: E402
 
 SIZES = {"smoke": 128, "default": 512}
 BATCH = 4
@@ -130,10 +136,11 @@ def torch_times(name, repeats, label):
     return {"times": (timed(forward, repeats), timed(train, repeats))}
 
 
-def measure(name, framework, repeats) -> dict:
-    """One framework's figures, measured in a fresh process (module docstring); ``{"error": ...}`` when it
-    fails (``torch.compile`` may not work on every machine)."""
-    env = dict(os.environ)
+def measure(name, framework, repeats, glibc_tunables) -> dict:
+    """One framework's figures, measured in a fresh process with ``GLIBC_TUNABLES`` = ``glibc_tunables``
+    (module docstring); ``{"error": ...}`` when it fails (``torch.compile`` may not work on every
+    machine)."""
+    env = dict(os.environ, GLIBC_TUNABLES=glibc_tunables)
     if framework in JAX_ROUTES:
         env[CPU_CONV_ENV] = JAX_ROUTES[framework]
     cmd = [sys.executable, __file__, "--configs", name, "--repeats", str(repeats), "--_one", framework]
@@ -149,22 +156,35 @@ def one(name, framework, repeats) -> dict:
     return torch_times(name, repeats, framework.removeprefix("torch_"))
 
 
-def bench(name, repeats, torch_compile):
+def interleaved(name, repeats, frameworks, glibc_tunables, rounds) -> dict:
+    """``{framework: [result of each round]}``: ``rounds`` rounds, each measuring every framework once in
+    its own process (so that the machine's slow drifts fall on all of them alike)."""
+    results = {fw: [] for fw in frameworks}
+    for _ in range(rounds):
+        for fw in frameworks:
+            results[fw].append(measure(name, fw, repeats, glibc_tunables))
+    return results
+
+
+def bench(name, repeats, torch_compile, glibc_tunables, rounds=1):
+    """Prints the lines of config ``name`` (module docstring): each framework's median seconds over the
+    rounds, and each ratio the median of the rounds' own ratios."""
     frameworks = [*JAX_ROUTES, "torch_eager"] + (["torch_compile"] if torch_compile else [])
-    results = {fw: measure(name, fw, repeats) for fw in frameworks}
-    jax_result = results["jax"]
-    if "error" in jax_result:
-        raise SystemExit(f"bench/model.py: JAX failed: {jax_result['error']}")
-    flops = jax_result["flops"]
+    per_round = interleaved(name, repeats, frameworks, glibc_tunables, rounds)
+    failed = {fw: next((r for r in rs if "error" in r), None) for fw, rs in per_round.items()}
+    if failed["jax"]:
+        raise SystemExit(f"bench/model.py: JAX failed: {failed['jax']['error']}")
+    flops = per_round["jax"][0]["flops"]
     size = SIZES[name]
-    common = {"bench": "model", "config": name, "input": [BATCH, size, size, 3], "dtype": "float32"}
-    common |= {"params": jax_result["params"], "gflop_forward": round(flops / 1e9, 2)}
-    timings = {}
-    for fw, res in results.items():
-        if "error" in res:
-            print(json.dumps({**common, "framework": fw, "error": res["error"]}))
+    common = {"bench": "model", "config": name, "input": [BATCH, size, size, 3], "dtype": "float32",
+              "glibc_tunables": glibc_tunables, "rounds": rounds}  # fmt: skip
+    common |= {"params": per_round["jax"][0]["params"], "gflop_forward": round(flops / 1e9, 2)}
+    rounds_of = {fw: [r["times"] for r in rs] for fw, rs in per_round.items() if not failed[fw]}
+    for fw in per_round:
+        if failed[fw]:
+            print(json.dumps({**common, "framework": fw, "error": failed[fw]["error"]}))
             continue
-        fwd, train = timings[fw] = res["times"]
+        fwd, train = (statistics.median(t[i] for t in rounds_of[fw]) for i in (0, 1))
         line = {
             **common,
             "framework": fw,
@@ -174,9 +194,10 @@ def bench(name, repeats, torch_compile):
         line["gflops_per_s_forward"] = round(flops / fwd / 1e9, 1)
         line["gflops_per_s_train"] = round(3 * flops / train / 1e9, 1)
         print(json.dumps(line))
-    for jax_fw in JAX_ROUTES:
-        for fw in (f for f in timings if f.startswith("torch") and jax_fw in timings):
-            ratio = [round(a / b, 3) for a, b in zip(timings[jax_fw], timings[fw], strict=True)]
+    for jax_fw in (f for f in JAX_ROUTES if f in rounds_of):
+        for fw in (f for f in rounds_of if f.startswith("torch")):
+            pairs = list(zip(rounds_of[jax_fw], rounds_of[fw], strict=True))
+            ratio = [round(statistics.median(a[i] / b[i] for a, b in pairs), 3) for i in (0, 1)]
             print(
                 json.dumps(
                     {**common, "figure": f"{jax_fw}_over_{fw}", "forward": ratio[0], "train_step": ratio[1]}
@@ -188,7 +209,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="smoke,default")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds of one process per framework, interleaved"
+    )
     parser.add_argument("--torch_compile", action="store_true")
+    parser.add_argument(
+        "--glibc_tunables", default=TUNABLE, help="GLIBC_TUNABLES of every measured process ('': none)"
+    )
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
@@ -196,7 +223,7 @@ def main() -> None:
         print(json.dumps({**res, "times": list(res["times"])}))
         return
     for name in args.configs.split(","):
-        bench(name, args.repeats, args.torch_compile)
+        bench(name, args.repeats, args.torch_compile, args.glibc_tunables, args.rounds)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from calcjax.core import cli, compile_cache, sharding
+from calcjax.core import cli, compile_cache, huge_pages, sharding
 from calcjax.core import config as config_schema
 from calcjax.data import input_pipeline
 from calcjax.data import sources as sources_lib
@@ -353,7 +353,8 @@ def main(argv):
 
 
 def run() -> None:
-    """The console command ``calcjax-train``."""
+    """The console command ``calcjax-train`` (and ``python -m calcjax.train``)."""
+    huge_pages.reexec_with_huge_pages()  # before any work: glibc reads its tunables at start-up
     cli.run_command("calcjax-train", "calcjax.train", __doc__, main, define_flags, required=["config"])
 
 
