@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from calcjax.inference.heart_region import HeartRegion
 from calcjax.inference.predictor import Predictor
+from calcjax.io.preprocess import Window
 from calcjax.model import network as model_lib
 from calcjax.score import stages
 
@@ -71,7 +72,7 @@ def test_labels_in_boxes_are_the_windows_own_with_the_whole_scans_neighbours_and
         model_lib.DenseRAUnet(cfg, rngs=nnx.Rngs(3)), batch_size=2, min_calcium_probability=0.0
     )
     hu = np.random.default_rng(0).integers(-1000, 1500, (9, 60, 52)).astype(np.int16)
-    boxes = [stages.Box(0, 3, 8, 40, 0, 52), stages.Box(4, 5, 0, 60, 16, 44), stages.Box(6, 9, 24, 60, 8, 36)]
+    boxes = [Window(0, 3, 8, 40, 0, 52), Window(4, 5, 0, 60, 16, 44), Window(6, 9, 24, 60, 8, 36)]
     out = predictor.predict_in_boxes(hu, boxes)
     inside = np.zeros(hu.shape, bool)
     for b in boxes:
@@ -79,7 +80,7 @@ def test_labels_in_boxes_are_the_windows_own_with_the_whole_scans_neighbours_and
         np.testing.assert_array_equal(out[b.k0 : b.k1, b.y0 : b.y1, b.x0 : b.x1], window[b.k0 : b.k1])
         inside[b.k0 : b.k1, b.y0 : b.y1, b.x0 : b.x1] = True
     assert out[inside].all() and not out[~inside].any()  # every voxel labelled inside, none outside
-    whole = stages.Box(0, 9, 0, 60, 0, 52)
+    whole = Window(0, 9, 0, 60, 0, 52)
     np.testing.assert_array_equal(predictor.predict_in_boxes(hu, [whole]), predictor.predict(hu))
 
 

@@ -29,7 +29,6 @@ the host, for the scorer's overhead figure.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 
 import jax
@@ -215,12 +214,12 @@ class Predictor:
         native_hw = hu.shape[1:]
         hu = self._model_grid(hu, spacing)
         z, h, w = hu.shape
-        out = self._predict_windows(hu, [Window(0, z, 0, h, 0, w)])
+        out = self._predict_windows(hu, [preprocess.Window(0, z, 0, h, 0, w)])
         return pixel_size.labels_to_native(out, native_hw)  # out itself at native pixels
 
     def predict_in_boxes(self, hu: np.ndarray, boxes) -> np.ndarray:
         """Labels uint8 ``(Z, H, W)`` of a native-pixel model inside ``boxes`` only, zero elsewhere:
-        each box (any object with :class:`Window`'s fields, e.g. ``calcjax.score.stages.Box``) gets its
+        each box (a ``calcjax.io.preprocess.Window``, as ``calcjax.score.stages.heart_boxes`` gives) gets its
         slices ``[k0, k1)`` predicted in its in-plane window, their 2.5D neighbours taken from the whole
         volume (so along z a box's labels are the whole scan's; in-plane the network sees the window's
         context only). Boxes must not share slices. Raises like :meth:`predict`."""
@@ -279,19 +278,6 @@ class Predictor:
                 f"{min(bad_slices)}): damaged weights or input; the scan is not scored"
             )
         return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """Slices ``[k0, k1)`` of a volume, in-plane ``[y0, y1) x [x0, x1)`` (pixels): where
-    :meth:`Predictor.predict_in_boxes` runs the network."""
-
-    k0: int
-    k1: int
-    y0: int
-    y1: int
-    x0: int
-    x1: int
 
 
 def _pad_batch(a: np.ndarray, size: int) -> np.ndarray:

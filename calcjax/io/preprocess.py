@@ -53,6 +53,19 @@ def hu_int16(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Slices ``[k0, k1)`` of a ``(Z, H, W)`` volume in the in-plane window ``[y0, y1) x [x0, x1)``
+    (pixels): where the forward pass runs (``Predictor.predict_in_boxes``; the scorer's heart boxes)."""
+
+    k0: int
+    k1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+
 def slice_stacks(hu: np.ndarray, context: int, start: int = 0, stop: int | None = None) -> np.ndarray:
     """``(stop - start, H, W, 2*context+1)`` int16 stacks of slices ``start..stop-1`` of an int16
     ``(Z, H, W)`` volume (default: every slice; module docstring)."""

@@ -30,6 +30,7 @@ import numpy as np
 from calcjax.core import agatston
 from calcjax.data import scan_sources
 from calcjax.inference import heart_region, postprocess
+from calcjax.io import preprocess
 from calcjax.score import rows as score_rows
 
 
@@ -48,19 +49,6 @@ BOX_MARGIN_PX = 48  # in-plane context around the region's extent (the network's
 # of 512 x 512 scans meets at most 7 x 7 window shapes, each compiled once (and kept in the compilation
 # cache).
 BOX_SIDES_PX = (128, 192, 256, 320, 384, 448)
-
-
-@dataclasses.dataclass(frozen=True)
-class Box:
-    """Where the forward pass runs: slices ``[k0, k1)`` of the scan (their 2.5D neighbours come from the
-    whole scan) in the in-plane window ``[y0, y1) x [x0, x1)`` (pixels)."""
-
-    k0: int
-    k1: int
-    y0: int
-    y1: int
-    x0: int
-    x1: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +82,12 @@ def _window(lo: int, hi: int, size: int, align: int) -> tuple[int, int]:
     return start, min(size, start + side)
 
 
-def heart_boxes(region: heart_region.HeartRegion | None, slab: int, align: int) -> list[Box] | None:
-    """The boxes (:class:`Box`) of a found region, one per ``slab`` slices from its first slice to its last
-    (a slab the region misses has none; ``align``: the network's multiple), or None when there is none to
-    use (no region, not found, empty)."""
+def heart_boxes(
+    region: heart_region.HeartRegion | None, slab: int, align: int
+) -> list[preprocess.Window] | None:
+    """The boxes (``calcjax.io.preprocess.Window``) of a found region, one per ``slab`` slices from its
+    first slice to its last (a slab the region misses has none; ``align``: the network's multiple), or
+    None when there is none to use (no region, not found, empty)."""
     if region is None or not region.found:
         return None
     nz, ny, nx = region.mask.shape
@@ -112,7 +102,7 @@ def heart_boxes(region: heart_region.HeartRegion | None, slab: int, align: int) 
         if ys.size:
             y0, y1 = _window(int(ys[0]), int(ys[-1]) + 1, ny, align)
             x0, x1 = _window(int(xs[0]), int(xs[-1]) + 1, nx, align)
-            boxes.append(Box(k0, k1, y0, y1, x0, x1))
+            boxes.append(preprocess.Window(k0, k1, y0, y1, x0, x1))
     return boxes
 
 
