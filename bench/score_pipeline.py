@@ -7,7 +7,8 @@ Input: the visible real chest scans (``coca-sample/deidentified_nongated``; each
 times under new UIDs, so that a cohort has enough scans to fill the pipeline), or, without the real data,
 four 512x512 chest phantoms; with ``--dicom``, the first ``--limit`` scan folders of DIR (the device run
 gives its phantoms). The shipped model, compiled once beforehand for every shape the runs meet
-(the whole slice and every heart-box size), scores the same DICOM folder with the same salt:
+(each scan's whole slice and its heart boxes' windows: ``compiled_shapes`` in the line), scores the
+same DICOM folder with the same salt:
 
 - ``serial``: ``workers`` 0, the network on the whole slice (the scorer's defaults);
 - ``serial_box``: ``workers`` 0, ``forward_in_heart_box``;
@@ -83,16 +84,34 @@ class NoForward:
         return np.zeros(hu.shape, np.uint8)
 
 
-def warm_up(predictor, shape: tuple[int, int]) -> None:
-    """Compiles the forward pass for the whole slice and every heart-box window shape (kept out of the
-    timing)."""
+def prepared_scans(predictor, dicom: str, salt: str):
+    """``(scan, stages.Prepared)`` of every scan of ``dicom`` that can be prepared (heart region on)."""
+    from calcjax.data import scan_sources
+    from calcjax.io import deid
     from calcjax.score import stages
 
-    sides = sorted({*[s for s in stages.BOX_SIDES_PX if s < min(shape)], *shape})
-    for h in sides:
-        for w in sides:
-            if h <= shape[0] and w <= shape[1]:
-                predictor.predict(np.zeros((3, h, w), np.int16), (3.0, 0.7, 0.7))
+    scans, _ = scan_sources.dicom_scans(dicom, context=(predictor.in_channels - 1) // 2,
+                                        salt=deid.read_salt_file(salt))  # fmt: skip
+    for scan in scans:
+        prepared = stages.prepare(scan, True, False)
+        if isinstance(prepared, stages.Prepared):
+            yield scan, prepared
+
+
+def warm_up(predictor, dicom: str, salt: str) -> int:
+    """Compiles the forward pass for every shape the runs meet (kept out of the timing): each scan's
+    whole slice and its heart boxes' windows; how many shapes. Only the shapes met: at most 7 x 7 window
+    shapes for 512x512 scans, but each compilation on an accelerator is seconds of a short session."""
+    from calcjax.score import stages
+
+    shapes = set()
+    for _, prepared in prepared_scans(predictor, dicom, salt):
+        shapes.add(prepared.loaded.hu.shape[1:])
+        boxes = stages.heart_boxes(prepared.region, predictor.batch_size, predictor.multiple) or []
+        shapes.update((b.y1 - b.y0, b.x1 - b.x0) for b in boxes)
+    for h, w in sorted(shapes):
+        predictor.predict(np.zeros((3, h, w), np.int16), (3.0, 0.7, 0.7))
+    return len(shapes)
 
 
 def timed_run(predictor, dicom: str, salt: str, out: str, **kw) -> tuple[float, list[dict], float]:
@@ -112,15 +131,10 @@ def timed_run(predictor, dicom: str, salt: str, out: str, **kw) -> tuple[float, 
 def box_label_changes(predictor, dicom: str, salt: str) -> dict:
     """Voxels inside each scan's heart region whose label differs between the box and the whole slice,
     and the largest per-scan difference in Agatston between the two runs' rows (reported by the caller)."""
-    from calcjax.data import scan_sources
-    from calcjax.io import deid
     from calcjax.score import stages
 
-    scans, _ = scan_sources.dicom_scans(dicom, context=(predictor.in_channels - 1) // 2,
-                                        salt=deid.read_salt_file(salt))  # fmt: skip
     changed = region_voxels = 0
-    for scan in scans:
-        prepared = stages.prepare(scan, True, False)
+    for _, prepared in prepared_scans(predictor, dicom, salt):
         hu, spacing = prepared.loaded.hu, prepared.loaded.grid.spacing
         boxes = stages.heart_boxes(prepared.region, predictor.batch_size, predictor.multiple)
         whole = predictor.predict(hu, spacing)
@@ -169,7 +183,7 @@ def run(real: str, copies: int, workers: int, tmp: str, host_copies: int = 8, di
     with open(salt, "w") as f:
         f.write("bench-score-pipeline-salt-0123456789")
     predictor = Predictor.from_checkpoint(None)
-    warm_up(predictor, (512, 512))
+    compiled_shapes = warm_up(predictor, dicom, salt)
     runs = {
         "serial": dict(workers=0),
         "serial_box": dict(workers=0, forward_in_heart_box=True),
@@ -196,6 +210,7 @@ def run(real: str, copies: int, workers: int, tmp: str, host_copies: int = 8, di
         "scans": len(rows["serial"]),
         "workers": workers,
         "backend": jax.default_backend(),
+        "compiled_shapes": compiled_shapes,
         **{f"{name}_scans_per_min": round(r, 3) for name, r in rate.items()},
         **{f"{name}_forward_share": round(f, 3) for name, f in share.items()},
         "speedup": round(rate["pipelined_box"] / rate["serial"], 3),
