@@ -137,27 +137,11 @@ class Predictor:
 
         self._state = jax.tree.map(local, (params, batch_stats))
 
-    def _stacks(self, hu: np.ndarray, start: int) -> tuple[np.ndarray, int]:
-        """The 2.5D stacks of slices ``start``.. of one batch, padded to the fixed batch size (one
-        compilation serves every scan), and how many of them are real."""
-        chunk = preprocess.slice_stacks(hu, (self.in_channels - 1) // 2, start, start + self.batch_size)
-        return _pad_batch(chunk, self.batch_size), len(chunk)
-
     def _model_grid(self, hu: np.ndarray, spacing) -> np.ndarray:
         """``hu`` on the model's pixel grid (itself for a native-pixel model)."""
         if self.pixel_mm > 0 and spacing is None:
             raise ValueError(f"this model reads {self.pixel_mm} mm pixels: predict needs the scan's spacing")
         return pixel_size.to_model_grid(hu, spacing, self.pixel_mm)  # hu itself at native pixels
-
-    def _padded_model_grid(self, hu: np.ndarray, spacing) -> tuple[np.ndarray, int, int]:
-        """``hu`` on the model's grid padded with air to the model's multiple, and its unpadded ``(H, W)``
-        there (the forward's outputs are cropped back to it)."""
-        hu = self._model_grid(hu, spacing)
-        h, w = hu.shape[1:]
-        ph, pw = -h % self.multiple, -w % self.multiple
-        if ph or pw:
-            hu = np.pad(hu, ((0, 0), (0, ph), (0, pw)), constant_values=AIR_HU)
-        return hu, h, w
 
     def predict_with_loss(self, hu: np.ndarray, labels: np.ndarray, spacing=None) -> tuple[np.ndarray, float]:
         """Labels uint8 ``(Z, H, W)`` of one scan and its summed per-slice loss against ``labels``
@@ -166,15 +150,14 @@ class Predictor:
         if self._forward_with_loss is None:
             raise ValueError("this Predictor was built without loss_kwargs")
         native_hw = hu.shape[1:]
-        hu, h, w = self._padded_model_grid(hu, spacing)
-        z = hu.shape[0]
+        hu = self._model_grid(hu, spacing)
+        z, h, w = hu.shape
         labels = pixel_size.labels_to_model_grid(labels, spacing, self.pixel_mm)
-        labels = np.pad(labels, ((0, 0), (0, hu.shape[1] - h), (0, hu.shape[2] - w)))  # background
+        labels = np.pad(labels, ((0, 0), (0, -h % self.multiple), (0, -w % self.multiple)))  # background
         b = self.batch_size
         out = np.empty((z, h, w), np.uint8)
         loss_sum = 0.0
-        for start in range(0, z, b):
-            chunk, real = self._stacks(hu, start)
+        for _, start, real, chunk in self._window_batches(hu, [_whole(hu)]):
             lab = _pad_batch(labels[start : start + b], b)
             weights = np.zeros(b, np.float32)
             weights[:real] = 1.0
@@ -194,11 +177,10 @@ class Predictor:
         than the labels (``calcjax.research.qrm_check``). A ``pixel_mm`` model's map comes back on the scan's
         grid by linear interpolation."""
         native_hw = hu.shape[1:]
-        hu, h, w = self._padded_model_grid(hu, spacing)
-        z = hu.shape[0]
+        hu = self._model_grid(hu, spacing)
+        z, h, w = hu.shape
         out = np.empty((z, h, w), np.float32)
-        for start in range(0, z, self.batch_size):
-            chunk, real = self._stacks(hu, start)
+        for _, start, real, chunk in self._window_batches(hu, [_whole(hu)]):
             p = self._forward_calcium_probability(self._state, jax.device_put(chunk, self._data))
             out[start : start + real] = np.asarray(p)[:real, :h, :w]
         return pixel_size.probability_to_native(out, native_hw)  # out itself at native pixels
@@ -213,8 +195,7 @@ class Predictor:
             raise ValueError(f"hu must be a (Z, H, W) volume, got {hu.shape}")
         native_hw = hu.shape[1:]
         hu = self._model_grid(hu, spacing)
-        z, h, w = hu.shape
-        out = self._predict_windows(hu, [preprocess.Window(0, z, 0, h, 0, w)])
+        out = self._predict_windows(hu, [_whole(hu)])
         return pixel_size.labels_to_native(out, native_hw)  # out itself at native pixels
 
     def predict_in_boxes(self, hu: np.ndarray, boxes) -> np.ndarray:
@@ -278,6 +259,12 @@ class Predictor:
                 f"{min(bad_slices)}): damaged weights or input; the scan is not scored"
             )
         return out
+
+
+def _whole(hu: np.ndarray) -> preprocess.Window:
+    """Every slice and pixel of a ``(Z, H, W)`` volume as one window."""
+    z, h, w = hu.shape
+    return preprocess.Window(0, z, 0, h, 0, w)
 
 
 def _pad_batch(a: np.ndarray, size: int) -> np.ndarray:
