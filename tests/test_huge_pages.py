@@ -78,3 +78,18 @@ def test_the_program_starts_again_once_with_its_arguments_and_environment():
     assert _probe(**{huge_pages.OPT_OUT_ENV: "0"}) == " yes ['a b', '--flag']"
     if not here:
         pytest.skip("this machine has no transparent huge pages or glibc before 2.35: nothing to start again")
+
+
+def test_the_trainer_starts_again_before_it_imports_jax():
+    """``python -m calcjax.train`` starts again before its heavy imports: across both processes
+    (``-X importtime`` reports each process's imports) jax and the trainer are imported once."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT_ENV)}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "calcjax.train", "--help"], env=environ,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "--config" in result.stdout, result.stderr[-2000:]  # its help (absl's --help exits 1)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    here = huge_pages.wanted({}, huge_pages.glibc_version(), huge_pages.kernel_allows_huge_pages())
+    assert imported.count("calcjax.core.huge_pages") == (2 if here else 1)
+    assert imported.count("jax") == 1 and imported.count("calcjax.train.loop") == 1

@@ -353,8 +353,9 @@ def main(argv):
 
 
 def run() -> None:
-    """The console command ``calcjax-train`` (and ``python -m calcjax.train``)."""
-    huge_pages.reexec_with_huge_pages()  # before any work: glibc reads its tunables at start-up
+    """The trainer's command line, which ``calcjax-train`` and ``python -m calcjax.train`` run
+    (``calcjax.train.__main__``: they start again with huge pages before importing this module)."""
+    huge_pages.reexec_with_huge_pages()  # a no-op there; a caller of this function directly starts again here
     cli.run_command("calcjax-train", "calcjax.train", __doc__, main, define_flags, required=["config"])
 
 
