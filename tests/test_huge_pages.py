@@ -56,6 +56,16 @@ def test_the_kernels_setting_is_read(tmp_path, setting, allows):
     assert huge_pages.kernel_allows_huge_pages(str(tmp_path / "missing")) is False
 
 
+def _environ_without_the_setting() -> dict[str, str]:
+    """This process's environment without ``GLIBC_TUNABLES`` and the opt-out."""
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT_ENV)}
+
+
+def _starts_again_here() -> bool:
+    """Whether a program started without the setting starts again on this machine."""
+    return huge_pages.wanted({}, huge_pages.glibc_version(), huge_pages.kernel_allows_huge_pages())
+
+
 PROBE = (
     "import os, sys; from calcjax.core import huge_pages; huge_pages.reexec_with_huge_pages(); "
     "print(os.environ.get('GLIBC_TUNABLES', ''), os.environ.get('PROBE_KEPT'), sys.argv[1:])"
@@ -63,16 +73,16 @@ PROBE = (
 
 
 def _probe(**env) -> str:
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT_ENV)}
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, "a b", "--flag"], env={**environ, "PROBE_KEPT": "yes", **env},
+        [sys.executable, "-c", PROBE, "a b", "--flag"],
+        env={**_environ_without_the_setting(), "PROBE_KEPT": "yes", **env},
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return result.stdout.rstrip("\n")
 
 
 def test_the_program_starts_again_once_with_its_arguments_and_environment():
-    here = huge_pages.wanted({}, huge_pages.glibc_version(), huge_pages.kernel_allows_huge_pages())
+    here = _starts_again_here()
     tunables = huge_pages.TUNABLE if here else ""
     assert _probe() == f"{tunables} yes ['a b', '--flag']"
     assert _probe(**{huge_pages.OPT_OUT_ENV: "0"}) == " yes ['a b', '--flag']"
@@ -83,13 +93,12 @@ def test_the_program_starts_again_once_with_its_arguments_and_environment():
 def test_the_trainer_starts_again_before_it_imports_jax():
     """``python -m calcjax.train`` starts again before its heavy imports: across both processes
     (``-X importtime`` reports each process's imports) jax and the trainer are imported once."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT_ENV)}
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "calcjax.train", "--help"], env=environ,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-X", "importtime", "-m", "calcjax.train", "--help"],
+        env=_environ_without_the_setting(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert "--config" in result.stdout, result.stderr[-2000:]  # its help (absl's --help exits 1)
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
-    here = huge_pages.wanted({}, huge_pages.glibc_version(), huge_pages.kernel_allows_huge_pages())
+    here = _starts_again_here()
     assert imported.count("calcjax.core.huge_pages") == (2 if here else 1)
     assert imported.count("jax") == 1 and imported.count("calcjax.train.loop") == 1
