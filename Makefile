@@ -150,6 +150,7 @@ bench: $(STAMP) | $(NATIVE)
 	$(BIN)/python bench/heart_region.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/compile.py
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/hlo_profile.py
 	$(BIN)/python bench/dense_forms.py
 	$(BIN)/python bench/conv_dtypes.py

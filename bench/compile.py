@@ -39,14 +39,12 @@ def train_step_of(config: str, xla_defaults: bool = False):
     default compiler options instead of calcjax's: ``xla_defaults``)."""
     import importlib
 
-    from flax import nnx
-
     from calcjax.model import network
     from calcjax.train import step as ts
 
     cfg = importlib.import_module(f"configs.{config}").get_config()
     mcfg = network.ModelConfig.from_config(cfg.model)
-    net = network.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    net = network.new_model(mcfg, 0)
     tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
                            grad_clip=1.0)  # fmt: skip
     graphdef, state = ts.create_state(net, tx)

@@ -80,7 +80,6 @@ def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
 
     import jax
     import numpy as np
-    from flax import nnx
 
     from bench.compile import _train_step_lowered, train_step_of
     from bench.hlo_profile import profile
@@ -101,7 +100,7 @@ def measure(form: str, config: str, step_size: int, step_batch: int) -> dict:
         state, m = step(state, images, labels)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
-    model = network.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    model = network.new_model(mcfg, 0)
     model.eval()
     logits = np.asarray(model(images), np.float32)
     np.save(os.path.join(os.environ["DENSE_FORMS_TMP"], f"{form}.npy"), logits)

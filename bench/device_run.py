@@ -53,7 +53,7 @@ from calcjax.model import network as M
 from calcjax.train import step as ts
 from configs import smoke
 c = smoke.get_config()
-m = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+m = M.new_model(M.ModelConfig.from_config(c.model), 0)
 tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=1e-4, grad_clip=1.0)
 g, s = ts.create_state(m, tx)
 step = ts.make_train_step(g, tx, ts.LossConfig.from_config(c.loss))

@@ -51,7 +51,6 @@ def main() -> None:
     import jax
     import numpy as np
     import torch
-    from flax import nnx
 
     from calcjax.model import network as M
     from calcjax.train import step as ts
@@ -66,7 +65,7 @@ def main() -> None:
         c = importlib.import_module(f"configs.{args.config}").get_config()
         c.model.dtype = dtype
         peak = args.peak_tflops if dtype == "bfloat16" else args.peak_tflops_f32
-        model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+        model = M.new_model(M.ModelConfig.from_config(c.model), 0)
         tx = ts.make_optimizer(
             learning_rate=1e-4, warmup_steps=1, total_steps=1000, weight_decay=1e-4, grad_clip=1.0
         )

@@ -72,13 +72,12 @@ def jax_times(name, repeats):
     model on the route ``$CALCJAX_CPU_CONV`` names."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from calcjax.model import network as jmodel
     from calcjax.train import step as ts
 
     mcfg, loss_cfg, x, y = setup(name)
-    net = jmodel.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    net = jmodel.new_model(mcfg, 0)
     flops = jmodel.flops_per_slice(net, x.shape[1], x.shape[2]) * BATCH
     tx = ts.make_optimizer(
         learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4, grad_clip=1.0
@@ -104,7 +103,6 @@ def torch_times(name, repeats, label):
     """``{"times": (forward_s, train_s)}`` of the PyTorch twin, eager (``label`` "eager") or
     ``torch.compile``d."""
     import torch
-    from flax import nnx
 
     from calcjax.model import network as jmodel
     from calcjax.research.torch_baseline import convert
@@ -113,7 +111,7 @@ def torch_times(name, repeats, label):
 
     mcfg, loss_cfg, x, y = setup(name)
     tnet = tmodel.DenseRAUnet(mcfg)
-    tnet.load_state_dict(convert.jax_to_torch(jmodel.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))))
+    tnet.load_state_dict(convert.jax_to_torch(jmodel.new_model(mcfg, 0)))
     module = torch.compile(tnet) if label == "compile" else tnet
     xt, yt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
     opt = torch.optim.AdamW(tnet.parameters(), lr=1e-3, weight_decay=1e-4)

@@ -36,7 +36,7 @@ rng = np.random.default_rng(0)
 images = rng.normal(0, 400, size=(batch, crop, crop, 3)).astype(np.float32)
 shape = (batch, crop, crop)
 labels = (rng.uniform(size=shape) < 0.02).astype(np.int32) * rng.integers(1, 5, shape)
-model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+model = M.new_model(M.ModelConfig.from_config(c.model), 0)
 tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
                        grad_clip=1.0)
 graphdef, state = ts.create_state(model, tx)

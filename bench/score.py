@@ -48,14 +48,13 @@ def make_shards(tmp: str, scans: int, size: int) -> str:
 
 def fresh_checkpoint(run: str, config) -> None:
     import optax
-    from flax import nnx
 
     from calcjax.model import network as model_lib
     from calcjax.train import checkpoint as train_checkpoint
     from calcjax.train import step as ts
     from calcjax.train.loop import _to_dict
 
-    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    model = model_lib.new_model(model_lib.ModelConfig.from_config(config.model), 0)
     _, state = ts.create_state(model, optax.sgd(0.1))
     ckpt = train_checkpoint.Checkpointer(run, async_save=False)
     ckpt.save_best(state, _to_dict(config), {"val_voxel_f1": 0.0})

@@ -37,7 +37,7 @@ split = ip.ShardSplit.load(sys.argv[1], "train")
 it = iter(ip.train_dataset(split, batch_size=c.train.batch_size, aug=ip.AugmentConfig.from_config(c.data),
                            calcium_fraction=c.data.calcium_fraction, seed=0))
 batches = [next(it) for _ in range(4)]
-model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+model = M.new_model(M.ModelConfig.from_config(c.model), 0)
 tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=1000, weight_decay=1e-4,
                        grad_clip=1.0)
 ema_decay = float(sys.argv[3])

@@ -37,7 +37,7 @@ def test_the_coca_config_is_the_papers_network():
 
     c = coca.get_config()
     cfg = network.ModelConfig.from_config(c.model)
-    model = nnx.eval_shape(lambda: network.DenseRAUnet(cfg, rngs=nnx.Rngs(0)))
+    model = network.abstract_model(cfg)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert 3.0e6 < params < 3.6e6, params
     assert c.data.crop == 512 and c.train.batch_size == 16 and c.model.dtype == "bfloat16"

@@ -5,7 +5,6 @@ margin, aligned to the network's grid, of a few sizes only; labels placed back w
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,9 +67,7 @@ def test_labels_in_boxes_are_the_windows_own_with_the_whole_scans_neighbours_and
         bottleneck_width=16, bottleneck_growth=4, dilations=(1, 2), decoder_layers=(1, 1), hu_min=-400.0,
         hu_max=1200.0, dtype="float32", pixel_mm=0.0,
     )  # fmt: skip
-    predictor = Predictor(
-        model_lib.DenseRAUnet(cfg, rngs=nnx.Rngs(3)), batch_size=2, min_calcium_probability=0.0
-    )
+    predictor = Predictor(model_lib.new_model(cfg, 3), batch_size=2, min_calcium_probability=0.0)
     hu = np.random.default_rng(0).integers(-1000, 1500, (9, 60, 52)).astype(np.int16)
     boxes = [Window(0, 3, 8, 40, 0, 52), Window(4, 5, 0, 60, 16, 44), Window(6, 9, 24, 60, 8, 36)]
     out = predictor.predict_in_boxes(hu, boxes)

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _small_model():
     config = smoke.get_config().to_dict()
-    return config, model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(5))
+    return config, model_lib.new_model(model_lib.ModelConfig.from_config(config["model"]), 5)
 
 
 def test_save_then_load_gives_the_same_parameters_and_statistics(tmp_path):
@@ -131,9 +131,7 @@ def test_score_cli_without_checkpoint_uses_the_shipped_model(tmp_path):
 def _member(seed: int):
     config = smoke.get_config().to_dict()
     config["train"]["seed"] = seed
-    return config, model_lib.DenseRAUnet(
-        model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(seed)
-    )
+    return config, model_lib.new_model(model_lib.ModelConfig.from_config(config["model"]), seed)
 
 
 def _hu_batch(shape=(2, 16, 16, 3), seed=0):
@@ -159,7 +157,7 @@ def test_an_ensemble_predicts_its_members_mean_probabilities():
     )
     config = smoke.get_config().to_dict()
     config["model"]["growth_rate"] = 4
-    other = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config["model"]), rngs=nnx.Rngs(0))
+    other = model_lib.new_model(model_lib.ModelConfig.from_config(config["model"]), 0)
     with pytest.raises(ValueError, match="differ in architecture"):
         model_lib.Ensemble([members[0], other])
 

@@ -13,7 +13,6 @@ import sys
 import optax
 import pydicom
 import pytest
-from flax import nnx
 
 from calcjax.data import scan_sources
 from calcjax.inference import predictor as inference
@@ -100,7 +99,7 @@ def test_a_failure_at_any_later_stage_of_one_scan_is_its_error_line(two_scans, t
 
 def _nan_model(poison):
     config = smoke.get_config()
-    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    model = model_lib.new_model(model_lib.ModelConfig.from_config(config.model), 0)
     return config, poison(model)
 
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from calcjax.model import conv as conv_lib
-from calcjax.model.network import DenseRAUnet, ModelConfig
+from calcjax.model.network import ModelConfig, new_model
 from calcjax.native import build, onednn
 from configs import smoke
 
@@ -93,7 +93,7 @@ def test_the_route_is_taken_and_is_bitwise_repeatable():
 
 def test_the_network_agrees_with_itself_on_xla_convolutions():
     cfg = ModelConfig.from_config(smoke.get_config().model)
-    model = DenseRAUnet(cfg, rngs=nnx.Rngs(0))
+    model = new_model(cfg, 0)
     graphdef, state = nnx.split(model)
     x = jnp.asarray(np.random.default_rng(3).normal(40, 300, size=(2, 32, 32, cfg.in_channels)), jnp.float32)
 

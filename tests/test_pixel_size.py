@@ -69,14 +69,13 @@ def test_training_crops_show_an_object_at_the_model_pixel_size():
 @pytest.fixture(scope="module")
 def smoke_models():
     """A smoke-sized model reading 0.5 mm pixels and the same weights reading native pixels."""
-    from flax import nnx
 
     from calcjax.model import network as model_lib
     from configs import smoke
 
     cfg = model_lib.ModelConfig.from_config(smoke.get_config().model)
-    at_half = model_lib.DenseRAUnet(dataclasses.replace(cfg, pixel_mm=0.5), rngs=nnx.Rngs(3))
-    native = model_lib.DenseRAUnet(cfg, rngs=nnx.Rngs(3))
+    at_half = model_lib.new_model(dataclasses.replace(cfg, pixel_mm=0.5), 3)
+    native = model_lib.new_model(cfg, 3)
     return at_half, native
 
 

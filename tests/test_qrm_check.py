@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from calcjax.core import agatston
 from calcjax.data import qrm
@@ -85,7 +84,7 @@ def test_a_models_calcium_probability_is_what_its_labels_threshold():
         bottleneck_width=16, bottleneck_growth=4, dilations=(1, 2), decoder_layers=(1, 1), hu_min=-400.0,
         hu_max=1200.0, dtype="float32", pixel_mm=0.0,
     )  # fmt: skip
-    model = model_lib.DenseRAUnet(cfg, rngs=nnx.Rngs(3))
+    model = model_lib.new_model(cfg, 3)
     predictor = inference.Predictor(model, batch_size=4)
     hu16 = np.rint(hu).astype(np.int16)
     labels = predictor.predict(hu16, spacing)
@@ -95,9 +94,7 @@ def test_a_models_calcium_probability_is_what_its_labels_threshold():
     clear = np.abs(probability - 0.5) > 1e-4
     assert np.array_equal((labels > 0)[clear], (probability > 0.5)[clear])
     # a model reading 1 mm pixels: its map comes back on the scan's 0.5 mm grid, where its labels are
-    coarse = inference.Predictor(
-        model_lib.DenseRAUnet(dataclasses.replace(cfg, pixel_mm=1.0), rngs=nnx.Rngs(3))
-    )
+    coarse = inference.Predictor(model_lib.new_model(dataclasses.replace(cfg, pixel_mm=1.0), 3))
     coarse_probability = coarse.calcium_probability(hu16, spacing)
     assert coarse_probability.shape == hu.shape
     assert np.mean((coarse.predict(hu16, spacing) > 0) == (coarse_probability > 0.5)) > 0.9

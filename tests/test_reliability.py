@@ -357,7 +357,6 @@ def test_os_errors_stop_a_job_with_one_line(capsys, code, words):
 
 def test_a_damaged_checkpoint_is_one_line_and_its_checksum_catches_a_flipped_byte(tmp_path):
     import optax
-    from flax import nnx
 
     from calcjax.model import network as model_lib
     from calcjax.train import step as ts
@@ -365,7 +364,7 @@ def test_a_damaged_checkpoint_is_one_line_and_its_checksum_catches_a_flipped_byt
     from configs import smoke
 
     config = smoke.get_config()
-    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(5))
+    model = model_lib.new_model(model_lib.ModelConfig.from_config(config.model), 5)
     _, state = ts.create_state(model, optax.sgd(0.1))
     run = str(tmp_path / "run")
     ckpt = train_checkpoint.Checkpointer(run, async_save=False)

@@ -43,7 +43,6 @@ def cohort(tmp_path_factory):
 
 def _fresh_checkpoint(run: str) -> None:
     import optax
-    from flax import nnx
 
     from calcjax.model import network as model_lib
     from calcjax.train import checkpoint as train_checkpoint
@@ -52,7 +51,7 @@ def _fresh_checkpoint(run: str) -> None:
     from configs import smoke
 
     config = smoke.get_config()
-    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(config.model), rngs=nnx.Rngs(3))
+    model = model_lib.new_model(model_lib.ModelConfig.from_config(config.model), 3)
     _, state = ts.create_state(model, optax.sgd(0.1))
     ckpt = train_checkpoint.Checkpointer(run, async_save=False)
     ckpt.save_best(state, _to_dict(config), {"val_voxel_f1": 0.0})

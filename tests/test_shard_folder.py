@@ -189,7 +189,7 @@ def test_validation_runs_the_scorers_forward_pass(folder):
     from configs import smoke
 
     c = smoke.get_config()
-    model = model_lib.DenseRAUnet(model_lib.ModelConfig.from_config(c.model), rngs=nnx.Rngs(3))
+    model = model_lib.new_model(model_lib.ModelConfig.from_config(c.model), 3)
     graphdef, state = ts.create_state(model, optax.sgd(0.1))
     loss_cfg = ts.LossConfig.from_config(c.loss)
     evaluator = evaluation.Evaluator(graphdef, 4, loss_cfg, state.params, state.batch_stats)

@@ -20,7 +20,7 @@ from flax import nnx  # noqa: E402
 
 from calcjax.model import conv as conv_lib  # noqa: E402
 from calcjax.model import losses  # noqa: E402
-from calcjax.model.network import DenseRAUnet, ModelConfig  # noqa: E402
+from calcjax.model.network import ModelConfig, new_model  # noqa: E402
 from calcjax.research.torch_baseline import convert  # noqa: E402
 from calcjax.research.torch_baseline import losses as torch_losses  # noqa: E402
 from calcjax.research.torch_baseline import model as torch_model  # noqa: E402
@@ -60,7 +60,7 @@ def ct_batch(batch, size):
 def twins(name, seed=0):
     """A JAX model with calibrated BatchNorm statistics and its PyTorch twin with converted weights."""
     cfg = model_config(name)
-    jm = DenseRAUnet(cfg, rngs=nnx.Rngs(seed))
+    jm = new_model(cfg, seed)
     jm.train()
     x, _ = ct_batch(4, 64)
     for _ in range(10):  # move the running statistics near the data's, so eval mode is meaningful
@@ -181,7 +181,7 @@ def test_round_trip_jax_torch_jax_is_identical(tmp_path):
     cfg, jm, _ = twins("smoke")
     path = tmp_path / "w.pt"
     convert.save_pt(jm, str(path))
-    other = DenseRAUnet(cfg, rngs=nnx.Rngs(99))
+    other = new_model(cfg, 99)
     convert.load_pt(str(path), other)
     a = nnx.to_flat_state(nnx.state(jm, (nnx.Param, nnx.BatchStat)))
     b = dict(nnx.to_flat_state(nnx.state(other, (nnx.Param, nnx.BatchStat))))
@@ -189,7 +189,7 @@ def test_round_trip_jax_torch_jax_is_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(b[p].get_value()))
     # torch -> jax -> torch as well.
     tm = torch_model.DenseRAUnet(cfg)
-    fresh = DenseRAUnet(cfg, rngs=nnx.Rngs(5))
+    fresh = new_model(cfg, 5)
     convert.torch_to_jax(tm.state_dict(), fresh)
     back = convert.jax_to_torch(fresh)
     for k, v in tm.state_dict().items():

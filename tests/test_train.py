@@ -167,7 +167,7 @@ def test_init_from_starts_the_run_from_a_model_files_weights(shards, tmp_path):
     # Another architecture is refused, naming the option.
     c.model.growth_rate = 4
     other = model_lib.ModelConfig.from_config(c.model)
-    fresh = model_lib.DenseRAUnet(other, rngs=nnx.Rngs(0))
+    fresh = model_lib.new_model(other, 0)
     with pytest.raises(config_schema.ConfigError, match="train.init_from: .* another architecture"):
         train.initial_weights_from(model_file.DEFAULT_MODEL, other, fresh)
 
@@ -348,7 +348,7 @@ EIGHT_DEVICES = textwrap.dedent(
     labels = (rng.uniform(size=(8, 32, 32)) < 0.05).astype(np.int32) * rng.integers(1, 5, size=(8, 32, 32))
     out = {}
     for n in (1, 8):
-        model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+        model = M.new_model(M.ModelConfig.from_config(c.model), 0)
         tx = ts.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=1e-4,
                                grad_clip=1.0)
         graphdef, state = ts.create_state(model, tx)
@@ -393,7 +393,6 @@ def test_the_moving_average_follows_its_formula_and_a_skipped_step_leaves_it():
     (10 + s))`` (s = the step's 0-based index: both branches of the min are taken here); a non-finite step
     leaves weights and averages as they were; scoring reads the averages."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from calcjax.model import network as M
     from calcjax.train import step as ts
@@ -404,7 +403,7 @@ def test_the_moving_average_follows_its_formula_and_a_skipped_step_leaves_it():
     rng = np.random.default_rng(0)
     images = rng.normal(40, 300, size=(4, 32, 32, 3)).astype(np.float32)
     labels = (rng.uniform(size=(4, 32, 32)) < 0.05).astype(np.int32) * rng.integers(1, 5, size=(4, 32, 32))
-    model = M.DenseRAUnet(M.ModelConfig.from_config(c.model), rngs=nnx.Rngs(0))
+    model = M.new_model(M.ModelConfig.from_config(c.model), 0)
     tx = ts.make_optimizer(
         learning_rate=1e-2, warmup_steps=1, total_steps=10, weight_decay=1e-4, grad_clip=1.0
     )
@@ -540,3 +539,18 @@ def test_two_sources_are_mixed_by_weight_logged_and_each_validated(shards, tmp_p
     assert "val_voxel_f1" in last and "val_again_voxel_f1" in last
     with open(tmp_path / "run" / "best" / "4" / "metrics" / "metrics") as f:
         assert "val_again_voxel_f1" not in json.load(f)  # the first source alone chooses
+
+
+def test_the_trainers_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    """tensorboardX imports PyTorch where it can; the JAX trainer's writer keeps it out (1-1.6 s a start)."""
+    code = (
+        "import sys; from calcjax.train.loop import MetricWriter; w = MetricWriter(sys.argv[1]); "
+        "w.write(1, {'loss': 0.5}); w.close(); print('torch' in sys.modules); import torch"
+    )
+    run = subprocess.run([sys.executable, "-c", code, tmp_path], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]  # and PyTorch imports as usual afterwards
+    assert run.stdout.split() == ["False"]
+    events = os.listdir(tmp_path / "tb")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+    assert os.path.getsize(tmp_path / "tb" / events[0]) > 40  # more than the file header: the scalar
+    assert json.loads(open(tmp_path / "metrics.jsonl").read()) == {"step": 1, "loss": 0.5}

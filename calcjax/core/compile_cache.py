@@ -76,6 +76,18 @@ def enable() -> str | None:
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
+# Programs a process runs once (a model's initial weights, a fresh train state): compiled at the lowest
+# optimisation level on CPU, where compiling them is all their cost (calcjax.model.network.new_model).
+ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def one_off_options() -> dict | None:
+    """``jax.jit(..., compiler_options=...)`` of a program run once per process on this backend."""
+    import jax
+
+    return dict(ONE_OFF_CPU_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
 def compiler_options() -> dict | None:
     """``jax.jit(..., compiler_options=...)`` of the train step on this process's backend."""
     import jax

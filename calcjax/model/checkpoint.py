@@ -196,15 +196,13 @@ def load_for_inference(path: str | None, which: str = "best"):
             f"{folder}: no readable config in the checkpoint ({e.__class__.__name__})"
         ) from None
     mcfg = model_lib.ModelConfig.from_saved(config["model"])
-    model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, batch_stats = nnx.split(model_lib.abstract_model(mcfg), nnx.Param, nnx.BatchStat)
     ckptr = ocp.StandardCheckpointer()
-    abstract = ocp.utils.to_shape_dtype_struct
     _drop_failed_read_noise()
     names = EMA_ITEMS if holds_averages(folder) else ("params", "batch_stats")
     try:
-        params = ckptr.restore(os.path.join(folder, names[0]), jax.tree.map(abstract, params))
-        batch_stats = ckptr.restore(os.path.join(folder, names[1]), jax.tree.map(abstract, batch_stats))
+        params = ckptr.restore(os.path.join(folder, names[0]), _restore_target(params))
+        batch_stats = ckptr.restore(os.path.join(folder, names[1]), _restore_target(batch_stats))
     except Exception as e:  # Orbax / TensorStore raise many types for damaged or missing files
         raise CheckpointError(f"{folder}: cannot be read as a calcjax checkpoint ({_short(e)})") from None
     for name, tree in zip(names, (params, batch_stats), strict=True):
@@ -217,6 +215,13 @@ def load_for_inference(path: str | None, which: str = "best"):
     model = nnx.merge(graphdef, params, batch_stats)
     model.eval()
     return config, model
+
+
+def _restore_target(frame: nnx.State) -> nnx.State:
+    """``frame`` (``jax.ShapeDtypeStruct`` leaves) as Orbax's restore target: every array on this
+    process's first device, as the scorer uses them."""
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), frame)
 
 
 def content_sha256(path: str | None, which: str = "best") -> str:

@@ -26,7 +26,7 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx, serialization
+from flax import nnx, serialization, traverse_util
 
 from calcjax.io.atomic import write_atomic
 from calcjax.model import network as model_lib
@@ -110,13 +110,9 @@ def load(path: str):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a {FORMAT} file")
     config = json.loads(payload["config"])
-    model = _empty_model(config)
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    try:
-        nnx.replace_by_pure_dict(params, payload["params"])
-        nnx.replace_by_pure_dict(batch_stats, payload["batch_stats"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ModelFileError(f"{path}: parameters do not fit the model its config describes ({e})") from None
+    graphdef, params, batch_stats = nnx.split(_empty_model(config), nnx.Param, nnx.BatchStat)
+    for name, frame in (("params", params), ("batch_stats", batch_stats)):
+        _put_in(frame, payload.get(name), path, name)
     for name, tree in (("params", params), ("batch_stats", batch_stats)):
         bad = count_non_finite(tree)
         if bad:
@@ -127,9 +123,39 @@ def load(path: str):
 
 
 def _empty_model(config: dict) -> nnx.Module:
-    """The model a saved config describes (a DenseRAUnet, or an Ensemble of them), weights to be filled."""
+    """The model a saved config describes (a DenseRAUnet, or an Ensemble of them) with shapes only, its
+    weights to be put in (``network.abstract_model``: nothing drawn or computed)."""
     mcfg = model_lib.ModelConfig.from_saved(config["model"])
-    members = config.get("ensemble", {}).get("members")
-    if members is None:
-        return model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
-    return model_lib.Ensemble([model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0)) for _ in range(members)])
+    return model_lib.abstract_model(mcfg, config.get("ensemble", {}).get("members"))
+
+
+def _put_in(frame: nnx.State, saved, path: str, name: str) -> None:
+    """Puts the saved arrays ``saved`` (a pure dict) into ``frame`` (shapes only) in place, after checking
+    that they are exactly the arrays the model needs, each with its shape; raises :class:`ModelFileError`
+    naming the file and the first array that does not fit."""
+    want = {_key(k): v.shape for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(frame)).items()}
+    got = traverse_util.flatten_dict(saved) if isinstance(saved, dict) else {}
+    got = {_key(k): v for k, v in got.items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing:
+        raise ModelFileError(
+            f"{path}: {name} lacks {len(missing)} arrays the model its config describes needs "
+            f"(e.g. {missing[0]})"
+        )
+    if extra:
+        raise ModelFileError(
+            f"{path}: {name} holds {len(extra)} arrays the model its config describes has not "
+            f"(e.g. {extra[0]})"
+        )
+    for k, shape in want.items():
+        if tuple(np.shape(got[k])) != tuple(shape):
+            raise ModelFileError(
+                f"{path}: {name} {k} has shape {tuple(np.shape(got[k]))}; the model its config describes "
+                f"needs {tuple(shape)}"
+            )
+    nnx.replace_by_pure_dict(frame, saved)
+
+
+def _key(parts: tuple) -> str:
+    """A flattened pure-dict key as one path text (``encoder/0/layers/1/conv/kernel``)."""
+    return "/".join(str(p) for p in parts)

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 
 import grain
@@ -46,6 +47,22 @@ from calcjax.train import evaluation
 from calcjax.train import step as ts
 
 
+def _summary_writer(folder: str):
+    """tensorboardX's ``SummaryWriter`` on ``folder``, imported without PyTorch: tensorboardX imports torch
+    where it is installed (1-1.6 s on the 2-core development CPU, and PyTorch's libraries in every JAX
+    trainer) only to accept torch tensors, and calcjax logs floats. While ``sys.modules["torch"]`` is None,
+    ``import torch`` raises ImportError, which tensorboardX takes as "no PyTorch"."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter(folder)
+
+
 class MetricWriter:
     """JSONL metrics (process 0) and TensorBoard events (tensorboardX, if importable)."""
 
@@ -55,9 +72,7 @@ class MetricWriter:
         self.tb = None
         if self.enabled:
             try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self.tb = _summary_writer(os.path.join(workdir, "tb"))
             except ImportError:  # pragma: no cover
                 logging.warning("tensorboardX not installed: JSONL metrics only")
 
@@ -213,7 +228,7 @@ def model_and_step(config, mesh):
     """(graphdef, replicated train state, jitted train step, the model's input pixel size)."""
     tcfg = config.train
     mcfg = model_lib.ModelConfig.from_config(config.model)
-    model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(tcfg.seed))
+    model = model_lib.new_model(mcfg, tcfg.seed)
     if tcfg.init_from:
         model = initial_weights_from(tcfg.init_from, mcfg, model)
     logging.info("DenseRAUnet: %d parameters", model_lib.parameter_count(model))

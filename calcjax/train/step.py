@@ -84,18 +84,26 @@ def create_state(
     state keeps moving averages too, starting from copies of the initial weights."""
     model.train()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    copy = functools.partial(jax.tree.map, jnp.copy)  # own buffers: the train step donates the state
-    state = TrainState(
+    # One compiled program rather than one per array shape (optax's zeros, the copies): see
+    # calcjax.model.network.new_model. The copies are the state's own buffers (the train step donates it).
+    fresh = functools.partial(_fresh_state, tx, ema)
+    return graphdef, jax.jit(fresh, compiler_options=compile_cache.one_off_options())(params, batch_stats)
+
+
+def _fresh_state(tx: optax.GradientTransformation, ema: bool, params: nnx.State, batch_stats: nnx.State):
+    """The :class:`TrainState` at step 0 of ``params`` and ``batch_stats`` (copies; jitted by
+    :func:`create_state`)."""
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
+        params=copy(params),
+        batch_stats=copy(batch_stats),
         opt_state=tx.init(params),
         skipped=jnp.zeros((), jnp.int32),
         bad_in_a_row=jnp.zeros((), jnp.int32),
         ema_params=copy(params) if ema else None,
         ema_batch_stats=copy(batch_stats) if ema else None,
     )
-    return graphdef, state
 
 
 def voxel_counts(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:

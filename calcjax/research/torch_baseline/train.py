@@ -30,7 +30,6 @@ import numpy as np
 import optax
 import torch
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -52,7 +51,7 @@ from calcjax.train import step as ts
 def initial_models(config: ml_collections.ConfigDict, seed: int):
     """(JAX model, PyTorch twin with the same initial weights)."""
     mcfg = model_lib.ModelConfig.from_config(config.model)
-    jax_model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(seed))
+    jax_model = model_lib.new_model(mcfg, seed)  # the JAX trainer's initial weights
     twin = torch_model.DenseRAUnet(mcfg)
     twin.load_state_dict(convert.jax_to_torch(jax_model))
     return jax_model, twin
@@ -200,7 +199,7 @@ def evaluate(
 
 def _jax_state(twin: torch.nn.Module, config: ml_collections.ConfigDict, step: int):
     mcfg = model_lib.ModelConfig.from_config(config.model)
-    jax_model = model_lib.DenseRAUnet(mcfg, rngs=nnx.Rngs(0))
+    jax_model = model_lib.abstract_model(mcfg)  # every weight comes from the twin
     convert.torch_to_jax({k: v.cpu() for k, v in twin.state_dict().items()}, jax_model)
     _, state = ts.create_state(jax_model, optax.identity())
     return state.replace(step=np.int32(step))
