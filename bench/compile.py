@@ -93,13 +93,19 @@ def child(config: str, program: str) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0, "backend": jax.default_backend()}))
 
 
-def _compile_in_fresh_process(config: str, program: str, cache: str) -> dict:
+def run_child(script: str, child: str, cache: str) -> dict:
+    """``python SCRIPT --child CHILD`` in a fresh process with ``CALCJAX_COMPILE_CACHE=cache``: the JSON
+    object its last line prints."""
     env = {**os.environ, "CALCJAX_COMPILE_CACHE": cache}
-    done = subprocess.run([sys.executable, __file__, "--child", f"{config}:{program}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([sys.executable, script, "--child", child], cwd=ROOT, env=env, capture_output=True,
+                          text=True)  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compile_in_fresh_process(config: str, program: str, cache: str) -> dict:
+    return run_child(__file__, f"{config}:{program}", cache)
 
 
 def main() -> None:

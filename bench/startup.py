@@ -23,12 +23,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.compile import run_child  # noqa: E402
 
 
 def _op_by_op_state(net, tx):
@@ -97,12 +99,7 @@ def child(what: str, config: str, way: str) -> None:
 
 
 def _in_fresh_process(what: str, config: str, way: str, cache: str) -> dict:
-    env = {**os.environ, "CALCJAX_COMPILE_CACHE": cache}
-    done = subprocess.run([sys.executable, __file__, "--child", f"{what}:{config}:{way}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, f"{what}:{config}:{way}", cache)
 
 
 def seconds(what: str, config: str, way: str, repeats: int) -> dict:
@@ -144,5 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     main()
