@@ -16,6 +16,7 @@ from calcjax.model import files as model_file
 from calcjax.model import network as model_lib
 from configs import smoke
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # JAX records this event for every program it compiles or loads from the persistent cache.
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -108,3 +109,14 @@ def test_a_model_file_whose_arrays_do_not_fit_its_config_is_refused_naming_them(
         f.write(f"{model_file.sha256_of(path)}  {os.path.basename(path)}\n")
     with pytest.raises(model_file.ModelFileError, match=f"^{path}: {message}"):
         model_file.load(path)
+
+
+@pytest.mark.parametrize("way", ["calcjax", "op_by_op"])
+def test_the_startup_benchs_model_file_load_runs_both_ways(tmp_path, way):
+    """``bench/startup.py``'s measurement in a fresh process (the figures themselves are the bench's)."""
+    from bench.compile import run_child
+
+    script = os.path.join(ROOT, "bench", "startup.py")
+    got = run_child(script, f"model_file_load:shipped:{way}", str(tmp_path))
+    assert got["seconds"] > 0 and got["backend"] == "cpu"
+    assert os.listdir(tmp_path)  # the run used the cache folder it was given
