@@ -83,13 +83,16 @@ ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 
 def one_off_options() -> dict | None:
     """``jax.jit(..., compiler_options=...)`` of a program run once per process on this backend."""
-    import jax
-
-    return dict(ONE_OFF_CPU_OPTIONS) if jax.default_backend() == "cpu" else None
+    return _on_cpu_only(ONE_OFF_CPU_OPTIONS)
 
 
 def compiler_options() -> dict | None:
     """``jax.jit(..., compiler_options=...)`` of the train step on this process's backend."""
+    return _on_cpu_only(CPU_COMPILER_OPTIONS)
+
+
+def _on_cpu_only(options: dict) -> dict | None:
+    """A copy of ``options`` on JAX's CPU backend; None (XLA's defaults) on any other."""
     import jax
 
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+    return dict(options) if jax.default_backend() == "cpu" else None
