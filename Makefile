@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-NATIVE := calcjax/native/libcalcjax_onednn.so
+NATIVE := calcjax/native/libcalcjax_cpu.so
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 # The real sample (never copied into the repository): $CALCJAX_REAL_DATA, else ../shared/data.
@@ -37,9 +37,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,codecs,torch]'
 	touch $(STAMP)
 
-# The oneDNN convolutions for JAX's CPU backend (calcjax.native); without a C++ compiler calcjax convolves
-# with XLA's kernels and says so here.
-$(NATIVE): $(STAMP) calcjax/native/onednn_kernels.cc
+# The native CPU kernels for JAX's CPU backend (calcjax.native: oneDNN's convolutions, BatchNorm-ReLU);
+# without a C++ compiler calcjax uses XLA's kernels and says so here.
+$(NATIVE): $(STAMP) calcjax/native/onednn_kernels.cc calcjax/native/batchnorm_kernels.cc
 	$(BIN)/python -m calcjax.native.build --if_possible
 
 install: $(STAMP) $(NATIVE)

@@ -41,6 +41,7 @@ def jax_conv(x: np.ndarray, w: np.ndarray, dtype: str, repeats: int, route: str)
     import jax.numpy as jnp
 
     from calcjax.model import conv as conv_lib
+    from calcjax.model import cpu_kernels
 
     def conv(a, b):
         return conv_lib.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -49,7 +50,7 @@ def jax_conv(x: np.ndarray, w: np.ndarray, dtype: str, repeats: int, route: str)
         return jnp.sum(conv(a, b).astype(jnp.float32))
 
     xs, ws = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
-    with conv_lib.xla_convolutions() if route == "xla" else contextlib.nullcontext():
+    with cpu_kernels.xla_kernels() if route == "xla" else contextlib.nullcontext():
         forward = jax.jit(conv).lower(xs, ws).compile()
         weight_grad = jax.jit(jax.grad(total, argnums=1)).lower(xs, ws).compile()
         both_grads = jax.jit(jax.grad(total, argnums=(0, 1))).lower(xs, ws).compile()

@@ -3,18 +3,17 @@
   python bench/model.py [--configs smoke,default] [--repeats 10] [--rounds 1] [--torch_compile]
 
 For configs/smoke.py at 128x128 and configs/default.py at 512x512, batch 4, float32: median seconds of the
-forward pass (eval mode) and of a train step (forward + backward + AdamW update), for JAX (``jax.jit``,
-state donated) with its CPU convolutions in oneDNN (``calcjax.model.conv``, the default) and in XLA's
-kernels (``CALCJAX_CPU_CONV=xla``), and PyTorch (eager, and ``torch.compile`` with ``--torch_compile``);
-the ratios JAX / PyTorch (< 1: JAX faster; with ``--rounds N``, every framework is measured N times,
-interleaved, each time in a fresh process: the median seconds, and the median of each round's ratio),
-and the achieved GFLOP/s from XLA's FLOP count of the forward pass (a train step counted as 3x the
-forward). Each framework (and each JAX route) is measured in a process
-of its own: GNU OpenMP throttles its waiting threads once more threads than cores have joined OpenMP teams,
-so PyTorch's CPU ops slow by about a fifth in a process where calcjax's oneDNN convolutions have run.
-Every process runs with the same ``GLIBC_TUNABLES`` (``--glibc_tunables``; by default huge pages for
-malloc's mapped memory, as ``calcjax-train`` runs: ``calcjax.core.huge_pages``; ``""`` the machine's
-default), named in each line.
+forward pass (eval mode) and of a train step (forward + backward + AdamW update), for JAX (``jax.jit``, state
+donated) on calcjax's native CPU kernels (oneDNN's convolutions, the fused BatchNorm-ReLU:
+``calcjax.model.cpu_kernels``, the default) and on XLA's (``CALCJAX_CPU_KERNELS=xla``), and PyTorch (eager,
+and ``torch.compile`` with ``--torch_compile``); the ratios JAX / PyTorch (< 1: JAX faster; with ``--rounds
+N``, every framework is measured N times, interleaved, each time in a fresh process: the median seconds, and
+the median of each round's ratio), and the achieved GFLOP/s from XLA's FLOP count of the forward pass (a train
+step counted as 3x the forward). Each framework (and each JAX route) is measured in a process of its own: GNU
+OpenMP throttles its waiting threads once more threads than cores have joined OpenMP teams, so PyTorch's CPU
+ops slow by about a fifth in a process where calcjax's oneDNN convolutions have run. Every process runs with
+the same ``GLIBC_TUNABLES`` (``--glibc_tunables``; by default huge pages for malloc's mapped memory, as
+``calcjax-train`` runs: ``calcjax.core.huge_pages``; ``""`` the machine's default), named in each line.
 """
 
 from __future__ import annotations
@@ -33,11 +32,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from calcjax.core.huge_pages import TUNABLE  # noqa: E402  (no jax: the parent process stays light)
-from calcjax.native.onednn import CPU_CONV_ENV  # noqa: E402
+from calcjax.native.library import CPU_KERNELS_ENV  # noqa: E402
 
 SIZES = {"smoke": 128, "default": 512}
 BATCH = 4
-JAX_ROUTES = {"jax": "onednn", "jax_xla_conv": "xla"}
+JAX_ROUTES = {"jax": "native", "jax_xla_kernels": "xla"}
 
 
 def timed(fn, repeats):
@@ -69,7 +68,7 @@ def setup(name):
 
 def jax_times(name, repeats):
     """``{"times": (forward_s, train_s), "flops": forward FLOPs of the batch, "params": n}`` of the JAX
-    model on the route ``$CALCJAX_CPU_CONV`` names."""
+    model on the kernels ``$CALCJAX_CPU_KERNELS`` names."""
     import jax
     import jax.numpy as jnp
 
@@ -140,7 +139,7 @@ def measure(name, framework, repeats, glibc_tunables) -> dict:
     machine)."""
     env = dict(os.environ, GLIBC_TUNABLES=glibc_tunables)
     if framework in JAX_ROUTES:
-        env[CPU_CONV_ENV] = JAX_ROUTES[framework]
+        env[CPU_KERNELS_ENV] = JAX_ROUTES[framework]
     cmd = [sys.executable, __file__, "--configs", name, "--repeats", str(repeats), "--_one", framework]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:

@@ -1,6 +1,6 @@
 """oneDNN convolutions on JAX's CPU backend (calcjax.model.conv, calcjax.native): the same function and
 gradients as XLA's for every shape the network uses, bitwise repeatable, chosen only where they apply, and a
-build that says what it lacks."""
+build that says what it lacks. The fused BatchNorm-ReLU kernels: tests/test_batchnorm.py."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import pytest
 from flax import nnx
 
 from calcjax.model import conv as conv_lib
+from calcjax.model import cpu_kernels
 from calcjax.model.network import ModelConfig, new_model
-from calcjax.native import build, onednn
+from calcjax.native import build, library
 from configs import smoke
 
-pytestmark = pytest.mark.skipif(not onednn.available(), reason=f"{onednn.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not library.available(), reason=f"{library.unavailable_reason()}")
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -82,16 +83,16 @@ def test_the_route_is_taken_and_is_bitwise_repeatable():
     def f(x, w):
         return conv_lib.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
 
-    assert onednn.FORWARD in jax.jit(f).lower(x, w).as_text()
+    assert library.CONV_FORWARD in jax.jit(f).lower(x, w).as_text()
     grads = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
     first, second = grads(x, w), grads(x, w)
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
-    with conv_lib.xla_convolutions():  # a function traced inside the block (jit keeps earlier traces)
-        assert onednn.FORWARD not in jax.jit(lambda x, w: f(x, w)).lower(x, w).as_text()
+    with cpu_kernels.xla_kernels():  # a function traced inside the block (jit keeps earlier traces)
+        assert library.CONV_FORWARD not in jax.jit(lambda x, w: f(x, w)).lower(x, w).as_text()
 
 
-def test_the_network_agrees_with_itself_on_xla_convolutions():
+def test_the_network_agrees_with_itself_on_xla_kernels():
     cfg = ModelConfig.from_config(smoke.get_config().model)
     model = new_model(cfg, 0)
     graphdef, state = nnx.split(model)
@@ -106,7 +107,7 @@ def test_the_network_agrees_with_itself_on_xla_convolutions():
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(state, x)
 
     (l1, logits1), g1 = run()
-    with conv_lib.xla_convolutions():
+    with cpu_kernels.xla_kernels():
         (l2, logits2), g2 = run()
     assert _relative(logits1, logits2) < 1e-4  # the twin-parity tolerance
     assert abs(float(l1 - l2)) <= 1e-4 * abs(float(l2))
@@ -122,23 +123,15 @@ def test_what_the_route_does_not_cover_goes_to_xla(monkeypatch):
             x, w, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2
         )
     )
-    assert onednn.FORWARD not in grouped.lower(x, w).as_text()
+    assert library.CONV_FORWARD not in grouped.lower(x, w).as_text()
     cropping = jax.jit(
         lambda x, w: conv_lib.conv_general_dilated(
             x, jnp.ones((3, 3, 4, 4)), (1, 1), ((-1, 0), (0, 0)), dimension_numbers=NHWC
         )
     )
-    assert onednn.FORWARD not in cropping.lower(x, w).as_text()  # negative padding: XLA's
+    assert library.CONV_FORWARD not in cropping.lower(x, w).as_text()  # negative padding: XLA's
     monkeypatch.setattr(jax, "device_count", lambda *a: 2)  # several devices: XLA partitions its own convs
-    assert not conv_lib.uses_onednn()
-
-
-def test_the_choice_is_checked(monkeypatch):
-    monkeypatch.setenv(conv_lib.CPU_CONV_ENV, "mkl")
-    with pytest.raises(ValueError, match="CALCJAX_CPU_CONV='mkl'"):
-        conv_lib.cpu_conv_choice()
-    monkeypatch.setenv(conv_lib.CPU_CONV_ENV, "XLA")
-    assert not conv_lib.uses_onednn()
+    assert not cpu_kernels.uses_native()
 
 
 def test_the_build_names_what_it_lacks(tmp_path, monkeypatch):

@@ -18,8 +18,7 @@ torch = pytest.importorskip("torch")
 
 from flax import nnx  # noqa: E402
 
-from calcjax.model import conv as conv_lib  # noqa: E402
-from calcjax.model import losses  # noqa: E402
+from calcjax.model import cpu_kernels, losses  # noqa: E402
 from calcjax.model.network import ModelConfig, new_model  # noqa: E402
 from calcjax.research.torch_baseline import convert  # noqa: E402
 from calcjax.research.torch_baseline import losses as torch_losses  # noqa: E402
@@ -131,13 +130,13 @@ def test_loss_and_every_gradient_agree(name, size, rho, request):
     def loss_fn(m):
         return losses.bootstrap_iou_loss(m(jnp.asarray(x)), jnp.asarray(labels), **loss_args)
 
-    # On XLA's convolutions: with rho = 1 this input lies within float32 rounding of a ReLU's kink (the
+    # On XLA's kernels: with rho = 1 this input lies within float32 rounding of a ReLU's kink (the
     # float64 gradient moves by 5e-3 when the input moves by 1e-6), so the side a float32 run lands on
     # depends on each convolution's order of summation; with oneDNN's (calcjax.model.conv, JAX's default
     # on a CPU) the smoke model's gradients are 5e-3 from PyTorch's and 8.8e-6 at rho = 0.1. The two
-    # routes' gradients are compared where the loss is smooth in test_onednn.py; the logits above run on
-    # the default route.
-    with conv_lib.xla_convolutions():
+    # routes' gradients are compared where the loss is smooth in test_onednn.py, the native BatchNorm's
+    # against float64 in test_batchnorm.py; the logits above run on the default route.
+    with cpu_kernels.xla_kernels():
         lj, grads = nnx.jit(nnx.value_and_grad(loss_fn))(jm)
     lt = torch_losses.bootstrap_iou_loss(
         tm(torch.from_numpy(x).permute(0, 3, 1, 2)), torch.from_numpy(labels), **loss_args

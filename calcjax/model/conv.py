@@ -1,71 +1,30 @@
 """The network's convolution: oneDNN's kernels on JAX's CPU backend, XLA's everywhere else.
 
 :func:`conv_general_dilated` has ``jax.lax.conv_general_dilated``'s signature (``nnx.Conv`` takes it as its
-``conv_general_dilated``). On the CPU backend, with the native library built (:mod:`calcjax.native`) and
-``$CALCJAX_CPU_CONV`` not ``xla``, a 2D NHWC / HWIO convolution (any stride, dilation and explicit padding;
-no input dilation or feature groups) runs as oneDNN's forward kernel, and its gradient as oneDNN's backward
-data and backward weights kernels (a ``jax.custom_vjp``); anything else, and every accelerator, goes to
-``jax.lax.conv_general_dilated``. On this project's 2-core CPU oneDNN's convolutions are 2.7-4x XLA's
-in float32 and 16-18x in bfloat16 (``bench/conv_dtypes.py``, one 3x3 convolution). Outputs match XLA's to
-float rounding (summation order), not bitwise: ``$CALCJAX_CPU_CONV=xla`` gives XLA's numbers on a CPU.
-oneDNN runs on GNU OpenMP threads beside XLA's own; in a process that also runs PyTorch on the CPU,
+``conv_general_dilated``). Where :func:`calcjax.model.cpu_kernels.uses_native` (the CPU backend, one device,
+the native library built: :mod:`calcjax.native`), a 2D NHWC / HWIO convolution (any stride, dilation and
+explicit padding; no input dilation or feature groups) runs as oneDNN's forward kernel, and its gradient as
+oneDNN's backward data and backward weights kernels (a ``jax.custom_vjp``); anything else, and every
+accelerator, goes to ``jax.lax.conv_general_dilated``. On this project's 2-core CPU oneDNN's convolutions are
+2.7-4x XLA's in float32 and 16-18x in bfloat16 (``bench/conv_dtypes.py``, one 3x3 convolution). Outputs match
+XLA's to float rounding (summation order), not bitwise: ``$CALCJAX_CPU_KERNELS=xla`` gives XLA's numbers on a
+CPU. oneDNN runs on GNU OpenMP threads beside XLA's own; in a process that also runs PyTorch on the CPU,
 PyTorch's ops slow by about a fifth once these have run (OpenMP throttles its waiting threads when more
-threads than cores have joined its teams), so the benchmarks measure each framework in a process of its
-own.
+threads than cores have joined its teams), so the benchmarks measure each framework in a process of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import jax
 import numpy as np
 from jax import lax
 
-from calcjax.native import onednn
+from calcjax.model import cpu_kernels
+from calcjax.native import library
 
-CPU_CONV_ENV = onednn.CPU_CONV_ENV
-CPU_CONV_CHOICES = ("onednn", "xla")
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_forced: list[str] = []
-
-
-def cpu_conv_choice() -> str:
-    """The innermost :func:`xla_convolutions` block's ``xla``, else ``$CALCJAX_CPU_CONV`` (``onednn``, the
-    default, or ``xla``); any other value is an error."""
-    if _forced:
-        return _forced[-1]
-    choice = os.environ.get(CPU_CONV_ENV, "onednn").strip().lower() or "onednn"
-    if choice not in CPU_CONV_CHOICES:
-        raise ValueError(f"${CPU_CONV_ENV}={choice!r}: must be one of {', '.join(CPU_CONV_CHOICES)}")
-    return choice
-
-
-@contextlib.contextmanager
-def xla_convolutions():
-    """Within the block, convolutions traced go to XLA's kernels (e.g. for XLA's FLOP count, which does not
-    see inside a custom call). The choice is made when a function is traced: a ``jax.jit`` function traced
-    before the block keeps its trace inside it."""
-    _forced.append("xla")
-    try:
-        yield
-    finally:
-        _forced.pop()
-
-
-def uses_onednn() -> bool:
-    """Whether convolutions traced now go to oneDNN: the choice ``onednn``, the CPU backend with one device,
-    and the native library loaded.
-
-    One device: XLA's partitioner does not know a custom call's sharding and would gather a batch sharded
-    over several devices onto each of them, so a CPU process with several devices (the data-parallel tests,
-    ``--xla_force_host_platform_device_count``) convolves with XLA's kernels on all of them.
-    """
-    if cpu_conv_choice() != "onednn" or jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return False
-    return onednn.available()
 
 
 def conv_general_dilated(
@@ -80,7 +39,7 @@ def conv_general_dilated(
     **kwargs,
 ):
     """``jax.lax.conv_general_dilated`` (its other arguments in ``kwargs``), through oneDNN where
-    :func:`uses_onednn` and the call is one it covers (module docstring)."""
+    :func:`cpu_kernels.uses_native` and the call is one it covers (module docstring)."""
     rhs_dilation = tuple(rhs_dilation or (1, 1))
     if _onednn_covers(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count, kwargs):
         if isinstance(padding, str):
@@ -97,7 +56,7 @@ def conv_general_dilated(
 
 def _onednn_covers(lhs, rhs, lhs_dilation, dimension_numbers, groups, kwargs):
     """Whether oneDNN's route takes this call: 2D NHWC / HWIO, one float32 or bfloat16 dtype, no input
-    dilation, groups, other output dtype or output sharding, and :func:`uses_onednn`."""
+    dilation, groups, other output dtype or output sharding, and :func:`cpu_kernels.uses_native`."""
     if (
         lhs.ndim != 4
         or rhs.ndim != 4
@@ -114,7 +73,7 @@ def _onednn_covers(lhs, rhs, lhs_dilation, dimension_numbers, groups, kwargs):
         return False
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    return given == nhwc and uses_onednn()
+    return given == nhwc and cpu_kernels.uses_native()
 
 
 class _Geometry(tuple):
@@ -139,8 +98,8 @@ class _Geometry(tuple):
 
 
 def _call(target: str, shape, dtype, *operands, geometry: _Geometry):
-    if not onednn.available():
-        raise RuntimeError(f"oneDNN convolution: {onednn.unavailable_reason()}")
+    if not library.available():
+        raise RuntimeError(f"oneDNN convolution: {library.unavailable_reason()}")
     out = jax.ShapeDtypeStruct(shape, dtype)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **geometry.attributes)
 
@@ -149,7 +108,7 @@ def _call(target: str, shape, dtype, *operands, geometry: _Geometry):
 def onednn_conv(x: jax.Array, w: jax.Array, geometry: _Geometry) -> jax.Array:
     """oneDNN's convolution of ``x`` (N, H, W, C) with ``w`` (KH, KW, C, O) -> (N, OH, OW, O), one dtype."""
     oh, ow = geometry.output_hw(x.shape, w.shape)
-    return _call(onednn.FORWARD, (x.shape[0], oh, ow, w.shape[3]), x.dtype, x, w, geometry=geometry)
+    return _call(library.CONV_FORWARD, (x.shape[0], oh, ow, w.shape[3]), x.dtype, x, w, geometry=geometry)
 
 
 def _forward(x, w, geometry):
@@ -158,8 +117,8 @@ def _forward(x, w, geometry):
 
 def _backward(geometry, residuals, dy):
     x, w = residuals
-    dx = _call(onednn.BACKWARD_DATA, x.shape, x.dtype, dy, w, geometry=geometry)
-    dw = _call(onednn.BACKWARD_WEIGHTS, w.shape, w.dtype, x, dy, geometry=geometry)
+    dx = _call(library.CONV_BACKWARD_DATA, x.shape, x.dtype, dy, w, geometry=geometry)
+    dw = _call(library.CONV_BACKWARD_WEIGHTS, w.shape, w.dtype, x, dy, geometry=geometry)
     return dx, dw
 
 

@@ -1,6 +1,7 @@
-"""Native CPU kernels: oneDNN convolutions for JAX's CPU backend through XLA's FFI.
+"""Native CPU kernels for JAX's CPU backend through XLA's FFI: oneDNN's convolutions and a BatchNorm-ReLU.
 
-``onednn_kernels.cc`` is the source; ``python -m calcjax.native.build`` (run by ``make install``) compiles it
-against the installed jaxlib's FFI headers and the ``onednn-cpu-gomp`` wheel into ``libcalcjax_onednn.so``
-beside it; :mod:`calcjax.native.onednn` loads it and registers its handlers with JAX.
+``onednn_kernels.cc`` and ``batchnorm_kernels.cc`` are the sources; ``python -m calcjax.native.build`` (run by
+``make install``) compiles them against the installed jaxlib's FFI headers and the ``onednn-cpu-gomp`` wheel
+into ``libcalcjax_cpu.so`` beside them; :mod:`calcjax.native.library` loads it and registers its handlers
+with JAX.
 """

@@ -1,10 +1,12 @@
-"""``python -m calcjax.native.build``: compiles ``onednn_kernels.cc`` into ``libcalcjax_onednn.so`` beside it.
+"""``python -m calcjax.native.build``: compiles ``onednn_kernels.cc`` and ``batchnorm_kernels.cc`` into
+``libcalcjax_cpu.so`` beside them.
 
 Inputs: the FFI headers of the installed jaxlib (``jax.ffi.include_dir()``), oneDNN's headers and library
 from the ``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels (installed under ``sys.prefix``: ``include/``
-and ``lib/``) and a C++17 compiler (``$CXX``, else ``g++``). The library is written to a temporary name and
-renamed, so a failed or interrupted build leaves the previous one intact. ``--if_possible`` (``make
-install``) reports a missing compiler or oneDNN and exits 0: calcjax then convolves with XLA's own kernels.
+and ``lib/``) and a C++17 compiler with OpenMP (``$CXX``, else ``g++``). The library is written to a
+temporary name and renamed, so a failed or interrupted build leaves the previous one intact.
+``--if_possible`` (``make install``) reports a missing compiler or oneDNN and exits 0: calcjax then uses
+XLA's own kernels.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("onednn_kernels.cc")
-LIBRARY = Path(__file__).with_name("libcalcjax_onednn.so")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("onednn_kernels.cc", "batchnorm_kernels.cc"))
+LIBRARY = Path(__file__).with_name("libcalcjax_cpu.so")
 DNNL_HEADER = "oneapi/dnnl/dnnl.hpp"
 DNNL_LIBRARY = "libdnnl.so.3"
 
@@ -45,8 +47,8 @@ def compile_command(out: Path) -> list[str]:
         raise BuildError(f"C++ compiler {compiler!r} not found (set $CXX)")
     include, lib = dnnl_dirs()
     return [
-        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type",
-        f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE),
+        compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-Wno-return-type", "-Wno-attributes",
+        f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, SOURCES),
         "-o", str(out), f"-L{lib}", f"-l:{DNNL_LIBRARY}", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
 
@@ -57,14 +59,14 @@ def build(out: Path = LIBRARY) -> Path:
     result = subprocess.run(compile_command(partial), capture_output=True, text=True)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise BuildError(f"compiling {SOURCE.name} failed:\n{result.stderr[-4000:]}")
+        raise BuildError(f"compiling {', '.join(s.name for s in SOURCES)} failed:\n{result.stderr[-4000:]}")
     os.replace(partial, out)
     return out
 
 
 def up_to_date(out: Path = LIBRARY) -> bool:
-    """Whether ``out`` exists and is newer than the source."""
-    return out.is_file() and out.stat().st_mtime >= SOURCE.stat().st_mtime
+    """Whether ``out`` exists and is newer than every source."""
+    return out.is_file() and all(out.stat().st_mtime >= s.stat().st_mtime for s in SOURCES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as e:
         print(f"calcjax.native.build: {e}", file=sys.stderr)
         if args.if_possible:
-            print("calcjax will convolve with XLA's CPU kernels (slower on CPU; no effect on accelerators)")
+            print("calcjax will use XLA's CPU kernels (slower on CPU; no effect on accelerators)")
             return 0
         return 1
     return 0

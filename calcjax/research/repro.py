@@ -45,7 +45,7 @@ import numpy as np
 from calcjax.core import cli, compile_cache, metrics
 from calcjax.io import outputs
 from calcjax.io.atomic import write_atomic
-from calcjax.native.onednn import CPU_CONV_ENV
+from calcjax.native.library import CPU_KERNELS_ENV
 from calcjax.research.repro_report import spread, write_doc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -253,9 +253,9 @@ def determinism(args, overrides: dict) -> dict:
     for name in DETERMINISM_RUNS:
         env = two_cpu_devices() if name == "jax-2dev" else {}
         if name.startswith("jax"):
-            # XLA's convolutions on 1 device too (a CPU with several devices always uses them,
-            # calcjax.model.conv): the 1-against-2 comparison then isolates the reduction.
-            env[CPU_CONV_ENV] = "xla"
+            # XLA's kernels on 1 device too (a CPU with several devices always uses them,
+            # calcjax.model.cpu_kernels): the 1-against-2 comparison then isolates the reduction.
+            env[CPU_KERNELS_ENV] = "xla"
         train(name.split("-")[0], args.config, args.shards, seed, os.path.join(base, name), short, env)
     divergence = first_step_divergence(args.config, args.shards, seed, overrides,
                                        os.path.join(base, "first_step_1_vs_2_devices.json"))  # fmt: skip
