@@ -4,6 +4,7 @@ repeatable on any thread count, taken only in training mode where it applies; th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -46,7 +47,7 @@ def _loss(fused, weights):
 
     def loss(x, scale, bias):
         if fused:
-            y, mean, var = batchnorm.batchnorm_relu(x, scale, bias, 1e-5)
+            y, mean, var = batchnorm.batchnorm_relu((x,), scale, bias, 1e-5)
         else:
             axes = tuple(range(x.ndim - 1))
             mean = x.mean(axes)
@@ -109,21 +110,22 @@ def test_running_statistics_follow_flax():
     assert float(jnp.abs(ours.mean[...]).max()) > 0  # they moved
 
 
-def _network_hlo(train: bool, dtype: str = "float32") -> str:
+def _network_hlo(train: bool, dtype: str = "float32", kernels: str = "native") -> str:
+    """The StableHLO of the smoke network's forward pass (batch 1, 32x32)."""
     cfg = ModelConfig.from_config(smoke.get_config().model)
     model = new_model(dataclasses.replace(cfg, dtype=dtype), 0)
     model.train() if train else model.eval()
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((1, 32, 32, cfg.in_channels), jnp.float32)
-    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+    with cpu_kernels.xla_kernels() if kernels == "xla" else contextlib.nullcontext():
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
 
 
 def test_the_kernels_are_taken_in_training_only_where_they_apply(monkeypatch):
     assert library.BN_RELU_FORWARD in _network_hlo(train=True)
     assert library.BN_RELU_FORWARD not in _network_hlo(train=False)  # running statistics: flax's
     assert library.BN_RELU_FORWARD not in _network_hlo(train=True, dtype="bfloat16")
-    with cpu_kernels.xla_kernels():
-        assert library.BN_RELU_FORWARD not in _network_hlo(train=True)
+    assert library.BN_RELU_FORWARD not in _network_hlo(train=True, kernels="xla")
     monkeypatch.setattr(jax, "device_count", lambda *a: 2)  # several devices: XLA partitions its own
     assert library.BN_RELU_FORWARD not in _network_hlo(train=True)
 
@@ -136,10 +138,10 @@ from calcjax.model import batchnorm
 rng = np.random.default_rng(9)
 x = jnp.asarray(rng.normal(size=(4, 48, 48, 24)), jnp.float32)
 s = jnp.asarray(rng.normal(1, 0.2, 24), jnp.float32)
-loss = lambda x, s: (batchnorm.batchnorm_relu(x, s, s, 1e-5)[0] ** 2).sum()
+loss = lambda x, s: (batchnorm.batchnorm_relu((x,), s, s, 1e-5)[0] ** 2).sum()
 import jax
 g = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, s)
-y, m, v = batchnorm.batchnorm_relu(x, s, s, 1e-5)
+y, m, v = batchnorm.batchnorm_relu((x,), s, s, 1e-5)
 np.savez(sys.argv[1], y=y, m=m, v=v, gx=g[0], gs=g[1])
 """
 
@@ -159,10 +161,37 @@ def test_bitwise_repeatable_on_any_thread_count(tmp_path):
             np.testing.assert_array_equal(outputs[0][key], other[key], err_msg=key)
 
 
+def test_pieces_give_the_concatenation_s_results_bitwise():
+    x, scale, bias, weights = _inputs((2, 24, 24, 20), seed=11)
+    cuts = (0, 8, 16, 20)  # a dense layer's input: the block's input and two earlier outputs
+    pieces = tuple(jnp.asarray(x[..., a:b]) for a, b in zip(cuts, cuts[1:], strict=False))
+
+    def loss(pieces, scale, bias):
+        y, mean, var = batchnorm.batchnorm_relu(pieces, scale, bias, 1e-5)
+        return jnp.sum(y * weights) + jnp.sum(mean) + jnp.sum(var), (y, mean, var)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, whole), (dx, dscale, dbias) = grad((jnp.asarray(x),), scale, bias)
+    (_, parts), (dparts, dscale_p, dbias_p) = grad(pieces, scale, bias)
+    for a, b in zip((*whole, dscale, dbias), (*parts, dscale_p, dbias_p), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(dx[0], jnp.concatenate(dparts, axis=-1))
+
+
+def test_the_network_s_dense_layers_build_no_concatenation():
+    assert "concatenate" in _network_hlo(train=True, kernels="xla")
+    # On the native route only the decoder's inputs (upsampled features and the skip) are concatenated.
+    depth = len(smoke.get_config().model.widths)
+    assert _network_hlo(train=True).count("stablehlo.concatenate") == depth
+
+
 def test_misfit_operands_are_refused_naming_the_rule():
     x = jnp.ones((2, 4, 4, 8), jnp.float32)
-    with pytest.raises(Exception, match="per-channel operands must have x's last axis"):
-        jax.block_until_ready(batchnorm.batchnorm_relu(x, jnp.ones(7), jnp.ones(8), 1e-5))
+    with pytest.raises(Exception, match="per-channel operands must have the pieces' channels together"):
+        jax.block_until_ready(batchnorm.batchnorm_relu((x,), jnp.ones(7), jnp.ones(7), 1e-5))
+    with pytest.raises(Exception, match="input pieces must share every axis but the last"):
+        pieces = (x, jnp.ones((2, 4, 5, 8), jnp.float32))
+        jax.block_until_ready(batchnorm.batchnorm_relu(pieces, jnp.ones(16), jnp.ones(16), 1e-5))
 
 
 def test_the_choice_is_checked(monkeypatch):

@@ -116,7 +116,8 @@ def _bn(n, rngs, dtype):
 
 
 class BnReluConv(nnx.Module):
-    """BatchNorm -> ReLU -> conv (pre-activation)."""
+    """BatchNorm -> ReLU -> conv (pre-activation); the input an array or pieces read as their concatenation
+    along the channels."""
 
     def __init__(self, cin, cout, k, rngs, dtype, *, stride=1, dilation=1):
         self.bn = _bn(cin, rngs, dtype)
@@ -141,12 +142,12 @@ class DenseResBlock(nnx.Module):
         self.shortcut = _conv(cin, cout, 1, rngs, dtype)
 
     def __call__(self, x):
-        feats, outs = x, []
+        feats, outs = [x], []
         for layer in self.layers:
-            y = layer(feats)
+            y = layer(feats)  # the concatenation of feats, read in place (calcjax.model.batchnorm)
             outs.append(y)
-            feats = jnp.concatenate([feats, y], axis=-1)
-        return self.fuse(jnp.concatenate(outs, axis=-1)) + self.shortcut(x)
+            feats = [*feats, y]
+        return self.fuse(outs) + self.shortcut(x)
 
 
 class DenseRAUnet(nnx.Module):

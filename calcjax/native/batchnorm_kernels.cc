@@ -1,23 +1,28 @@
 // BatchNorm in training mode fused with the ReLU after it, as XLA FFI handlers for JAX's CPU backend.
 //
-// Forward (x, scale, bias -> y, mean, var): the batch statistics of x over every axis but the last
-// (channels), then y = max((x - mean) * scale / sqrt(var + epsilon) + bias, 0). `var` is the biased
-// variance (divided by the pixel count), as flax's BatchNorm normalises with and keeps.
-// Backward (dy, x, scale, bias, mean, var, dmean, dvar -> dx, dscale, dbias): the gradient of that
-// function, dmean / dvar being the cotangents of the statistics themselves.
-// Operands float32, x and y (N, ..., C) in row-major order (NHWC for the network), the rest (C,);
-// attribute `epsilon` (float32).
+// The input is given as pieces x_1 .. x_k that share every axis but the last (channels) and are read as
+// their concatenation along it (a dense block's input: the block's input and each earlier layer's output),
+// which is never built. With C the channels of all pieces:
+// Forward (scale, bias, x_1 .. x_k -> y, mean, var): the batch statistics of each channel over every other
+// axis, then y = max((x - mean) * scale / sqrt(var + epsilon) + bias, 0), y holding all C channels. `var` is
+// the biased variance (divided by the pixel count), as flax's BatchNorm normalises with and keeps.
+// Backward (dy, scale, bias, mean, var, dmean, dvar, x_1 .. x_k -> dscale, dbias, dx_1 .. dx_k): the
+// gradient of that function, dmean / dvar being the cotangents of the statistics themselves.
+// Operands float32 in row-major order (NHWC for the network): pieces (N, ..., c_i), y and dy (N, ..., C),
+// the rest (C,); attribute `epsilon` (float32).
 //
 // The per-channel sums (for the statistics: of x - shift and its square, shift = the first pixel's value;
 // for the gradient: of the masked dy and of it times x - mean) are added in float over runs of 16 pixels
 // and in double across runs, as PyTorch's CPU BatchNorm sums in double: XLA's float32 reductions of the
 // same sums lie up to 10x farther from the float64 result. The pixels are split into chunks fixed by the
 // pixel count alone (spread over OpenMP threads, their sums added in chunk order), so the results repeat
-// bitwise on any number of threads. Built by calcjax/native/build.py with onednn_kernels.cc into one
+// bitwise on any number of threads; built without FMA contraction (-ffp-contract=off), they also round
+// alike on every instruction set and however the input is cut into pieces. Built by calcjax/native/build.py with onednn_kernels.cc into one
 // library; loaded by calcjax/native/library.py.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -41,9 +46,15 @@ struct Chunks {
   int64_t End(int64_t k) const { return std::min(pixels, (k + 1) * size); }
 };
 
-// Sums over a chunk's pixels of d = x - shift and d * d, per channel, into s1 and s2.
+// One piece of the input: `c` channels per pixel (its row stride), at channel `offset` of the whole.
+struct Piece {
+  const float* x;
+  int64_t c, offset;
+};
+
+// Sums over pixels [begin, end) of d = x - shift and d * d, per channel, into s1 and s2.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void ShiftedSums(const float* __restrict x, const float* __restrict shift, int64_t c, int64_t begin,
+void ShiftedSums(const float* __restrict x, int64_t c, const float* __restrict shift, int64_t begin,
                  int64_t end, double* __restrict s1, double* __restrict s2) {
   std::vector<float> run(2 * c);
   float* __restrict f1 = run.data();
@@ -64,22 +75,25 @@ void ShiftedSums(const float* __restrict x, const float* __restrict shift, int64
   }
 }
 
-// y = max((x - mean) * a + bias, 0) over a chunk (a = scale / sqrt(var + epsilon)).
+// y = max((x - mean) * a + bias, 0) over pixels [begin, end) (a = scale / sqrt(var + epsilon)); x has `c`
+// channels per pixel, y's rows are `ys` apart.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void NormaliseRelu(const float* __restrict x, const float* __restrict mean, const float* __restrict a,
-                   const float* __restrict bias, int64_t c, int64_t begin, int64_t end, float* __restrict y) {
+void NormaliseRelu(const float* __restrict x, int64_t c, const float* __restrict mean,
+                   const float* __restrict a, const float* __restrict bias, int64_t begin, int64_t end,
+                   float* __restrict y, int64_t ys) {
   for (int64_t p = begin; p < end; ++p) {
     const float* __restrict row = x + p * c;
-    float* __restrict out = y + p * c;
+    float* __restrict out = y + p * ys;
     for (int64_t j = 0; j < c; ++j) out[j] = std::max((row[j] - mean[j]) * a[j] + bias[j], 0.0f);
   }
 }
 
-// Sums over a chunk of g = dy where the ReLU passed (its input > 0) else 0, and of g * (x - mean).
+// Sums over pixels [begin, end) of g = dy where the ReLU passed (its input > 0) else 0, and of
+// g * (x - mean); dy's rows are `dys` apart.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void GradientSums(const float* __restrict dy, const float* __restrict x, const float* __restrict mean,
-                  const float* __restrict a, const float* __restrict bias, int64_t c, int64_t begin,
-                  int64_t end, double* __restrict sg, double* __restrict sgx) {
+void GradientSums(const float* __restrict dy, int64_t dys, const float* __restrict x, int64_t c,
+                  const float* __restrict mean, const float* __restrict a, const float* __restrict bias,
+                  int64_t begin, int64_t end, double* __restrict sg, double* __restrict sgx) {
   std::vector<float> run(2 * c);
   float* __restrict f1 = run.data();
   float* __restrict f2 = run.data() + c;
@@ -89,7 +103,7 @@ void GradientSums(const float* __restrict dy, const float* __restrict x, const f
     std::fill(run.begin(), run.end(), 0.0f);
     for (int64_t p = p0; p < std::min(end, p0 + kRun); ++p) {
       const float* __restrict row = x + p * c;
-      const float* __restrict g = dy + p * c;
+      const float* __restrict g = dy + p * dys;
       for (int64_t j = 0; j < c; ++j) {
         float centred = row[j] - mean[j];
         float gj = centred * a[j] + bias[j] > 0.0f ? g[j] : 0.0f;
@@ -101,15 +115,24 @@ void GradientSums(const float* __restrict dy, const float* __restrict x, const f
   }
 }
 
-// dx = k0 * g + k1 * (x - mean) + k2 over a chunk, g as in GradientSums.
+// Per-channel constants of the input gradient: dx = k0 * g + k1 * (x - mean) + k2.
+struct GradientTerms {
+  const float *a, *bias, *k0, *k1, *k2;
+};
+
+// dx = k0 * g + k1 * (x - mean) + k2 over pixels [begin, end), g as in GradientSums.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void InputGradient(const float* __restrict dy, const float* __restrict x, const float* __restrict mean,
-                   const float* __restrict a, const float* __restrict bias, const float* __restrict k0,
-                   const float* __restrict k1, const float* __restrict k2, int64_t c, int64_t begin,
-                   int64_t end, float* __restrict dx) {
+void InputGradient(const float* __restrict dy, int64_t dys, const float* __restrict x, int64_t c,
+                   const float* __restrict mean, GradientTerms t, int64_t begin, int64_t end,
+                   float* __restrict dx) {
+  const float* __restrict a = t.a;
+  const float* __restrict bias = t.bias;
+  const float* __restrict k0 = t.k0;
+  const float* __restrict k1 = t.k1;
+  const float* __restrict k2 = t.k2;
   for (int64_t p = begin; p < end; ++p) {
     const float* __restrict row = x + p * c;
-    const float* __restrict g = dy + p * c;
+    const float* __restrict g = dy + p * dys;
     float* __restrict out = dx + p * c;
     for (int64_t j = 0; j < c; ++j) {
       float centred = row[j] - mean[j];
@@ -129,88 +152,159 @@ void AddChunks(const Chunks& chunks, int64_t c, const std::vector<double>& first
   }
 }
 
-ffi::Error CheckShapes(const char* pass, ffi::Buffer<ffi::F32>& x, std::initializer_list<int64_t> channels) {
-  auto dims = x.dimensions();
-  if (dims.size() < 2 || x.element_count() == 0) {
-    return ffi::Error::InvalidArgument(std::string(pass) + ": x must be non-empty with 2 or more axes");
+ffi::Error Invalid(const char* pass, const std::string& rule) {
+  return ffi::Error::InvalidArgument(std::string(pass) + ": " + rule);
+}
+
+// The pieces args[first ..], checked: float32, one shape but the last axis, C channels together.
+ffi::Error ReadPieces(const char* pass, const ffi::RemainingArgs& args, size_t first, int64_t channels,
+                      std::vector<Piece>& pieces, int64_t& pixels) {
+  if (args.size() <= first) return Invalid(pass, "no input pieces");
+  int64_t offset = 0;
+  for (size_t i = first; i < args.size(); ++i) {
+    auto piece = args.get<ffi::Buffer<ffi::F32>>(i);
+    if (piece.has_error()) return Invalid(pass, "input pieces must be float32");
+    auto dims = piece->dimensions();
+    if (dims.size() < 2 || piece->element_count() == 0) {
+      return Invalid(pass, "input pieces must be non-empty with 2 or more axes");
+    }
+    const int64_t c = dims.back(), p = piece->element_count() / c;
+    if (i > first && p != pixels) return Invalid(pass, "input pieces must share every axis but the last");
+    pixels = p;
+    pieces.push_back({piece->typed_data(), c, offset});
+    offset += c;
   }
-  for (int64_t n : channels) {
-    if (n != dims.back()) {
-      return ffi::Error::InvalidArgument(std::string(pass) + ": per-channel operands must have x's last axis");
+  if (offset != channels) return Invalid(pass, "per-channel operands must have the pieces' channels together");
+  return ffi::Error::Success();
+}
+
+// The batch statistics of every channel (mean, and the biased variance in double); `shift` the first
+// pixel's values.
+void Statistics(const std::vector<Piece>& pieces, const Chunks& chunks, int64_t channels,
+                std::vector<double>& mean, std::vector<double>& var, std::vector<float>& shift) {
+  std::vector<double> s1(chunks.count * channels), s2(chunks.count * channels), t1, t2;
+  shift.resize(channels);
+  for (const Piece& q : pieces) std::copy(q.x, q.x + q.c, shift.begin() + q.offset);
+#pragma omp parallel for schedule(static) if (chunks.count > 1)
+  for (int64_t k = 0; k < chunks.count; ++k) {
+    for (const Piece& q : pieces) {
+      ShiftedSums(q.x, q.c, &shift[q.offset], chunks.Begin(k), chunks.End(k), &s1[k * channels + q.offset],
+                  &s2[k * channels + q.offset]);
+    }
+  }
+  AddChunks(chunks, channels, s1, s2, t1, t2);
+  mean.resize(channels);
+  var.resize(channels);
+  for (int64_t j = 0; j < channels; ++j) {
+    mean[j] = t1[j] / chunks.pixels;
+    var[j] = std::max(0.0, t2[j] / chunks.pixels - mean[j] * mean[j]);
+    mean[j] += shift[j];
+  }
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, ffi::RemainingArgs args,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
+                       ffi::ResultBuffer<ffi::F32> var, float epsilon) {
+  const char* pass = "BatchNorm-ReLU forward";
+  const int64_t channels = scale.element_count();
+  std::vector<Piece> pieces;
+  int64_t pixels = 0;
+  ffi::Error read = ReadPieces(pass, args, 0, channels, pieces, pixels);
+  if (read.failure()) return read;
+  if (bias.element_count() != channels || y->element_count() != pixels * channels) {
+    return Invalid(pass, "bias and y must have the pieces' channels together");
+  }
+  const Chunks chunks(pixels);
+  std::vector<double> mu, v;
+  std::vector<float> shift, m(channels), a(channels);
+  Statistics(pieces, chunks, channels, mu, v, shift);
+  for (int64_t j = 0; j < channels; ++j) {
+    m[j] = float(mu[j]);
+    mean->typed_data()[j] = m[j];
+    var->typed_data()[j] = float(v[j]);
+    a[j] = float(1.0 / std::sqrt(double(float(v[j])) + epsilon)) * scale.typed_data()[j];
+  }
+#pragma omp parallel for schedule(static) if (chunks.count > 1)
+  for (int64_t k = 0; k < chunks.count; ++k) {
+    for (const Piece& q : pieces) {
+      NormaliseRelu(q.x, q.c, &m[q.offset], &a[q.offset], bias.typed_data() + q.offset, chunks.Begin(k),
+                    chunks.End(k), y->typed_data() + q.offset, channels);
     }
   }
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
-                       ffi::ResultBuffer<ffi::F32> var, float epsilon) {
-  ffi::Error shapes = CheckShapes("BatchNorm-ReLU forward", x, {scale.element_count(), bias.element_count()});
-  if (shapes.failure()) return shapes;
-  const int64_t c = x.dimensions().back(), p = x.element_count() / c;
-  const float* xs = x.typed_data();
-  const Chunks chunks(p);
-  std::vector<float> shift(xs, xs + c), m(c), a(c);
-  std::vector<double> s1(chunks.count * c), s2(chunks.count * c), t1, t2;
-#pragma omp parallel for schedule(static) if (chunks.count > 1)
-  for (int64_t k = 0; k < chunks.count; ++k) {
-    ShiftedSums(xs, shift.data(), c, chunks.Begin(k), chunks.End(k), &s1[k * c], &s2[k * c]);
-  }
-  AddChunks(chunks, c, s1, s2, t1, t2);
-  for (int64_t j = 0; j < c; ++j) {
-    const double mu = t1[j] / p, v = std::max(0.0, t2[j] / p - mu * mu);
-    m[j] = float(shift[j] + mu);
-    mean->typed_data()[j] = m[j];
-    var->typed_data()[j] = float(v);
-    a[j] = float(1.0 / std::sqrt(double(float(v)) + epsilon)) * scale.typed_data()[j];
-  }
-#pragma omp parallel for schedule(static) if (chunks.count > 1)
-  for (int64_t k = 0; k < chunks.count; ++k) {
-    NormaliseRelu(xs, m.data(), a.data(), bias.typed_data(), c, chunks.Begin(k), chunks.End(k),
-                  y->typed_data());
+// The backward pass's per-channel operands: scale, bias, mean, var, dmean, dvar (args 1 .. 6).
+struct Statistic {
+  const float *scale, *bias, *mean, *var, *dmean, *dvar;
+};
+
+ffi::Error ReadStatistics(const char* pass, const ffi::RemainingArgs& args, Statistic& s, int64_t& channels) {
+  const float** fields[] = {&s.scale, &s.bias, &s.mean, &s.var, &s.dmean, &s.dvar};
+  for (size_t i = 0; i < 6; ++i) {
+    auto arg = args.get<ffi::Buffer<ffi::F32>>(1 + i);
+    if (arg.has_error()) return Invalid(pass, "per-channel operands must be float32");
+    if (i == 0) channels = arg->element_count();
+    if (arg->element_count() != channels) return Invalid(pass, "per-channel operands must have one length");
+    *fields[i] = arg->typed_data();
   }
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
-                        ffi::Buffer<ffi::F32> dmean, ffi::Buffer<ffi::F32> dvar,
-                        ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
-                        ffi::ResultBuffer<ffi::F32> dbias, float epsilon) {
-  ffi::Error shapes = CheckShapes("BatchNorm-ReLU backward", x,
-                                  {scale.element_count(), bias.element_count(), mean.element_count(),
-                                   var.element_count(), dmean.element_count(), dvar.element_count()});
-  if (shapes.failure()) return shapes;
-  if (dy.element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("BatchNorm-ReLU backward: dy must have x's shape");
+ffi::Error BackwardImpl(ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> dscale,
+                        ffi::ResultBuffer<ffi::F32> dbias, ffi::RemainingRets rets, float epsilon) {
+  const char* pass = "BatchNorm-ReLU backward";
+  Statistic s;
+  int64_t channels = 0, pixels = 0;
+  std::vector<Piece> pieces;
+  auto dy = args.get<ffi::Buffer<ffi::F32>>(0);
+  if (dy.has_error()) return Invalid(pass, "dy must be float32");
+  ffi::Error read = ReadStatistics(pass, args, s, channels);
+  if (read.failure()) return read;
+  read = ReadPieces(pass, args, 7, channels, pieces, pixels);
+  if (read.failure()) return read;
+  if (dy->element_count() != pixels * channels) return Invalid(pass, "dy must have the pieces' pixels and channels");
+  if (rets.size() != pieces.size()) return Invalid(pass, "one input gradient per piece");
+  std::vector<float*> dx;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    auto out = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (out.has_error() || (*out)->element_count() != pixels * pieces[i].c) {
+      return Invalid(pass, "each input gradient must have its piece's shape");
+    }
+    dx.push_back((*out)->typed_data());
   }
-  const int64_t c = x.dimensions().back(), p = x.element_count() / c;
-  const float *m = mean.typed_data(), *b = bias.typed_data();
-  const Chunks chunks(p);
-  std::vector<double> inv(c), sg(chunks.count * c), sgx(chunks.count * c), tg, tgx;
-  std::vector<float> a(c), k0(c), k1(c), k2(c);
-  for (int64_t j = 0; j < c; ++j) {
-    inv[j] = 1.0 / std::sqrt(double(var.typed_data()[j]) + epsilon);
-    a[j] = float(inv[j]) * scale.typed_data()[j];
+  const Chunks chunks(pixels);
+  std::vector<double> inv(channels), sg(chunks.count * channels), sgx(chunks.count * channels), tg, tgx;
+  std::vector<float> a(channels), k0(channels), k1(channels), k2(channels);
+  for (int64_t j = 0; j < channels; ++j) {
+    inv[j] = 1.0 / std::sqrt(double(s.var[j]) + epsilon);
+    a[j] = float(inv[j]) * s.scale[j];
   }
+  const float* g = dy->typed_data();
 #pragma omp parallel for schedule(static) if (chunks.count > 1)
   for (int64_t k = 0; k < chunks.count; ++k) {
-    GradientSums(dy.typed_data(), x.typed_data(), m, a.data(), b, c, chunks.Begin(k), chunks.End(k),
-                 &sg[k * c], &sgx[k * c]);
+    for (const Piece& q : pieces) {
+      GradientSums(g + q.offset, channels, q.x, q.c, s.mean + q.offset, &a[q.offset], s.bias + q.offset,
+                   chunks.Begin(k), chunks.End(k), &sg[k * channels + q.offset], &sgx[k * channels + q.offset]);
+    }
   }
-  AddChunks(chunks, c, sg, sgx, tg, tgx);
-  for (int64_t j = 0; j < c; ++j) {
-    const double w = scale.typed_data()[j], iv = inv[j];
+  AddChunks(chunks, channels, sg, sgx, tg, tgx);
+  for (int64_t j = 0; j < channels; ++j) {
+    const double w = s.scale[j], iv = inv[j];
     dbias->typed_data()[j] = float(tg[j]);
     dscale->typed_data()[j] = float(tgx[j] * iv);
     k0[j] = float(w * iv);
-    k1[j] = float((2.0 * dvar.typed_data()[j] - w * iv * iv * iv * tgx[j]) / p);
-    k2[j] = float((double(dmean.typed_data()[j]) - w * iv * tg[j]) / p);
+    k1[j] = float((2.0 * s.dvar[j] - w * iv * iv * iv * tgx[j]) / pixels);
+    k2[j] = float((double(s.dmean[j]) - w * iv * tg[j]) / pixels);
   }
 #pragma omp parallel for schedule(static) if (chunks.count > 1)
   for (int64_t k = 0; k < chunks.count; ++k) {
-    InputGradient(dy.typed_data(), x.typed_data(), m, a.data(), b, k0.data(), k1.data(), k2.data(), c,
-                  chunks.Begin(k), chunks.End(k), dx->typed_data());
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const Piece& q = pieces[i];
+      GradientTerms terms{&a[q.offset], s.bias + q.offset, &k0[q.offset], &k1[q.offset], &k2[q.offset]};
+      InputGradient(g + q.offset, channels, q.x, q.c, s.mean + q.offset, terms, chunks.Begin(k), chunks.End(k),
+                    dx[i]);
+    }
   }
   return ffi::Error::Success();
 }
@@ -219,9 +313,9 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CalcjaxBatchNormReluForward, ForwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .RemainingArgs()               // x_1 .. x_k
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mean
                                   .Ret<ffi::Buffer<ffi::F32>>()  // var
@@ -229,15 +323,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CalcjaxBatchNormReluForward, ForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CalcjaxBatchNormReluBackward, BackwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // var
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dmean
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dvar
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .RemainingArgs()  // dy, scale, bias, mean, var, dmean, dvar, x_1 .. x_k
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                  .RemainingRets()               // dx_1 .. dx_k
                                   .Attr<float>("epsilon"));

@@ -47,7 +47,8 @@ def compile_command(out: Path) -> list[str]:
         raise BuildError(f"C++ compiler {compiler!r} not found (set $CXX)")
     include, lib = dnnl_dirs()
     return [
-        compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-Wno-return-type", "-Wno-attributes",
+        compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off",
+        "-Wno-return-type", "-Wno-attributes",
         f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, SOURCES),
         "-o", str(out), f"-L{lib}", f"-l:{DNNL_LIBRARY}", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
