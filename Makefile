@@ -154,6 +154,7 @@ bench: $(STAMP) | $(NATIVE)
 	$(BIN)/python bench/hlo_profile.py
 	$(BIN)/python bench/dense_forms.py
 	$(BIN)/python bench/conv_dtypes.py
+	$(BIN)/python bench/batchnorm.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/model.py --torch_compile
 	$(BIN)/python bench/train.py

@@ -48,7 +48,7 @@ def compile_command(out: Path) -> list[str]:
     include, lib = dnnl_dirs()
     return [
         compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off",
-        "-Wno-return-type", "-Wno-attributes",
+        "-Wno-return-type", "-Wno-attributes", "-Wno-psabi",
         f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, SOURCES),
         "-o", str(out), f"-L{lib}", f"-l:{DNNL_LIBRARY}", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
