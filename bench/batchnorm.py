@@ -37,27 +37,23 @@ def measure(shape: tuple[int, ...], kernels: str, repeats: int) -> dict:
 
     x = jnp.asarray(np.random.default_rng(0).normal(0.2, 1.5, shape), jnp.float32)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
-    bn = nnx.BatchNorm(shape[-1], momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
-    bn.train()
-    graphdef, state = nnx.split(bn)
+    bn = nnx.BatchNorm(shape[-1], momentum=0.9, epsilon=1e-5, use_running_average=False, rngs=nnx.Rngs(0))
+    graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
 
-    def forward(state, x):
-        module = nnx.merge(graphdef, state)
-        y = batchnorm.bn_relu(module, x)
-        return y, nnx.state(module)
+    def forward(params, stats, x):
+        module = nnx.merge(graphdef, params, stats, copy=True)
+        return batchnorm.bn_relu(module, x), nnx.state(module, nnx.BatchStat)
 
-    def loss(params, rest, x):
-        y, _ = forward(nnx.merge_state(params, rest), x)
-        return jnp.sum(y * weights)
+    def loss(params, stats, x):
+        return jnp.sum(forward(params, stats, x)[0] * weights)
 
-    params, rest = nnx.split_state(state, nnx.Param, ...)
     with cpu_kernels.xla_kernels() if kernels == "xla" else contextlib.nullcontext():
-        fwd = jax.jit(forward).lower(state, x).compile()
-        both = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(params, rest, x).compile()
+        fwd = jax.jit(forward).lower(params, stats, x).compile()
+        both = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(params, stats, x).compile()
     return {
         "kernels": kernels,
-        "forward_ms": timed_ms(lambda: jax.block_until_ready(fwd(state, x)), repeats),
-        "forward_backward_ms": timed_ms(lambda: jax.block_until_ready(both(params, rest, x)), repeats),
+        "forward_ms": timed_ms(lambda: jax.block_until_ready(fwd(params, stats, x)), repeats),
+        "forward_backward_ms": timed_ms(lambda: jax.block_until_ready(both(params, stats, x)), repeats),
     }
 
 
