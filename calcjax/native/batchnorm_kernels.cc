@@ -17,8 +17,8 @@
 // same sums lie up to 10x farther from the float64 result. The pixels are split into chunks fixed by the
 // pixel count alone (spread over OpenMP threads, their sums added in chunk order), so the results repeat
 // bitwise on any number of threads; built without FMA contraction (-ffp-contract=off), they also round
-// alike on every instruction set and however the input is cut into pieces. Built by calcjax/native/build.py with onednn_kernels.cc into one
-// library; loaded by calcjax/native/library.py.
+// alike on every instruction set and however the input is cut into pieces. Built by calcjax/native/build.py
+// with onednn_kernels.cc into one library; loaded by calcjax/native/library.py.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -295,11 +295,12 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, 
 }
 
 // The backward pass's per-channel operands: scale, bias, mean, var, dmean, dvar (args 1 .. 6).
-struct Statistic {
+struct ChannelOperands {
   const float *scale, *bias, *mean, *var, *dmean, *dvar;
 };
 
-ffi::Error ReadStatistics(const char* pass, const ffi::RemainingArgs& args, Statistic& s, int64_t& channels) {
+ffi::Error ReadChannelOperands(const char* pass, const ffi::RemainingArgs& args, ChannelOperands& s,
+                               int64_t& channels) {
   const float** fields[] = {&s.scale, &s.bias, &s.mean, &s.var, &s.dmean, &s.dvar};
   for (size_t i = 0; i < 6; ++i) {
     auto arg = args.get<ffi::Buffer<ffi::F32>>(1 + i);
@@ -314,16 +315,18 @@ ffi::Error ReadStatistics(const char* pass, const ffi::RemainingArgs& args, Stat
 ffi::Error BackwardImpl(ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> dscale,
                         ffi::ResultBuffer<ffi::F32> dbias, ffi::RemainingRets rets, float epsilon) {
   const char* pass = "BatchNorm-ReLU backward";
-  Statistic s;
+  ChannelOperands s;
   int64_t channels = 0, pixels = 0;
   std::vector<Piece> pieces;
   auto dy = args.get<ffi::Buffer<ffi::F32>>(0);
   if (dy.has_error()) return Invalid(pass, "dy must be float32");
-  ffi::Error read = ReadStatistics(pass, args, s, channels);
+  ffi::Error read = ReadChannelOperands(pass, args, s, channels);
   if (read.failure()) return read;
   read = ReadPieces(pass, args, 7, channels, pieces, pixels);
   if (read.failure()) return read;
-  if (dy->element_count() != pixels * channels) return Invalid(pass, "dy must have the pieces' pixels and channels");
+  if (dy->element_count() != pixels * channels) {
+    return Invalid(pass, "dy must have the pieces' pixels and channels");
+  }
   if (rets.size() != pieces.size()) return Invalid(pass, "one input gradient per piece");
   std::vector<float*> dx;
   for (size_t i = 0; i < pieces.size(); ++i) {
