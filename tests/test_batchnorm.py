@@ -202,3 +202,12 @@ def test_the_choice_is_checked(monkeypatch):
     assert not cpu_kernels.uses_native()
     monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV, "native")
     assert cpu_kernels.uses_native()
+
+
+def test_the_benchmark_measures_both_kernels():
+    sys.path.insert(0, str(ROOT))
+    from bench import batchnorm as bench
+
+    rows = [bench.measure((2, 16, 16, 8), kernels, repeats=2) for kernels in ("xla", "native")]
+    assert [r["kernels"] for r in rows] == ["xla", "native"]
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
