@@ -32,6 +32,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The loops below are compiled for AVX-512, AVX2 and plain x86-64, the best chosen when the library loads;
+// elsewhere (aarch64) once, for the compiler's target.
+#if defined(__x86_64__)
+#define CALCJAX_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CALCJAX_VECTOR_CLONES
+#endif
+
 constexpr int64_t kRun = 16;        // pixels summed in float before their sums move to double
 constexpr int64_t kMinChunk = 512;  // pixels per chunk at least
 constexpr int64_t kMaxChunks = 64;
@@ -69,7 +77,7 @@ inline void AddRun(const Floats8& run, double* total) {
 }
 
 // Sums over pixels [begin, end) of d = x - shift and d * d, per channel, into s1 and s2.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+CALCJAX_VECTOR_CLONES
 void ShiftedSums(const float* __restrict x, int64_t c, const float* __restrict shift, int64_t begin,
                  int64_t end, double* __restrict s1, double* __restrict s2) {
   std::vector<float> run(2 * c);
@@ -93,7 +101,7 @@ void ShiftedSums(const float* __restrict x, int64_t c, const float* __restrict s
 
 // ShiftedSums for a piece of 8 channels (a dense layer's output at growth rate 8), its sums in registers:
 // the same additions in the same order (so the same bits), 7x faster than the loop above at that width.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+CALCJAX_VECTOR_CLONES
 void ShiftedSums8(const float* __restrict x, int64_t, const float* __restrict shift, int64_t begin,
                   int64_t end, double* __restrict s1, double* __restrict s2) {
   const Floats8 k = Load8(shift);
@@ -113,7 +121,7 @@ void ShiftedSums8(const float* __restrict x, int64_t, const float* __restrict sh
 
 // y = max((x - mean) * a + bias, 0) over pixels [begin, end) (a = scale / sqrt(var + epsilon)); x has `c`
 // channels per pixel, y's rows are `ys` apart.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+CALCJAX_VECTOR_CLONES
 void NormaliseRelu(const float* __restrict x, int64_t c, const float* __restrict mean,
                    const float* __restrict a, const float* __restrict bias, int64_t begin, int64_t end,
                    float* __restrict y, int64_t ys) {
@@ -126,7 +134,7 @@ void NormaliseRelu(const float* __restrict x, int64_t c, const float* __restrict
 
 // Sums over pixels [begin, end) of g = dy where the ReLU passed (its input > 0) else 0, and of
 // g * (x - mean); dy's rows are `dys` apart.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+CALCJAX_VECTOR_CLONES
 void GradientSums(const float* __restrict dy, int64_t dys, const float* __restrict x, int64_t c,
                   const float* __restrict mean, const float* __restrict a, const float* __restrict bias,
                   int64_t begin, int64_t end, double* __restrict sg, double* __restrict sgx) {
@@ -153,7 +161,7 @@ void GradientSums(const float* __restrict dy, int64_t dys, const float* __restri
 }
 
 // GradientSums for a piece of 8 channels (as ShiftedSums8: the same bits, 4x faster at that width).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+CALCJAX_VECTOR_CLONES
 void GradientSums8(const float* __restrict dy, int64_t dys, const float* __restrict x, int64_t,
                    const float* __restrict mean, const float* __restrict a, const float* __restrict bias,
                    int64_t begin, int64_t end, double* __restrict sg, double* __restrict sgx) {
@@ -179,7 +187,7 @@ struct GradientTerms {
 };
 
 // dx = k0 * g + k1 * (x - mean) + k2 over pixels [begin, end), g as in GradientSums.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+CALCJAX_VECTOR_CLONES
 void InputGradient(const float* __restrict dy, int64_t dys, const float* __restrict x, int64_t c,
                    const float* __restrict mean, GradientTerms t, int64_t begin, int64_t end,
                    float* __restrict dx) {
