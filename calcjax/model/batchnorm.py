@@ -56,10 +56,9 @@ def native_covers(bn: nnx.BatchNorm, pieces: Sequence[jax.Array]) -> bool:
 
 
 def _call(target: str, outputs, *operands, epsilon: float):
-    if not library.available():
-        raise RuntimeError(f"native BatchNorm-ReLU: {library.unavailable_reason()}")
-    call = jax.ffi.ffi_call(target, outputs, vmap_method="sequential")
-    return call(*operands, epsilon=np.float32(epsilon))
+    return cpu_kernels.ffi_call(
+        "native BatchNorm-ReLU", target, outputs, *operands, epsilon=np.float32(epsilon)
+    )
 
 
 def _like(shape) -> jax.ShapeDtypeStruct:

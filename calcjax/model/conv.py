@@ -98,10 +98,8 @@ class _Geometry(tuple):
 
 
 def _call(target: str, shape, dtype, *operands, geometry: _Geometry):
-    if not library.available():
-        raise RuntimeError(f"oneDNN convolution: {library.unavailable_reason()}")
     out = jax.ShapeDtypeStruct(shape, dtype)
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **geometry.attributes)
+    return cpu_kernels.ffi_call("oneDNN convolution", target, out, *operands, **geometry.attributes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -53,3 +53,12 @@ def uses_native() -> bool:
     if choice() != "native" or jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
     return library.available()
+
+
+def ffi_call(what: str, target: str, outputs, *operands, **attributes):
+    """The native handler ``target`` (:mod:`calcjax.native.library`) on ``operands``, giving ``outputs``
+    (``jax.ShapeDtypeStruct`` or a tuple of them); vmapped, it runs once per element. Raises naming
+    ``what`` and why when the library is not loaded."""
+    if not library.available():
+        raise RuntimeError(f"{what}: {library.unavailable_reason()}")
+    return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(*operands, **attributes)
